@@ -1,0 +1,128 @@
+"""The `ssl-tune` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class ConsoleReporter:
+    """Prints a progress bar per epoch (on a terminal) and one summary line per epoch."""
+
+    def __init__(self, out_dir: Path, stream=sys.stdout) -> None:
+        self.out_dir = out_dir  # the latest checkpoint is written here after every epoch
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.epochs = 0
+        self.started = time.perf_counter()
+
+    def on_start(self, trainer) -> None:
+        self.epochs = trainer.spec.training.epochs
+        b = trainer.baseline
+        print(f"random-init kNN top-1 {b['knn_top1_random_init']:.2f}% (the baseline to beat)", file=self.stream, flush=True)
+
+    def on_step(self, epoch: int, step: int, steps: int) -> None:
+        if self.tty:
+            filled = int(30 * step / steps)
+            print(f"\repoch {epoch}/{self.epochs} [{'#' * filled}{'.' * (30 - filled)}] {step}/{steps}", end="", file=self.stream, flush=True)
+
+    def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
+        skip = {"epoch", "loss", "lr", "images_per_s"}
+        terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in skip and not k.startswith(("knn", "linear")))
+        knn = f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
+        print(
+            f"\r\033[K" if self.tty else "",
+            f"epoch {int(metrics['epoch'])}/{self.epochs}  loss {metrics['loss']:.4f} ({terms})  lr {metrics['lr']:.3g}  "
+            f"{metrics['images_per_s']:.0f} img/s{knn}",
+            sep="", file=self.stream, flush=True,
+        )
+        if write_checkpoint is not None:
+            write_checkpoint(self.out_dir)
+
+
+def _summary(result, seconds: float, out_dir: Path) -> str:
+    m = result.metrics
+    rows = [("kNN top-1, random init", m.get("knn_top1_random_init")), ("kNN top-1, trained", m.get("knn_top1")),
+            ("kNN top-5, trained", m.get("knn_top5"))]
+    rows += [(k.replace("_", " "), v) for k, v in m.items() if k.startswith("linear_top1")]
+    lines = [f"{result.status} after {result.epochs_completed} epochs in {seconds:.0f} s"]
+    lines += [f"  {name:<32} {value:6.2f}%" for name, value in rows if value is not None]
+    lines.append(f"  checkpoint and metrics in {out_dir}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ssl_tune.data.datasets import DataError
+    from ssl_tune.spec import load_spec
+    from trainers.loop import Trainer
+
+    spec = load_spec(args.spec, args.set).resolve()
+    out_dir = args.out or Path("ssl_tune_runs") / "train" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    started = time.perf_counter()
+    try:
+        trainer = Trainer(spec)
+    except DataError as exc:
+        print(f"error: data set {spec.data.name!r} (spec {args.spec}, field data.root): {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.resume:
+        trainer.load_checkpoint(args.resume)
+        print(f"resumed from {args.resume} at epoch {trainer.epoch}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    reporter = ConsoleReporter(out_dir)
+    print(f"training {spec.method.name} on {spec.data.name} ({len(trainer.dataset.ssl_images)} images, "
+          f"{spec.training.epochs} epochs, batch {spec.training.batch_size}, {trainer.device})")
+    result = trainer.fit(reporter)
+    (out_dir / "metrics.json").write_text(json.dumps({"status": result.status, "history": result.history}, indent=2))
+    print(_summary(result, time.perf_counter() - started, out_dir))
+    if result.status == "diverged":
+        print(f"error: training diverged: {result.message}; the last good checkpoint is in {out_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssl-tune",
+        description="Hyperparameter search for self-supervised learning (Ray Tune + Optuna, tracked in MLflow).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def spec_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", type=Path, help="spec file (YAML), e.g. search_spaces/twist.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
+                       help="override a spec field (value parsed as YAML); repeatable")
+
+    train = sub.add_parser("train", help="train one configuration without Ray (ranges at their defaults)",
+                           description="Train one configuration of a spec in this process: fixed values as given, "
+                           "every search range at its `default` (or its centre). Prints progress per epoch and "
+                           "kNN / linear-probe accuracy next to the random-init baseline.")
+    spec_args(train)
+    train.add_argument("--out", type=Path, help="directory for checkpoint.pt, spec.json and metrics.json "
+                       "(default ssl_tune_runs/train/NAME-TIME)")
+    train.add_argument("--resume", type=Path, help="checkpoint.pt (or its directory) to continue from")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ssl_tune.spec import SpecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

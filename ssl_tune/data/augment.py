@@ -1,0 +1,148 @@
+"""Augmentations applied to a whole uint8 batch at once with tensor ops (CPU or GPU).
+
+Each sample draws its own crop, flip, jitter, blur and solarisation, as torchvision's per-image
+transforms do, but the work is a handful of batched kernels instead of a Python loop over PIL
+images. Presets follow the papers: ``byol`` is BYOL's asymmetric pair (blur p=1.0/0.1, solarize
+p=0.0/0.2, also VICReg's and CorInfoMax's), ``symmetric`` uses one strong pipeline for both
+views, ``weak`` is crop + flip only (ISD's teacher view).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ViewAugmentation:
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    # Blur sigma as a fraction of the image side: BYOL's 0.1-2.0 px at 224 px.
+    blur_sigma: tuple[float, float] = (0.1 / 224, 2.0 / 224)
+    solarize_p: float = 0.0
+
+
+def preset_views(preset: str, crop_scale: tuple[float, float], num_views: int = 2) -> list[ViewAugmentation]:
+    """The per-view augmentations of a preset (first two views as in the papers, extra views like the second)."""
+    strong = ViewAugmentation(crop_scale=crop_scale)
+    if preset == "byol":
+        views = [replace(strong, blur_p=1.0, solarize_p=0.0), replace(strong, blur_p=0.1, solarize_p=0.2)]
+    elif preset == "symmetric":
+        views = [replace(strong, blur_p=0.5, solarize_p=0.1)] * 2
+    elif preset == "weak":
+        views = [ViewAugmentation(crop_scale=crop_scale, jitter_p=0.0, grayscale_p=0.0)] * 2
+    else:
+        raise ValueError(f"unknown augmentation preset {preset!r}; allowed: byol, symmetric, weak")
+    return (views + [views[-1]] * num_views)[:num_views]
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) * (high - low) + low
+
+
+def _resized_crop_and_flip(x: torch.Tensor, aug: ViewAugmentation, g: torch.Generator) -> torch.Tensor:
+    """Random resized crop (area fraction and aspect ratio per sample) and horizontal flip."""
+    n, device = x.shape[0], x.device
+    area = _uniform(n, *aug.crop_scale, g, device)
+    log_ratio = _uniform(n, math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]), g, device)
+    ratio = log_ratio.exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)  # crop width as a fraction of the image width
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(n, generator=g, device=device) < aug.flip_p, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if x.shape[1] == 3 else x
+
+
+def _color_jitter(x: torch.Tensor, aug: ViewAugmentation, g: torch.Generator) -> torch.Tensor:
+    """Brightness and contrast always; saturation and hue only for colour images."""
+    n, device = x.shape[0], x.device
+    apply = (torch.rand(n, generator=g, device=device) < aug.jitter_p).view(n, 1, 1, 1)
+    y = x * _uniform(n, 1 - aug.brightness, 1 + aug.brightness, g, device).view(n, 1, 1, 1)
+    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+    y = (y - mean) * _uniform(n, 1 - aug.contrast, 1 + aug.contrast, g, device).view(n, 1, 1, 1) + mean
+    if x.shape[1] == 3:
+        gray = _gray(y)
+        y = (y - gray) * _uniform(n, 1 - aug.saturation, 1 + aug.saturation, g, device).view(n, 1, 1, 1) + gray
+        y = _rotate_hue(y, _uniform(n, -aug.hue, aug.hue, g, device) * 2 * math.pi)
+    return torch.where(apply, y.clamp(0, 1), x)
+
+
+def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Hue shift as a rotation of the chroma plane in YIQ space (one 3x3 matrix per sample)."""
+    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    cos, sin = angle.cos(), angle.sin()
+    rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq
+    return torch.einsum("nij,njhw->nihw", m, x)
+
+
+def _grayscale(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    if x.shape[1] != 3 or p <= 0:
+        return x
+    apply = (torch.rand(x.shape[0], generator=g, device=x.device) < p).view(-1, 1, 1, 1)
+    return torch.where(apply, _gray(x).expand_as(x), x)
+
+
+def _blur(x: torch.Tensor, aug: ViewAugmentation, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur with a per-sample sigma, as one grouped separable convolution."""
+    n, c, height, width = x.shape
+    apply = torch.rand(n, generator=g, device=x.device) < aug.blur_p
+    idx = apply.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    side = min(height, width)
+    sigma = _uniform(idx.numel(), aug.blur_sigma[0] * side, aug.blur_sigma[1] * side, g, x.device).clamp_min(1e-3)
+    radius = max(1, int(side * 0.05))  # kernel of about 10% of the image side, as in BYOL
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (m*c) x k
+    sel = x[idx].reshape(1, -1, height, width)
+    sel = F.pad(sel, (radius, radius, radius, radius), mode="reflect")
+    sel = F.conv2d(sel, kernel.view(-1, 1, 1, 2 * radius + 1), groups=kernel.shape[0])
+    sel = F.conv2d(sel, kernel.view(-1, 1, 2 * radius + 1, 1), groups=kernel.shape[0])
+    out = x.clone()
+    out[idx] = sel.view(-1, c, height, width)
+    return out
+
+
+def _solarize(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    if p <= 0:
+        return x
+    apply = (torch.rand(x.shape[0], generator=g, device=x.device) < p).view(-1, 1, 1, 1)
+    return torch.where(apply & (x >= 0.5), 1 - x, x)
+
+
+def augment_batch(images: torch.Tensor, aug: ViewAugmentation, g: torch.Generator) -> torch.Tensor:
+    """uint8 N x C x H x W -> float32 in [0, 1], augmented per sample. `g` must be on images' device."""
+    x = images.float().div_(255)
+    x = _resized_crop_and_flip(x, aug, g)
+    if aug.jitter_p > 0:
+        x = _color_jitter(x, aug, g)
+    x = _grayscale(x, aug.grayscale_p, g)
+    if aug.blur_p > 0:
+        x = _blur(x, aug, g)
+    return _solarize(x, aug.solarize_p, g)

@@ -1,0 +1,425 @@
+"""Spec files: a typed schema for what to train and which hyperparameters to search.
+
+A spec is YAML. Any field typed ``Searchable[...]`` holds either a fixed value or a search
+range, written as a mapping with a ``type`` key::
+
+    lr: 0.3                                            # fixed
+    lr: {type: loguniform, low: 0.05, high: 1.0}       # searched
+    lam1: {type: uniform, low: -0.5, high: 0.5, default: 0.0}
+    output_dim: {type: int, low: 64, high: 512, step: 64}
+    name: {type: choice, values: [sgd, lars]}
+
+``load_spec`` validates the file (and ``--set a.b=value`` overrides) and raises ``SpecError``
+whose message names the file, the field path and what is allowed. ``Spec.resolve`` turns a
+spec with ranges into one with fixed values, from a search's sample or the ranges' defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+
+from ssl_tune.data.datasets import DATASET_NAMES, NEEDS_ROOT
+
+T = TypeVar("T")
+
+
+class StrictModel(BaseModel):
+    """Base for every spec section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --- search ranges -----------------------------------------------------------------------
+
+
+class Uniform(StrictModel):
+    type: Literal["uniform"]
+    low: float
+    high: float
+    default: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Uniform:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+    def centre(self) -> float:
+        return (self.low + self.high) / 2
+
+
+class LogUniform(StrictModel):
+    type: Literal["loguniform"]
+    low: float
+    high: float
+    default: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogUniform:
+        if self.low <= 0:
+            raise ValueError(f"low must be > 0 for a loguniform range (got {self.low})")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+    def centre(self) -> float:
+        return math.sqrt(self.low * self.high)
+
+
+class IntRange(StrictModel):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+    default: int | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"low must be > 0 for a log int range (got {self.low})")
+        return self
+
+    def centre(self) -> int:
+        mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        return self.low + self.step * round((mid - self.low) / self.step)
+
+
+class Choice(StrictModel):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+    default: Any = None
+
+    def centre(self) -> Any:
+        return self.values[0]
+
+
+Range = Annotated[Union[Uniform, LogUniform, IntRange, Choice], Field(discriminator="type")]
+RANGE_TYPES = (Uniform, LogUniform, IntRange, Choice)
+
+
+
+def _fixed_or_range(value: Any) -> str:
+    return "range" if isinstance(value, (dict, BaseModel)) else "fixed"
+
+
+# A field that holds a fixed value of type T or a search range over such values. The
+# discriminator validates only one branch, so an error speaks of what the user wrote.
+Searchable = Annotated[
+    Union[Annotated[T, Tag("fixed")], Annotated[Range, Tag("range")]], Discriminator(_fixed_or_range)
+]
+
+
+def range_default(r: Uniform | LogUniform | IntRange | Choice) -> Any:
+    """The value `ssl-tune train` uses for a range: its `default`, else its centre."""
+    return r.default if r.default is not None else r.centre()
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+class MethodConfig(StrictModel):
+    """Base for a method's hyperparameters; each method module subclasses it with `name`."""
+
+    name: str
+
+
+class AugmentationSpec(StrictModel):
+    preset: Literal["byol", "symmetric", "weak"] = Field(
+        "byol",
+        description="byol: asymmetric blur/solarize per view (BYOL, VICReg); symmetric: the same "
+        "strong pipeline for every view; weak: crop and flip only",
+    )
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="area range of the random resized crop")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"must satisfy 0 < low <= high <= 1 (got {list(v)})")
+        return v
+
+
+class DataSpec(StrictModel):
+    name: Literal[DATASET_NAMES] = "fashion_mnist_subset"  # type: ignore[valid-type]
+    root: Path | None = Field(None, description="data root; required for cifar10, cifar100, stl10, imagefolder")
+    image_size: int | None = Field(None, ge=8, description="imagefolder only: images are resized to this size")
+    augmentation: AugmentationSpec = AugmentationSpec()
+
+    @model_validator(mode="after")
+    def _root(self) -> DataSpec:
+        if self.name in NEEDS_ROOT and self.root is None:
+            raise ValueError(f"data set {self.name!r} needs data.root (a directory holding it); nothing is downloaded")
+        if self.root is not None and not self.root.is_dir():
+            raise ValueError(f"data.root {str(self.root)!r} is not an existing directory")
+        return self
+
+
+class BackboneSpec(StrictModel):
+    name: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    width: int = Field(32, ge=4, description="small_cnn: channels of the first block (doubled per block)")
+    cifar_stem: bool = Field(True, description="resnet: 3x3 stride-1 first conv and no max-pool (small images)")
+
+
+class ProjectorSpec(StrictModel):
+    hidden_dim: Searchable[Annotated[int, Field(ge=1)]] = 512
+    output_dim: Searchable[Annotated[int, Field(ge=1)]] = 256
+    num_layers: Searchable[Annotated[int, Field(ge=1)]] = 3
+
+
+class OptimizerSpec(StrictModel):
+    name: Searchable[Literal["sgd", "lars", "adamw"]] = "lars"
+    lr: Searchable[Annotated[float, Field(gt=0)]] = 0.5
+    weight_decay: Searchable[Annotated[float, Field(ge=0)]] = 1e-5
+    momentum: Searchable[Annotated[float, Field(ge=0, lt=1)]] = 0.9
+    warmup_epochs: Searchable[Annotated[float, Field(ge=0)]] = 1.0
+    final_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class TrainingSpec(StrictModel):
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=2, description="global batch size (all workers together)")] = 256
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast and channels-last on CUDA, fp32 on CPU"
+    )
+
+
+class EvaluationSpec(StrictModel):
+    eval_every: Annotated[int, Field(ge=1)] = 1
+    knn_k: Annotated[int, Field(ge=1)] = 20
+    knn_temperature: Annotated[float, Field(gt=0)] = 0.07
+    linear_probe: bool = True
+    linear_probe_epochs: Annotated[int, Field(ge=1)] = 100
+    label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=list, description="e.g. [0.01, 0.1]: linear probes on these fractions of the labels"
+    )
+
+
+class SpecBase(StrictModel):
+    """Everything but the method; `spec_model()` adds the method union."""
+
+    name: str = Field("ssl-tune", description="experiment name")
+    data: DataSpec = DataSpec()
+    backbone: BackboneSpec = BackboneSpec()
+    projector: ProjectorSpec = ProjectorSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    training: TrainingSpec = TrainingSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    # --- searchable fields ---
+
+    def search_ranges(self) -> dict[str, Uniform | LogUniform | IntRange | Choice]:
+        """Dotted path -> range, for every field that holds a search range."""
+        found: dict[str, Any] = {}
+
+        def walk(model: BaseModel, prefix: str) -> None:
+            for key in type(model).model_fields:
+                value = getattr(model, key)
+                path = f"{prefix}{key}"
+                if isinstance(value, RANGE_TYPES):
+                    found[path] = value
+                elif isinstance(value, BaseModel):
+                    walk(value, path + ".")
+
+        walk(self, "")
+        return found
+
+    def resolve(self, values: dict[str, Any] | None = None) -> SpecBase:
+        """A copy with every range replaced: by `values[path]` when given, else its default."""
+        values = values or {}
+        unknown = set(values) - set(self.search_ranges())
+        if unknown:
+            raise SpecError(f"not searchable in this spec: {', '.join(sorted(unknown))}")
+        raw = self.model_dump(mode="json")
+        for path, r in self.search_ranges().items():
+            _set_path(raw, path.split("."), values.get(path, range_default(r)))
+        return type(self).model_validate(raw)
+
+    @property
+    def is_resolved(self) -> bool:
+        return not self.search_ranges()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted path -> value for every leaf field (for logging as params)."""
+        out: dict[str, Any] = {}
+
+        def walk(node: Any, prefix: str) -> None:
+            if isinstance(node, dict) and "type" not in node:
+                for k, v in node.items():
+                    walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix[:-1]] = node
+
+        walk(self.model_dump(mode="json"), "")
+        return out
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class SpecError(Exception):
+    """A spec file or override that is not valid; the message is meant for the user as is."""
+
+
+@functools.cache
+def spec_model() -> type[SpecBase]:
+    """The full Spec class: SpecBase plus a `method` field over every registered method."""
+    from pydantic import create_model
+
+    from trainers import method_configs
+
+    configs = tuple(method_configs().values())
+    method_type = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="name")]
+    return create_model("Spec", __base__=SpecBase, method=(method_type, ...))
+
+
+# --- loading, overrides, errors ---------------------------------------------------------
+
+
+def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"field `{'.'.join(keys[: i + 1])}` holds a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `a.b=value` override; the value is parsed as YAML (`3`, `0.1`, `[1, 2]`, `{...}`)."""
+    path, sep, text = override.partition("=")
+    if not sep or not path.strip() or any(not k for k in path.strip().split(".")):
+        raise SpecError(f"override {override!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"override {override!r}: value is not valid YAML ({exc})") from exc
+    _set_path(raw, path.strip().split("."), value)
+
+
+def _allowed_fields(raw: dict, loc: list[str]) -> list[str]:
+    """Field names allowed in the section at `loc[:-1]` (for unknown-field errors)."""
+    from trainers import method_configs
+
+    current: Any = spec_model()
+    for depth, key in enumerate(loc[:-1]):
+        field = current.model_fields.get(key) if current is not None else None
+        if field is None:
+            return []
+        if depth == 0 and key == "method":
+            name = raw.get("method", {}).get("name") if isinstance(raw.get("method"), dict) else None
+            current = method_configs().get(name)
+            continue
+        annotation = field.annotation
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return sorted(current.model_fields) if current is not None else []
+
+
+def _user_loc(loc: tuple) -> list[str]:
+    """Pydantic's error location without union branch names: the field path a user wrote."""
+    from trainers import method_configs
+
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _BRANCH_TAGS))]
+    if len(parts) > 1 and parts[0] == "method" and parts[1] in method_configs():
+        del parts[1]
+    return parts
+
+
+def _format_errors(exc: ValidationError, raw: dict, source: str) -> str:
+    lines = [f"invalid spec {source}:"]
+    for err in exc.errors(include_url=False):
+        loc = _user_loc(err["loc"])
+        path = ".".join(loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(raw, loc)
+            msg = "unknown field" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        elif err["type"] == "union_tag_not_found":
+            msg = "a search range needs `type`: one of uniform, loguniform, int, choice"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+        if isinstance(err.get("input"), dict):
+            got = ""
+        lines.append(f"  {path}: {msg}{got}")
+    return "\n".join(dict.fromkeys(lines))  # unions repeat the same line per branch
+
+
+_BRANCH_TAGS = {"fixed", "range", "uniform", "loguniform", "int", "choice"}
+
+
+def _validate(raw: Any, source: str) -> SpecBase:
+    model = spec_model()
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid spec {source}: the file must hold a mapping of sections, got {type(raw).__name__}")
+    try:
+        spec = model.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc, raw, source)) from None
+    _check_range_bounds(spec, source)
+    return spec
+
+
+def _check_range_bounds(spec: SpecBase, source: str) -> None:
+    """Every value a range can produce (bounds, default, choices) must be valid for its field."""
+    problems: list[str] = []
+    ranges = spec.search_ranges()
+    for path, r in ranges.items():
+        candidates = r.values if isinstance(r, Choice) else [r.low, r.high, range_default(r)]
+        for value in dict.fromkeys(candidates):
+            try:
+                spec.resolve({path: value})
+            except ValidationError as exc:
+                for err in exc.errors(include_url=False):
+                    loc = ".".join(_user_loc(err["loc"]))
+                    msg = err["msg"].removeprefix("Value error, ")
+                    if loc == path:
+                        problems.append(f"  {path}: the range allows {value!r}, which is not allowed here: {msg}")
+                    elif loc not in ranges:  # another range's own defaults are checked on its turn
+                        problems.append(f"  {loc or '(top level)'}: with {path}={value!r}: {msg}")
+    if problems:
+        raise SpecError("\n".join(dict.fromkeys([f"invalid spec {source}:"] + problems)))
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SpecBase:
+    """Read, override and validate a spec file. Raises SpecError with a user-facing message."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"invalid spec {path}: not valid YAML: {exc}") from None
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    source = str(path)
+    if overrides:
+        source += " (with " + " ".join(f"--set {o}" for o in overrides) + ")"
+        if not isinstance(raw, dict):
+            raise SpecError(f"invalid spec {source}: the file must hold a mapping of sections")
+        for override in overrides:
+            try:
+                apply_override(raw, override)
+            except SpecError as exc:
+                raise SpecError(f"invalid spec {source}: {exc}") from None
+    return _validate(raw, source)
+
+
+def spec_from_dict(raw: dict, source: str = "<dict>") -> SpecBase:
+    return _validate(copy.deepcopy(raw), source)

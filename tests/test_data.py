@@ -1,0 +1,141 @@
+"""Data sets, batch augmentations and the sharded loader."""
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_tune.cli import main
+from ssl_tune.data.augment import ViewAugmentation, augment_batch, preset_views
+from ssl_tune.data.datasets import DataError, load_dataset
+from ssl_tune.data.loader import Normalizer, ViewLoader
+from tests.test_spec import tiny_spec_dict, write
+
+
+def test_bundled_subset_is_stratified_uint8():
+    d = load_dataset("fashion_mnist_subset")
+    assert d.train_images.shape == (10000, 1, 28, 28) and d.train_images.dtype == torch.uint8
+    assert d.test_images.shape == (2000, 1, 28, 28) and d.test_labels.dtype == torch.int64
+    assert torch.bincount(d.train_labels).tolist() == [1000] * 10
+    assert torch.bincount(d.test_labels).tolist() == [200] * 10
+    assert d.num_classes == 10 and d.channels == 1
+
+
+def _idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        _idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    d = load_dataset("fashion_mnist", tmp_path)
+    assert d.train_images.shape == (6, 1, 28, 28) and d.test_labels.shape == (4,)
+
+
+def test_cifar10_and_cifar100_python_format(tmp_path):
+    rng = np.random.default_rng(0)
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [0, 1, 2]}, f)
+    d = load_dataset("cifar10", tmp_path)
+    assert d.train_images.shape == (15, 3, 32, 32) and d.test_images.shape == (3, 3, 32, 32)
+    c100 = tmp_path / "c100"
+    c100.mkdir()
+    for name in ("train", "test"):
+        with open(c100 / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"fine_labels": [5, 99]}, f)
+    d = load_dataset("cifar100", c100)
+    assert d.num_classes == 100 and d.train_labels.tolist() == [5, 99]
+
+
+def test_stl10_binary_format_is_column_major(tmp_path):
+    base = tmp_path / "stl10_binary"
+    base.mkdir()
+    image = np.arange(3 * 96 * 96, dtype=np.uint32).astype(np.uint8).reshape(3, 96, 96)
+    for split in ("train", "test", "unlabeled"):
+        # the official files store each channel column by column
+        np.stack([image, image]).transpose(0, 1, 3, 2).tofile(base / f"{split}_X.bin")
+    for split in ("train", "test"):
+        np.array([1, 10], dtype=np.uint8).tofile(base / f"{split}_y.bin")
+    d = load_dataset("stl10", tmp_path)
+    assert torch.equal(d.train_images[0], torch.from_numpy(image))
+    assert d.train_labels.tolist() == [0, 9]
+    assert len(d.ssl_images) == 4  # train + unlabeled
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / split / cls / "a.png")
+    d = load_dataset("imagefolder", tmp_path, image_size=16)
+    assert d.train_images.shape == (2, 3, 16, 16) and d.train_labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10", "imagefolder"])
+def test_malformed_root_is_a_clear_error(tmp_path, name):
+    (tmp_path / "junk.txt").write_text("not a data set")
+    with pytest.raises(DataError, match=str(tmp_path)):
+        load_dataset(name, tmp_path)
+
+
+def test_malformed_root_from_cli_exits_2(tmp_path, capsys):
+    spec_file = write(tmp_path, tiny_spec_dict(data={"name": "cifar10", "root": str(tmp_path)}))
+    assert main(["train", str(spec_file)]) == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "data_batch_1" in err and "Traceback" not in err
+
+
+def test_augment_batch_shapes_dtypes_and_determinism():
+    images = torch.randint(0, 256, (16, 3, 20, 20), dtype=torch.uint8)
+    for view in preset_views("byol", (0.2, 1.0)) + preset_views("weak", (0.5, 1.0)):
+        a = augment_batch(images, view, torch.Generator().manual_seed(3))
+        b = augment_batch(images, view, torch.Generator().manual_seed(3))
+        c = augment_batch(images, view, torch.Generator().manual_seed(4))
+        assert a.shape == (16, 3, 20, 20) and a.dtype == torch.float32
+        assert 0 <= a.min() and a.max() <= 1
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_identity_augmentation_returns_the_images():
+    images = torch.randint(0, 256, (4, 1, 12, 12), dtype=torch.uint8)
+    identity = ViewAugmentation(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=0, jitter_p=0, grayscale_p=0)
+    out = augment_batch(images, identity, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, images.float() / 255, atol=1e-5, rtol=0)
+
+
+def test_loader_shards_the_same_global_batches_over_ranks():
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    identity = ViewAugmentation(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=0, jitter_p=0, grayscale_p=0)
+    norm = Normalizer(images)
+
+    def batches(rank, world):
+        loader = ViewLoader(images, [identity], norm, global_batch_size=8, seed=5, rank=rank, world_size=world)
+        return [views[0] for views in loader.epoch(2)]
+
+    whole = batches(0, 1)
+    halves = zip(batches(0, 2), batches(1, 2))
+    assert len(whole) == 5
+    for full, (a, b) in zip(whole, halves):
+        torch.testing.assert_close(torch.cat([a, b]), full)
+
+
+def test_loader_order_depends_on_seed_and_epoch_only():
+    images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
+    views = preset_views("byol", (0.3, 1.0))
+    loader = ViewLoader(images, views, Normalizer(images), global_batch_size=8, seed=1)
+    first = [v for step in loader.epoch(0) for v in step]
+    again = [v for step in loader.epoch(0) for v in step]
+    other = [v for step in loader.epoch(1) for v in step]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))

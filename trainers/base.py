@@ -1,0 +1,50 @@
+"""What a method supplies to the shared loop: model pieces, loss and state."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from ssl_tune.data.augment import ViewAugmentation, preset_views
+
+
+class StepOutput(NamedTuple):
+    """The loss to minimise and the named terms to log (detached by the loop)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+class Method(nn.Module):
+    """Base of every SSL method.
+
+    Subclasses set ``name`` and ``Config`` (a `ssl_tune.spec.MethodConfig` subclass), build their
+    heads in ``__init__`` from the resolved spec, and implement ``forward(views) -> StepOutput``
+    for this rank's rows of the global batch. Losses that use batch statistics gather the global
+    batch with `ssl_tune.distributed.gather_with_grad`. State that must survive a resume (memory
+    banks, running covariances, EMA teachers) lives in buffers or sub-modules, so it is part of
+    ``state_dict`` and of every checkpoint.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    num_views: ClassVar[int] = 2
+
+    def __init__(self, spec: Any, backbone: nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.config = spec.method
+        self.backbone = backbone
+
+    def view_augmentations(self) -> list[ViewAugmentation]:
+        aug = self.spec.data.augmentation
+        return preset_views(aug.preset, tuple(aug.crop_scale), self.num_views)
+
+    def forward(self, views: list[torch.Tensor]) -> StepOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_optimizer_step(self, progress: float) -> None:
+        """Hook after each optimizer step (EMA updates); `progress` runs from 0 to 1 over training."""

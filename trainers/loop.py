@@ -1,0 +1,253 @@
+"""The one training loop every method runs in: data, optimisation, evaluation, checkpoints.
+
+`Trainer.fit` is the same code whether it is called by `ssl-tune train` in one process or by
+each Ray Train worker of a trial under DDP; only the `Reporter` differs (console or Ray).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ssl_tune import distributed
+from ssl_tune.data.datasets import ImageDataset, load_dataset
+from ssl_tune.data.loader import Normalizer, ViewLoader
+from ssl_tune.evaluation import extract_features, knn_accuracy, linear_probe, stratified_subset
+from ssl_tune.models import build_backbone
+from ssl_tune.spec import SpecBase
+from trainers import methods
+from trainers.base import Method
+from trainers.optim import build_optimizer, warmup_cosine
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+CheckpointWriter = Callable[[Path], None]
+
+
+class Reporter:
+    """Receives the loop's progress; subclasses print it or send it to Ray Train."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Called once the model and data are ready, before the first epoch."""
+
+    def on_step(self, epoch: int, step: int, steps: int) -> None:
+        """Called after every optimisation step."""
+
+    def on_epoch(self, metrics: dict[str, float], write_checkpoint: CheckpointWriter | None) -> None:
+        """Called after every epoch with metrics averaged over ranks.
+
+        `write_checkpoint(directory)` saves everything a resume needs into the directory; it is
+        given to rank 0 only (None on other ranks).
+        """
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" or "diverged"
+    epochs_completed: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    message: str = ""
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def build_method(spec: SpecBase, in_channels: int) -> Method:
+    """The method's model for a resolved spec, initialised from the spec's seed."""
+    torch.manual_seed(spec.training.seed)
+    b = spec.backbone
+    backbone = build_backbone(b.name, in_channels, width=b.width, cifar_stem=b.cifar_stem)
+    return distributed.convert_batchnorm(methods()[spec.method.name](spec, backbone))
+
+
+class Trainer:
+    """Trains one resolved spec. Call `fit`; `load_checkpoint` first to resume."""
+
+    def __init__(self, spec: SpecBase, *, dataset: ImageDataset | None = None, device: torch.device | None = None) -> None:
+        if not spec.is_resolved:
+            raise ValueError("Trainer needs a resolved spec (no search ranges); call spec.resolve() first")
+        self.spec = spec
+        self.device = device or default_device()
+        t = spec.training
+        self.dataset = dataset or load_dataset(spec.data.name, spec.data.root, spec.data.image_size)
+        self.normalizer = Normalizer(self.dataset.train_images).to(self.device)
+        self.method = build_method(spec, self.dataset.channels).to(self.device)
+        cuda = self.device.type == "cuda"
+        precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.channels_last = cuda
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.model: nn.Module = self.method
+        if distributed.is_distributed():
+            self.model = DistributedDataParallel(self.method, device_ids=[self.device.index] if cuda else None)
+        self.loader = ViewLoader(
+            self.dataset.ssl_images.to(self.device),
+            self.method.view_augmentations(),
+            self.normalizer,
+            global_batch_size=t.batch_size,
+            seed=t.seed,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+        )
+        o = spec.optimizer
+        self.optimizer = build_optimizer(self.method, o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+        steps = self.loader.steps_per_epoch
+        self.total_steps = steps * t.epochs
+        schedule = warmup_cosine(self.total_steps, round(o.warmup_epochs * steps), o.final_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.epoch = 0  # epochs completed
+        self.baseline: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "spec": self.spec.model_dump(mode="json"),
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})},
+            "baseline": self.baseline,
+            "history": self.history,
+        }
+
+    def write_checkpoint(self, directory: Path) -> Path:
+        """Write `checkpoint.pt` into `directory` atomically (a crash never leaves half a file)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything `write_checkpoint` saved; `path` is the file or its directory."""
+        path = path / CHECKPOINT_FILE if path.is_dir() else path
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        self.epoch = state["epoch"]
+        self.baseline = dict(state["baseline"])
+        self.history = [dict(h) for h in state["history"]]
+
+    # --- evaluation ----------------------------------------------------------------------
+
+    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.dataset
+        kwargs = dict(normalizer=self.normalizer, device=self.device)
+        return (extract_features(self.method.backbone, d.train_images, **kwargs),
+                extract_features(self.method.backbone, d.test_images, **kwargs))
+
+    def knn(self, train_features: torch.Tensor, test_features: torch.Tensor) -> tuple[float, float]:
+        e, d = self.spec.evaluation, self.dataset
+        return knn_accuracy(train_features, d.train_labels, test_features, d.test_labels,
+                            num_classes=d.num_classes, k=e.knn_k, temperature=e.knn_temperature)
+
+    def final_evaluation(self, train_features: torch.Tensor, test_features: torch.Tensor) -> dict[str, float]:
+        e, d, seed = self.spec.evaluation, self.dataset, self.spec.training.seed
+        out: dict[str, float] = {}
+        probe = dict(num_classes=d.num_classes, epochs=e.linear_probe_epochs, seed=seed)
+        if e.linear_probe:
+            out["linear_top1"] = linear_probe(train_features, d.train_labels, test_features, d.test_labels, **probe)
+        for fraction in e.label_fractions:
+            idx = stratified_subset(d.train_labels, fraction, seed).to(train_features.device)
+            out[f"linear_top1_labels_{fraction * 100:g}pct"] = linear_probe(
+                train_features[idx], d.train_labels[idx.cpu()], test_features, d.test_labels, **probe
+            )
+        return out
+
+    # --- training ------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_epoch(self, reporter: Reporter) -> dict[str, float]:
+        self.model.train()
+        steps = self.loader.steps_per_epoch
+        sums: dict[str, torch.Tensor] = {}
+        start = time.perf_counter()
+        for step, views in enumerate(self.loader.epoch(self.epoch)):
+            if self.channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            with self._autocast():
+                out = self.model(views)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.method.after_optimizer_step((self.epoch * steps + step + 1) / self.total_steps)
+            for name, value in {"loss": out.loss, **out.terms}.items():
+                value = value.detach().float()
+                sums[name] = sums[name] + value if name in sums else value
+            reporter.on_step(self.epoch + 1, step + 1, steps)
+        elapsed = time.perf_counter() - start
+        metrics = {name: (total / steps).item() for name, total in sums.items()}
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise Diverged(f"non-finite loss in epoch {self.epoch + 1}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        # Each rank's throughput; summed over ranks by multiplying the mean by the world size below.
+        metrics["images_per_s"] = steps * self.loader.local_batch_size / elapsed
+        return metrics
+
+    def fit(self, reporter: Reporter | None = None) -> TrainResult:
+        """Train from the current epoch to `training.epochs`, reporting after each epoch."""
+        reporter = reporter or Reporter()
+        t, e = self.spec.training, self.spec.evaluation
+        if not self.baseline:
+            # The same architecture at initialisation: the number any SSL run must beat.
+            top1, top5 = self.knn(*self.features())
+            self.baseline = {"knn_top1_random_init": top1, "knn_top5_random_init": top5}
+        reporter.on_start(self)
+        while self.epoch < t.epochs:
+            try:
+                metrics = self.train_epoch(reporter)
+            except Diverged as exc:
+                return TrainResult("diverged", self.epoch, self.history[-1] if self.history else {}, self.history, str(exc))
+            metrics = distributed.all_reduce_mean(metrics, self.device)
+            metrics["images_per_s"] *= distributed.world_size()
+            self.epoch += 1
+            last = self.epoch == t.epochs
+            if self.epoch % e.eval_every == 0 or last:
+                train_features, test_features = self.features()
+                metrics["knn_top1"], metrics["knn_top5"] = self.knn(train_features, test_features)
+                if last:
+                    metrics.update(self.final_evaluation(train_features, test_features))
+            metrics = {"epoch": float(self.epoch), **metrics, **self.baseline}
+            self.history.append(metrics)
+            reporter.on_epoch(metrics, self.write_checkpoint if distributed.rank() == 0 else None)
+        return TrainResult("finished", self.epoch, self.history[-1] if self.history else {}, self.history)
