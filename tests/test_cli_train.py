@@ -1,0 +1,47 @@
+"""`ssl-tune train` end to end on the bundled data, through the installed console script."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SSL_TUNE = str(Path(sys.executable).parent / "ssl-tune")
+FAST = ["--set", "backbone.width=4", "--set", "projector={hidden_dim: 32, output_dim: 16, num_layers: 2}",
+        "--set", "training.batch_size=500", "--set", "evaluation.linear_probe_epochs=3",
+        "--set", "evaluation.label_fractions=[0.01, 0.1]"]
+
+
+def run(*args):
+    return subprocess.run([SSL_TUNE, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_help_explains_every_command():
+    for args in (["--help"], ["train", "--help"]):
+        proc = run(*args)
+        assert proc.returncode == 0 and "usage: ssl-tune" in proc.stdout
+    assert "--set" in run("train", "--help").stdout
+
+
+def test_train_then_resume(tmp_path, twist_spec_path):
+    out = tmp_path / "run"
+    proc = run("train", twist_spec_path, "--set", "training.epochs=1", *FAST, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "random-init kNN top-1" in proc.stdout and "epoch 1/1" in proc.stdout
+    assert "linear top1 labels 1pct" in proc.stdout
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert len(history) == 1
+    last = history[-1]
+    for key in ("loss", "kl", "eh", "he", "lr", "images_per_s", "knn_top1", "knn_top5", "knn_top1_random_init",
+                "linear_top1", "linear_top1_labels_1pct", "linear_top1_labels_10pct"):
+        assert key in last, key
+    assert 10 <= last["knn_top1"] <= 100
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+
+    proc = run("train", twist_spec_path, "--set", "training.epochs=2", *FAST, "--out", str(out),
+               "--resume", str(out / "checkpoint.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout and "epoch 2/2" in proc.stdout and "epoch 1/2" not in proc.stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
