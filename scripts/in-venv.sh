@@ -17,8 +17,11 @@ stamp="$venv/.ssl-tune-installed"
 want="$(cat "$root/requirements.lock" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[in-venv] installing pinned dependencies (first time: a few minutes)" >&2
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/requirements.lock"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$root"
+  # (grep drops pip's warnings about index directories some machines configure but lack)
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/requirements.lock" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$root" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   echo "$want" > "$stamp"
 fi
 export MLFLOW_DISABLE_TELEMETRY=true

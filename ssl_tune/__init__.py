@@ -6,3 +6,13 @@ try:
     __version__ = version("ssl-tune")
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0"
+
+
+def load_backbone(path_or_run, *, tracking_uri=None):
+    """The pretrained backbone (eval mode) from an export directory, a checkpoint or an MLflow run.
+
+    See `ssl_tune.export.load_backbone`.
+    """
+    from ssl_tune.export import load_backbone as _load
+
+    return _load(path_or_run, tracking_uri=tracking_uri)

@@ -86,6 +86,74 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from ssl_tune import tracking
+    from ssl_tune.search import run_search
+    from ssl_tune.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    outcome = run_search(spec, spec_source=str(args.spec), name=args.name, address=args.address)
+    print(f"\nsearch finished: {len(outcome.rows)} trials, objective {spec.search.metric} ({spec.search.mode})")
+    print(tracking.format_table(outcome.rows, _leaderboard_columns(outcome.rows)))
+    print(f"\nMLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
+    print(f"browse:  ssl-tune ui            export the best backbone:  ssl-tune export {outcome.experiment}")
+    return 0
+
+
+def _leaderboard_columns(rows: list[dict]) -> list[str]:
+    return [c for c in (rows[0] if rows else {}) if c not in ("run_id", "trial_id")]
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from ssl_tune import tracking
+
+    client = tracking.client_for(tracking.resolve_uri(args.tracking_uri))
+    try:
+        parent = tracking.find_parent_run(client, args.experiment)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    rows = tracking.leaderboard(client, parent)
+    print(tracking.format_table(rows, _leaderboard_columns(rows)))
+    if args.out:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), args.out)
+        print(f"wrote {len(rows)} trials to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ssl_tune import tracking
+    from ssl_tune.export import export_run
+
+    client = tracking.client_for(tracking.resolve_uri(args.tracking_uri))
+    out = args.out or Path("exports") / args.experiment_or_run
+    try:
+        export_run(client, args.experiment_or_run, out, register=args.register)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"exported run {metrics['run_id']} (epoch {metrics['epoch']}) to {out}: backbone.pt, head.pt, spec.yaml, metrics.json")
+    print(f"load it with:  ssl_tune.load_backbone({str(out)!r})")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from ssl_tune import tracking
+
+    uri = tracking.resolve_uri(args.tracking_uri)
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl-tune",
@@ -107,6 +175,43 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default ssl_tune_runs/train/NAME-TIME)")
     train.add_argument("--resume", type=Path, help="checkpoint.pt (or its directory) to continue from")
     train.set_defaults(func=cmd_train)
+
+    run = sub.add_parser("run", help="search the spec's ranges with Ray Tune + Optuna, tracked in MLflow",
+                         description="Search the spec's ranges: Optuna's TPE proposes values, ASHA stops weak trials "
+                         "early, every trial trains with the shared trainer (DDP over resources.num_workers Ray Train "
+                         "workers), and everything is logged to MLflow as one parent run with a child run per trial.")
+    spec_args(run)
+    run.add_argument("--name", help="name of this search (Ray experiment and MLflow parent run); default NAME-TIME")
+    run.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default $RAY_ADDRESS, "
+                     "else a local Ray instance sized to this machine")
+    run.set_defaults(func=cmd_run)
+
+    def uri_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tracking-uri", help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+
+    results = sub.add_parser("results", help="leaderboard of a search; --out writes every trial as Parquet",
+                             description="Print the trials of a search (the latest one of EXPERIMENT, or the given "
+                             "parent run id), best first.")
+    results.add_argument("experiment", help="MLflow experiment name or a search's run id")
+    results.add_argument("--out", type=Path, help="write the table to this .parquet file")
+    uri_arg(results)
+    results.set_defaults(func=cmd_results)
+
+    export = sub.add_parser("export", help="write the best trial's backbone, head, spec and metrics",
+                            description="Export the best checkpoint of a search (or of one trial run): backbone.pt "
+                            "(a plain state_dict, torch.load(weights_only=True)), head.pt, spec.yaml, metrics.json. "
+                            "Load it with ssl_tune.load_backbone(DIR).")
+    export.add_argument("experiment_or_run", help="MLflow experiment name, search run id or trial run id")
+    export.add_argument("--out", type=Path, help="output directory (default exports/EXPERIMENT_OR_RUN)")
+    export.add_argument("--register", metavar="MODEL_NAME", help="also log the backbone to MLflow and register it")
+    uri_arg(export)
+    export.set_defaults(func=cmd_export)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the tracking store",
+                        description="Start the MLflow UI on 127.0.0.1 against the same tracking URI as `ssl-tune run`.")
+    ui.add_argument("--port", type=int, default=5000)
+    uri_arg(ui)
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 

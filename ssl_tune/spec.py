@@ -161,8 +161,10 @@ class DataSpec(StrictModel):
     def _root(self) -> DataSpec:
         if self.name in NEEDS_ROOT and self.root is None:
             raise ValueError(f"data set {self.name!r} needs data.root (a directory holding it); nothing is downloaded")
-        if self.root is not None and not self.root.is_dir():
-            raise ValueError(f"data.root {str(self.root)!r} is not an existing directory")
+        if self.root is not None:
+            if not self.root.is_dir():
+                raise ValueError(f"data.root {str(self.root)!r} is not an existing directory")
+            self.root = self.root.resolve()  # trials run in other working directories
         return self
 
 
@@ -207,6 +209,37 @@ class EvaluationSpec(StrictModel):
     )
 
 
+# Metrics reported after every epoch, so a scheduler can compare trials on them.
+OBJECTIVES = ("knn_top1", "knn_top5", "loss")
+
+
+class SearchSpec(StrictModel):
+    num_samples: Annotated[int, Field(ge=1)] = 8
+    max_concurrent: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="trials at once; default: as many as the cluster's CPUs/GPUs fit"
+    )
+    metric: Literal[OBJECTIVES] = Field("knn_top1", description="objective")  # type: ignore[valid-type]
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: early stopping of weak trials")
+    grace_period: Annotated[int, Field(ge=1)] = Field(1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    seed: int = Field(0, description="seed of Optuna's TPE sampler")
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="warm start: trials to run first, e.g. [{method.tau: 0.5}]"
+    )
+
+
+class ResourcesSpec(StrictModel):
+    num_workers: Annotated[int, Field(ge=1)] = Field(1, description="DDP workers per trial")
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+
+
+class MlflowSpec(StrictModel):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment_name: str | None = Field(None, description="default: the spec's name")
+
+
 class SpecBase(StrictModel):
     """Everything but the method; `spec_model()` adds the method union."""
 
@@ -217,6 +250,19 @@ class SpecBase(StrictModel):
     optimizer: OptimizerSpec = OptimizerSpec()
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    search: SearchSpec = SearchSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    mlflow: MlflowSpec = MlflowSpec()
+    storage_path: str = Field("ssl_tune_runs", description="where Ray keeps trial results and checkpoints")
+
+    @model_validator(mode="after")
+    def _objective_every_epoch(self) -> SpecBase:
+        if self.search.metric.startswith("knn") and self.evaluation.eval_every != 1:
+            raise ValueError(
+                f"search.metric {self.search.metric!r} must be measured every epoch for the scheduler: "
+                "set evaluation.eval_every to 1, or use search.metric 'loss'"
+            )
+        return self
 
     # --- searchable fields ---
 
@@ -392,6 +438,17 @@ def _check_range_bounds(spec: SpecBase, source: str) -> None:
                         problems.append(f"  {path}: the range allows {value!r}, which is not allowed here: {msg}")
                     elif loc not in ranges:  # another range's own defaults are checked on its turn
                         problems.append(f"  {loc or '(top level)'}: with {path}={value!r}: {msg}")
+    for i, point in enumerate(spec.search.points_to_evaluate):
+        unknown = sorted(set(point) - set(ranges))
+        if unknown:
+            problems.append(f"  search.points_to_evaluate.{i}: {', '.join(unknown)} not searched in this spec; "
+                            f"searched: {', '.join(ranges) or 'nothing'}")
+            continue
+        try:
+            spec.resolve(point)
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                problems.append(f"  search.points_to_evaluate.{i}: {'.'.join(_user_loc(err['loc']))}: {err['msg']}")
     if problems:
         raise SpecError("\n".join(dict.fromkeys([f"invalid spec {source}:"] + problems)))
 

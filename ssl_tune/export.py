@@ -1,0 +1,105 @@
+"""Export the best trial of a search, and load an exported backbone for downstream work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from ssl_tune import tracking
+from ssl_tune.spec import spec_model
+
+BACKBONE_FILE = "backbone.pt"
+HEAD_FILE = "head.pt"
+SPEC_FILE = "spec.yaml"
+METRICS_FILE = "metrics.json"
+
+
+def _checkpoint_state(path: Path) -> dict:
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def best_trial_run(client, experiment_or_run: str):
+    """The trial run to export: the given trial, or the best trial of the given search."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(experiment_or_run)
+        if run.data.tags.get(tracking.TAG_KIND) == "trial":
+            return run
+    except MlflowException:
+        pass
+    parent = tracking.find_parent_run(client, experiment_or_run)
+    best_id = parent.data.tags.get(tracking.TAG_BEST_TRIAL_RUN)
+    if best_id is None:
+        ranked = [r for r in tracking.leaderboard(client, parent) if r["objective"] == r["objective"]]
+        if not ranked:
+            raise LookupError(f"search {parent.info.run_id} has no trial with a result yet")
+        best_id = ranked[0]["run_id"]
+    return client.get_run(best_id)
+
+
+def export_run(client, experiment_or_run: str, out: Path, register: str | None = None) -> Path:
+    """Write backbone.pt, head.pt, spec.yaml and metrics.json of the best checkpoint into `out`."""
+    from trainers.loop import build_method
+
+    run = best_trial_run(client, experiment_or_run)
+    checkpoint = run.data.tags.get(tracking.TAG_BEST_CHECKPOINT)
+    if not checkpoint or not Path(checkpoint).exists():
+        raise LookupError(f"trial run {run.info.run_id} has no checkpoint on this machine ({checkpoint or 'none logged'})")
+    state = _checkpoint_state(Path(checkpoint))
+    spec = spec_model().model_validate(state["spec"])
+    method = build_method(spec, in_channels=_in_channels(state["model"]))
+    method.load_state_dict(state["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(method.backbone.state_dict(), out / BACKBONE_FILE)
+    torch.save({k: v for k, v in method.state_dict().items() if not k.startswith("backbone.")}, out / HEAD_FILE)
+    (out / SPEC_FILE).write_text(yaml.safe_dump(state["spec"], sort_keys=False))
+    epoch = state["epoch"]
+    metrics = next((h for h in state["history"] if int(h["epoch"]) == epoch), {})
+    (out / METRICS_FILE).write_text(json.dumps({"run_id": run.info.run_id, "checkpoint": checkpoint, "epoch": epoch,
+                                               "metrics": metrics}, indent=2))
+    if register:
+        import mlflow
+
+        mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+        with mlflow.start_run(run_id=run.info.run_id):
+            info = mlflow.pytorch.log_model(method.backbone, name="backbone", serialization_format="pickle",
+                                            registered_model_name=register)
+        (out / "registered_model.txt").write_text(f"{register}\n{info.model_uri}\n")
+    return out
+
+
+def _in_channels(state: dict, prefix: str = "backbone.") -> int:
+    """Input channels of a backbone, read off its first convolution's weight."""
+    return next(v for k, v in state.items() if k.startswith(prefix) and v.ndim == 4).shape[1]
+
+
+def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -> nn.Module:
+    """The pretrained backbone, in eval mode, from an export directory, a checkpoint or an MLflow run.
+
+    `path_or_run` is a directory written by `ssl-tune export`, a `checkpoint.pt` (or its directory),
+    or an MLflow run id / experiment name (the best trial is loaded from its checkpoint).
+    """
+    from ssl_tune.models import build_backbone
+
+    path = Path(path_or_run)
+    if (path / BACKBONE_FILE).exists():
+        spec = spec_model().model_validate(yaml.safe_load((path / SPEC_FILE).read_text()))
+        weights = torch.load(path / BACKBONE_FILE, map_location="cpu", weights_only=True)
+    else:
+        if not path.exists():
+            client = tracking.client_for(tracking.resolve_uri(tracking_uri))
+            path = Path(best_trial_run(client, str(path_or_run)).data.tags[tracking.TAG_BEST_CHECKPOINT])
+        state = _checkpoint_state(path)
+        spec = spec_model().model_validate(state["spec"])
+        weights = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
+    b = spec.backbone
+    # Plain torch modules: GlobalBatchNorm's state has the same keys as BatchNorm's.
+    backbone = build_backbone(b.name, _in_channels(weights, prefix=""), width=b.width, cifar_stem=b.cifar_stem)
+    backbone.load_state_dict(weights)
+    return backbone.eval()

@@ -1,0 +1,142 @@
+"""`ssl-tune run` against a real local Ray instance and a real sqlite MLflow store (no mocks)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ssl_tune import load_backbone, tracking
+from ssl_tune.data.datasets import load_dataset
+from ssl_tune.data.loader import Normalizer
+from ssl_tune.evaluation import extract_features, knn_accuracy
+from tests.conftest import tiny_spec_dict
+
+SSL_TUNE = str(Path(sys.executable).parent / "ssl-tune")
+EPOCHS = 2
+
+
+def search_spec(**search):
+    raw = tiny_spec_dict(training={"epochs": EPOCHS, "batch_size": 500, "seed": 0})
+    raw["name"] = "search-test"
+    raw["method"].update(lam2={"type": "uniform", "low": 0.5, "high": 2.0},
+                         tau={"type": "loguniform", "low": 0.5, "high": 2.0})
+    # Trial 1 has a much lower loss than trial 2 at epoch 1 (lam2 scales -he), so ASHA stops trial 2.
+    raw["search"] = {"num_samples": 3, "metric": "loss", "mode": "min", "grace_period": 1, "max_concurrent": 1,
+                     "points_to_evaluate": [{"method.lam2": 2.0, "method.tau": 1.0},
+                                            {"method.lam2": 0.5, "method.tau": 1.0}], **search}
+    return raw
+
+
+def run_cli(args, cwd, timeout=600):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
+    return subprocess.run([SSL_TUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory):
+    work = tmp_path_factory.mktemp("search")
+    (work / "spec.yaml").write_text(yaml.safe_dump(search_spec()))
+    proc = run_cli(["run", "spec.yaml", "--name", "s1"], cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
+    return work, client, proc
+
+
+def test_mlflow_holds_one_parent_with_nested_trials(finished_search):
+    work, client, _ = finished_search
+    experiment = client.get_experiment_by_name("search-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
+    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "s1"
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    for tag in ("ssl_tune.spec_hash", "ssl_tune.version", "ssl_tune.ray_address", "ssl_tune.git_commit"):
+        assert tag in parent.data.tags
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"spec.yaml", "trials.txt"} <= artifacts
+    assert "best_loss" in parent.data.metrics and "best.method.lam2" in parent.data.params
+
+    statuses = sorted(c.info.status for c in children)
+    assert statuses.count("KILLED") >= 1 and statuses.count("FINISHED") >= 1
+    for child in children:
+        params = child.data.params
+        assert {"method.lam2", "method.tau", "training.epochs", "optimizer.lr"} <= set(params)
+        history = client.get_metric_history(child.info.run_id, "loss")
+        steps = [m.step for m in history]
+        assert steps == list(range(1, len(steps) + 1))
+        assert not {"training_iteration", "time_this_iter_s", "timestamp", "pid"} & set(child.data.metrics)
+        if child.info.status == "FINISHED":
+            assert len(steps) == EPOCHS
+            assert {"linear_top1", "knn_top1", "knn_top1_random_init", "lr", "images_per_s"} <= set(child.data.metrics)
+        else:
+            assert child.info.status == "KILLED"
+            assert child.data.tags[tracking.TAG_STOPPED_AT] == str(len(steps)) and len(steps) < EPOCHS
+            assert "linear_top1" not in child.data.metrics
+
+
+def test_results_leaderboard_and_parquet(finished_search):
+    import pyarrow.parquet as pq
+
+    work, _, proc = finished_search
+    assert "search finished: 3 trials" in proc.stdout
+    out = run_cli(["results", "search-test", "--out", "trials.parquet"], cwd=work)
+    assert out.returncode == 0, out.stderr
+    table = pq.read_table(work / "trials.parquet").to_pylist()
+    assert [row["rank"] for row in table] == [1, 2, 3]
+    objectives = [row["objective"] for row in table]
+    assert objectives == sorted(objectives)  # mode min: best first
+    assert {"method.lam2", "method.tau", "status", "epochs", "duration_s"} <= set(table[0])
+    assert table[0]["method.lam2"] == 2.0
+
+
+def test_export_reloads_the_backbone_and_reproduces_logged_knn(finished_search):
+    work, client, _ = finished_search
+    out = run_cli(["export", "search-test", "--out", "exported"], cwd=work)
+    assert out.returncode == 0, out.stderr
+    exported = work / "exported"
+    assert set(p.name for p in exported.iterdir()) >= {"backbone.pt", "head.pt", "spec.yaml", "metrics.json"}
+    torch.load(exported / "backbone.pt", weights_only=True)
+    info = json.loads((exported / "metrics.json").read_text())
+    logged = {m.step: m.value for m in client.get_metric_history(info["run_id"], "knn_top1")}[info["epoch"]]
+
+    backbone = load_backbone(exported)
+    data = load_dataset("fashion_mnist_subset")
+    norm = Normalizer(data.train_images)
+    feats = [extract_features(backbone, x, norm, device=torch.device("cpu")) for x in (data.train_images, data.test_images)]
+    top1, _ = knn_accuracy(feats[0], data.train_labels, feats[1], data.test_labels, num_classes=10)
+    assert abs(top1 - logged) <= 0.5
+    # the same backbone straight from MLflow, by the search's experiment name
+    from_run = load_backbone("search-test", tracking_uri=f"sqlite:///{work}/mlflow.db")
+    for a, b in zip(backbone.state_dict().values(), from_run.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
+    raw["training"]["epochs"] = 1
+    raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.5}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    (child,) = [r for r in client.search_runs([client.get_experiment_by_name("search-test").experiment_id])
+                if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    assert child.info.status == "FINISHED" and "knn_top1" in child.data.metrics
+    checkpoint = Path(child.data.tags[tracking.TAG_BEST_CHECKPOINT])
+    assert torch.load(checkpoint / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_infeasible_trial_resources_fail_fast(tmp_path):
+    raw = search_spec()
+    raw["resources"] = {"num_workers": 64, "cpus_per_worker": 1}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "resources" in proc.stderr and "64 worker(s)" in proc.stderr and "Traceback" not in proc.stderr

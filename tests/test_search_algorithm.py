@@ -1,0 +1,70 @@
+"""Optuna receives the trials' results: later proposals depend on earlier results."""
+
+import math
+
+import pytest
+
+from ssl_tune.search import build_scheduler, build_search_algorithm, optuna_space
+from ssl_tune.spec import spec_from_dict
+from tests.conftest import tiny_spec_dict
+
+TRIALS = 40  # TPE samples at random for its first 10 trials, then models the results
+
+
+def spec(seed=0):
+    raw = tiny_spec_dict()
+    raw["method"].update(lam1={"type": "uniform", "low": -0.5, "high": 0.5},
+                         tau={"type": "loguniform", "low": 0.1, "high": 10.0})
+    raw["optimizer"]["name"] = {"type": "choice", "values": ["sgd", "lars"]}
+    raw["projector"]["output_dim"] = {"type": "int", "low": 8, "high": 64, "step": 8}
+    raw["search"] = {"seed": seed, "metric": "knn_top1", "mode": "max"}
+    return spec_from_dict(raw)
+
+
+def drive(objective, seed=0):
+    """Run the search algorithm sequentially, as Tune does, with a synthetic objective."""
+    algorithm = build_search_algorithm(spec(seed), max_concurrent=1)
+    proposals = []
+    for i in range(TRIALS):
+        config = algorithm.suggest(f"t{i}")
+        proposals.append(config)
+        algorithm.on_trial_complete(f"t{i}", {"knn_top1": objective(config), "epoch": 1})
+    return proposals
+
+
+def peak(config):
+    return -abs(config["method.lam1"] - 0.3) - abs(math.log(config["method.tau"]))
+
+
+def test_space_covers_every_range_type():
+    space = optuna_space(spec())
+    assert set(space) == {"method.lam1", "method.tau", "optimizer.name", "projector.output_dim"}
+    assert space["method.tau"].log and space["projector.output_dim"].step == 8
+
+
+def test_same_seed_and_results_give_the_same_proposals():
+    assert drive(peak) == drive(peak)
+
+
+def test_proposals_follow_the_results():
+    a, b = drive(peak), drive(lambda c: -peak(c))
+    assert a[:10] == b[:10]  # random start-up: results not used yet
+    assert a[10:] != b[10:]  # the sampler saw the results
+    # Told that `peak` is good, TPE proposes near its optimum; told the opposite, far from it.
+    mean_peak = lambda proposals: sum(map(peak, proposals[20:])) / len(proposals[20:])  # noqa: E731
+    assert mean_peak(a) > mean_peak(b) + 1.0
+
+
+def test_asha_uses_the_trainers_epoch():
+    s = build_scheduler(spec())
+    assert s._time_attr == "epoch" and s._max_t == 2
+
+
+def test_points_to_evaluate_must_name_searched_fields():
+    from ssl_tune.spec import SpecError
+
+    raw = tiny_spec_dict()
+    raw["method"]["tau"] = {"type": "loguniform", "low": 0.1, "high": 1.0}
+    raw["search"] = {"points_to_evaluate": [{"method.lam1": 0.1}]}
+    with pytest.raises(SpecError, match=r"search.points_to_evaluate.0: method.lam1 not searched"):
+        spec_from_dict(raw)
