@@ -24,28 +24,58 @@ from typing import Any, Callable
 import yaml
 
 from ssl_tune import __version__
-from ssl_tune.spec import Choice, IntRange, LogUniform, SpecBase, SpecError, Uniform, spec_model
+from ssl_tune.spec import Choice, IntRange, LogUniform, SpecBase, SpecError, Uniform, range_default, spec_model
 from ssl_tune import tracking
+from trainers.loop import Reporter
 
 # The Tune trial that drives a multi-worker Train run needs a little CPU of its own (0 is refused).
 TRAIN_DRIVER_CPU = 0.01
 
 
-def optuna_space(spec: SpecBase) -> dict[str, Any]:
-    """Optuna distributions for the spec's ranges, keyed by dotted field path."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+# Optuna names a branch's sub-range "field.path|value", so each branch has its own distribution.
+BRANCH_SEPARATOR = "|"
 
-    space = {}
-    for path, r in spec.search_ranges().items():
-        if isinstance(r, Uniform):
-            space[path] = FloatDistribution(r.low, r.high)
-        elif isinstance(r, LogUniform):
-            space[path] = FloatDistribution(r.low, r.high, log=True)
-        elif isinstance(r, IntRange):
-            space[path] = IntDistribution(r.low, r.high, step=r.step, log=r.log)
-        elif isinstance(r, Choice):
-            space[path] = CategoricalDistribution(r.values)
-    return space
+
+def _suggest(trial, name: str, r) -> Any:
+    if isinstance(r, Uniform):
+        return trial.suggest_float(name, r.low, r.high)
+    if isinstance(r, LogUniform):
+        return trial.suggest_float(name, r.low, r.high, log=True)
+    if isinstance(r, IntRange):
+        return trial.suggest_int(name, r.low, r.high, step=r.step, log=r.log)
+    return trial.suggest_categorical(name, r.values)
+
+
+class SearchSpace:
+    """Optuna define-by-run space over a spec's ranges; a choice's branch is sampled only when taken.
+
+    A class rather than a closure so that Tune can pickle the searcher with it.
+    """
+
+    def __init__(self, spec: SpecBase) -> None:
+        self.ranges = spec.search_ranges()
+
+    def __call__(self, trial) -> None:
+        for path, r in self.ranges.items():
+            value = _suggest(trial, path, r)
+            if isinstance(r, Choice):
+                for sub_path, sub in r.branches.get(str(value), {}).items():
+                    _suggest(trial, f"{sub_path}{BRANCH_SEPARATOR}{value}", sub)
+
+
+def optuna_names(spec: SpecBase, values: dict[str, Any]) -> dict[str, Any]:
+    """Field paths -> Optuna parameter names (for warm-start points)."""
+    branch_of = {}
+    for (path, value), branch in spec.branch_ranges().items():
+        chosen = values.get(path, range_default(spec.search_ranges()[path]))
+        if str(chosen) == value:
+            branch_of.update({sub_path: value for sub_path in branch})
+    return {(f"{k}{BRANCH_SEPARATOR}{branch_of[k]}" if k in branch_of else k): v for k, v in values.items()}
+
+
+def field_values(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config (Optuna names) -> field paths, as `SpecBase.resolve` takes them."""
+    return {name.split(BRANCH_SEPARATOR)[0]: value for name, value in config.items()}
 
 
 def build_search_algorithm(spec: SpecBase, max_concurrent: int):
@@ -62,11 +92,11 @@ def build_search_algorithm(spec: SpecBase, max_concurrent: int):
     s = spec.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     algorithm = OptunaSearch(
-        space=optuna_space(spec),
+        space=SearchSpace(spec),
         metric=s.metric,
         mode=s.mode,
         sampler=optuna.samplers.TPESampler(seed=s.seed),
-        points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None,
+        points_to_evaluate=[optuna_names(spec, p) for p in s.points_to_evaluate] or None,
     )
     return ConcurrencyLimiter(algorithm, max_concurrent=max_concurrent)
 
@@ -89,26 +119,19 @@ class TrialDiverged(RuntimeError):
     """Raised so that Tune records a diverged trial as failed, with this message."""
 
 
-class RayReporter:
-    """Sends each epoch's metrics and checkpoint to Tune or Ray Train (`report` is their report)."""
+class RayReporter(Reporter):
+    """Sends each epoch's metrics and checkpoint to Tune or Ray Train: `report` and `checkpoint_class`
+    are `ray.tune.report` and `ray.tune.Checkpoint`, or their `ray.train` counterparts."""
 
-    def __init__(self, report: Callable[..., None]) -> None:
-        self.report = report
-
-    def on_start(self, trainer) -> None:
-        pass
-
-    def on_step(self, epoch: int, step: int, steps: int) -> None:
-        pass
+    def __init__(self, report: Callable[..., None], checkpoint_class: type) -> None:
+        self.report, self.checkpoint_class = report, checkpoint_class
 
     def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
-        from ray.train import Checkpoint
-
         with tempfile.TemporaryDirectory(prefix="ssl-tune-ckpt-") as tmp:
             checkpoint = None
             if write_checkpoint is not None:
                 write_checkpoint(Path(tmp))
-                checkpoint = Checkpoint.from_directory(tmp)
+                checkpoint = self.checkpoint_class.from_directory(tmp)
             self.report(metrics, checkpoint=checkpoint)
 
 
@@ -121,18 +144,19 @@ def train_worker(config: dict[str, Any]) -> None:
     from trainers.loop import Trainer, default_device
 
     spec = spec_model().model_validate(config["spec"])
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    torch.set_num_threads(max(1, math.ceil(spec.resources.cpus_per_worker)))
     if config["via"] == "train":
         import ray.train.torch
 
-        report, checkpoint, device = ray.train.report, ray.train.get_checkpoint(), ray.train.torch.get_device()
+        api, device = ray.train, ray.train.torch.get_device()
     else:
-        report, checkpoint, device = ray.tune.report, ray.tune.get_checkpoint(), default_device()
+        api, device = ray.tune, default_device()
+    report, checkpoint = RayReporter(api.report, api.Checkpoint), api.get_checkpoint()
     trainer = Trainer(spec, device=device)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.load_checkpoint(Path(directory))
-    result = trainer.fit(RayReporter(report))
+    result = trainer.fit(report)
     if result.status == "diverged":
         raise TrialDiverged(result.message)
 
@@ -141,7 +165,7 @@ def run_trial(config: dict[str, Any], base_spec: dict[str, Any]) -> None:
     """Tune function trainable: `config` holds the sampled values by dotted path."""
     import ray.tune
 
-    spec = spec_model().model_validate(base_spec).resolve(config)
+    spec = spec_model().model_validate(base_spec).resolve(field_values(config))
     payload = {"spec": spec.model_dump(mode="json")}
     r = spec.resources
     if r.num_workers == 1:
@@ -262,7 +286,7 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
 
     client = tracking.client_for(uri)
     experiment = tracking.experiment_id(client, experiment_name)
-    searched = list(spec.search_ranges())
+    searched = spec.searchable_paths()
     parent = client.create_run(experiment, run_name=run_name, tags={
         tracking.TAG_KIND: "search",
         "ssl_tune.spec_hash": spec.digest(),
@@ -285,7 +309,9 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent),
-                                    scheduler=build_scheduler(spec), num_samples=spec.search.num_samples),
+                                    scheduler=build_scheduler(spec), num_samples=spec.search.num_samples,
+                                    # a new trial reuses a finished trial's process: no fresh imports
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=str(Path(spec.storage_path).resolve()),

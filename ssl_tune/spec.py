@@ -100,6 +100,20 @@ class Choice(StrictModel):
     type: Literal["choice"]
     values: list[Any] = Field(min_length=1)
     default: Any = None
+    branches: dict[str, dict[str, "Range"]] = Field(
+        default_factory=dict,
+        description="conditional sub-ranges: {value: {field.path: range}}, searched only when that value is "
+        "chosen; the fields hold a fixed value in the spec, used when their branch is not taken",
+    )
+
+    @model_validator(mode="after")
+    def _branches(self) -> Choice:
+        unknown = sorted(set(self.branches) - {str(v) for v in self.values})
+        if unknown:
+            raise ValueError(f"branches {unknown} are not among the values {self.values}")
+        if any(isinstance(r, Choice) and r.branches for b in self.branches.values() for r in b.values()):
+            raise ValueError("branches cannot nest: a branch's choice has no branches of its own")
+        return self
 
     def centre(self) -> Any:
         return self.values[0]
@@ -107,6 +121,7 @@ class Choice(StrictModel):
 
 Range = Annotated[Union[Uniform, LogUniform, IntRange, Choice], Field(discriminator="type")]
 RANGE_TYPES = (Uniform, LogUniform, IntRange, Choice)
+Choice.model_rebuild()
 
 
 
@@ -282,15 +297,37 @@ class SpecBase(StrictModel):
         walk(self, "")
         return found
 
+    def branch_ranges(self) -> dict[tuple[str, str], dict[str, Uniform | LogUniform | IntRange | Choice]]:
+        """(choice path, value as text) -> {field path: range} for every conditional branch."""
+        return {(path, value): branch for path, r in self.search_ranges().items() if isinstance(r, Choice)
+                for value, branch in r.branches.items()}
+
+    def searchable_paths(self) -> list[str]:
+        """Every path a search may set: the ranges and the fields of their branches."""
+        paths = list(self.search_ranges())
+        for branch in self.branch_ranges().values():
+            paths += [p for p in branch if p not in paths]
+        return paths
+
     def resolve(self, values: dict[str, Any] | None = None) -> SpecBase:
-        """A copy with every range replaced: by `values[path]` when given, else its default."""
+        """A copy with every range replaced: by `values[path]` when given, else its default.
+
+        A branch's fields take their sampled (or default) value only when the branch's choice is
+        taken; otherwise they keep the fixed value written in the spec.
+        """
         values = values or {}
-        unknown = set(values) - set(self.search_ranges())
+        unknown = set(values) - set(self.searchable_paths())
         if unknown:
             raise SpecError(f"not searchable in this spec: {', '.join(sorted(unknown))}")
         raw = self.model_dump(mode="json")
+        chosen = {}
         for path, r in self.search_ranges().items():
-            _set_path(raw, path.split("."), values.get(path, range_default(r)))
+            chosen[path] = values.get(path, range_default(r))
+            _set_path(raw, path.split("."), chosen[path])
+        for (path, value), branch in self.branch_ranges().items():
+            if str(chosen[path]) == value:
+                for sub_path, r in branch.items():
+                    _set_path(raw, sub_path.split("."), values.get(sub_path, range_default(r)))
         return type(self).model_validate(raw)
 
     @property
@@ -438,11 +475,28 @@ def _check_range_bounds(spec: SpecBase, source: str) -> None:
                         problems.append(f"  {path}: the range allows {value!r}, which is not allowed here: {msg}")
                     elif loc not in ranges:  # another range's own defaults are checked on its turn
                         problems.append(f"  {loc or '(top level)'}: with {path}={value!r}: {msg}")
+    flat = spec.flat()
+    for (path, value), branch in spec.branch_ranges().items():
+        choice_value = next(v for v in ranges[path].values if str(v) == value)
+        for sub_path, r in branch.items():
+            if sub_path not in flat or sub_path in ranges:
+                problems.append(f"  {path}.branches.{value}.{sub_path}: must name a field of the spec that holds "
+                                "a fixed value (its value when this branch is not taken)")
+                continue
+            candidates = r.values if isinstance(r, Choice) else [r.low, r.high, range_default(r)]
+            for candidate in dict.fromkeys(candidates):
+                try:
+                    spec.resolve({path: choice_value, sub_path: candidate})
+                except ValidationError as exc:
+                    for err in exc.errors(include_url=False):
+                        problems.append(f"  {path}.branches.{value}.{sub_path}: the range allows {candidate!r}: "
+                                        f"{err['msg'].removeprefix('Value error, ')}")
+    searchable = spec.searchable_paths()
     for i, point in enumerate(spec.search.points_to_evaluate):
-        unknown = sorted(set(point) - set(ranges))
+        unknown = sorted(set(point) - set(searchable))
         if unknown:
             problems.append(f"  search.points_to_evaluate.{i}: {', '.join(unknown)} not searched in this spec; "
-                            f"searched: {', '.join(ranges) or 'nothing'}")
+                            f"searched: {', '.join(searchable) or 'nothing'}")
             continue
         try:
             spec.resolve(point)

@@ -116,7 +116,9 @@ class MlflowTrialLogger(Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id in self.runs:
             return
-        searched = {k: v for k, v in trial.config.items()}
+        from ssl_tune.search import field_values
+
+        searched = field_values(trial.config)
         run = self.client.create_run(
             self.experiment,
             run_name=f"trial-{trial.trial_id}",

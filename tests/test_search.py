@@ -140,3 +140,18 @@ def test_infeasible_trial_resources_fail_fast(tmp_path):
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "resources" in proc.stderr and "64 worker(s)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_diverged_trial_is_failed_with_its_reason(tmp_path):
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
+    raw["optimizer"] = {"name": "sgd", "lr": 1e12, "momentum": 0.0, "warmup_epochs": 0}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("search-test").experiment_id])
+    (child,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    (parent,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
+    assert child.info.status == "FAILED"
+    assert "TrialDiverged" in child.data.tags[tracking.TAG_ERROR] and "non-finite" in child.data.tags[tracking.TAG_ERROR]
+    assert parent.info.status == "FINISHED"

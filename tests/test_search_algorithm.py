@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ssl_tune.search import build_scheduler, build_search_algorithm, optuna_space
+from ssl_tune.search import SearchSpace, build_scheduler, build_search_algorithm, field_values
 from ssl_tune.spec import spec_from_dict
 from tests.conftest import tiny_spec_dict
 
@@ -37,9 +37,65 @@ def peak(config):
 
 
 def test_space_covers_every_range_type():
-    space = optuna_space(spec())
+    import optuna
+
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    SearchSpace(spec())(trial)
+    space = trial.distributions
     assert set(space) == {"method.lam1", "method.tau", "optimizer.name", "projector.output_dim"}
     assert space["method.tau"].log and space["projector.output_dim"].step == 8
+
+
+def conditional_spec(**search):
+    raw = tiny_spec_dict()
+    raw["optimizer"] = {"name": {"type": "choice", "values": ["lars", "adamw"], "branches": {
+        "lars": {"optimizer.lr": {"type": "loguniform", "low": 0.2, "high": 4.0}},
+        "adamw": {"optimizer.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                  "optimizer.weight_decay": {"type": "loguniform", "low": 1e-3, "high": 1e-1}}}},
+        "lr": 0.5, "weight_decay": 1e-5}
+    raw["search"] = search
+    return spec_from_dict(raw)
+
+
+def test_a_choice_samples_only_the_taken_branch():
+    s = conditional_spec(points_to_evaluate=[{"optimizer.name": "adamw", "optimizer.lr": 0.005}])
+    algorithm = build_search_algorithm(s, max_concurrent=1)
+    seen = set()
+    for i in range(12):
+        config = algorithm.suggest(f"t{i}")
+        name = config["optimizer.name"]
+        seen.add(name)
+        assert set(config) == {"optimizer.name", f"optimizer.lr|{name}"} | (
+            {"optimizer.weight_decay|adamw"} if name == "adamw" else set())
+        resolved = s.resolve(field_values(config))
+        low, high = (0.2, 4.0) if name == "lars" else (1e-4, 1e-2)
+        assert low <= resolved.optimizer.lr <= high
+        assert resolved.optimizer.weight_decay == (1e-5 if name == "lars" else config["optimizer.weight_decay|adamw"])
+        if i == 0:  # the warm-start point, translated to the branch's parameter
+            assert config == {"optimizer.name": "adamw", "optimizer.lr|adamw": 0.005,
+                              "optimizer.weight_decay|adamw": config["optimizer.weight_decay|adamw"]}
+        algorithm.on_trial_complete(f"t{i}", {"knn_top1": float(i), "epoch": 1})
+    assert seen == {"lars", "adamw"}
+
+
+def test_train_resolves_the_default_branch():
+    resolved = conditional_spec().resolve()
+    assert resolved.optimizer.name == "lars" and resolved.optimizer.lr == pytest.approx(math.sqrt(0.8))
+    assert resolved.optimizer.weight_decay == 1e-5
+
+
+@pytest.mark.parametrize("branches,message", [
+    ({"sgd": {"optimizer.lr": {"type": "uniform", "low": 0.1, "high": 1}}}, "not among the values"),
+    ({"adamw": {"optimizer.nothing": {"type": "uniform", "low": 0.1, "high": 1}}}, "must name a field"),
+    ({"adamw": {"optimizer.lr": {"type": "uniform", "low": -1, "high": 1}}}, "greater than 0"),
+])
+def test_bad_branches_are_spec_errors(branches, message):
+    from ssl_tune.spec import SpecError
+
+    raw = tiny_spec_dict()
+    raw["optimizer"]["name"] = {"type": "choice", "values": ["lars", "adamw"], "branches": branches}
+    with pytest.raises(SpecError, match=message):
+        spec_from_dict(raw)
 
 
 def test_same_seed_and_results_give_the_same_proposals():
