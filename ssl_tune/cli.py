@@ -128,10 +128,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ssl_tune import tracking
     from ssl_tune.export import export_run
 
-    client = tracking.client_for(tracking.resolve_uri(args.tracking_uri))
     out = args.out or Path("exports") / args.experiment_or_run
     try:
-        export_run(client, args.experiment_or_run, out, register=args.register)
+        export_run(tracking.resolve_uri(args.tracking_uri), args.experiment_or_run, out, register=args.register)
     except LookupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

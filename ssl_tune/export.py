@@ -43,10 +43,14 @@ def best_trial_run(client, experiment_or_run: str):
     return client.get_run(best_id)
 
 
-def export_run(client, experiment_or_run: str, out: Path, register: str | None = None) -> Path:
-    """Write backbone.pt, head.pt, spec.yaml and metrics.json of the best checkpoint into `out`."""
+def export_run(uri: str, experiment_or_run: str, out: Path, register: str | None = None) -> Path:
+    """Write backbone.pt, head.pt, spec.yaml and metrics.json of the best checkpoint into `out`.
+
+    With `register`, the backbone is also logged to the trial's MLflow run and registered under that name.
+    """
     from trainers.loop import build_method
 
+    client = tracking.client_for(uri)
     run = best_trial_run(client, experiment_or_run)
     checkpoint = run.data.tags.get(tracking.TAG_BEST_CHECKPOINT)
     if not checkpoint or not Path(checkpoint).exists():
@@ -66,7 +70,7 @@ def export_run(client, experiment_or_run: str, out: Path, register: str | None =
     if register:
         import mlflow
 
-        mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+        mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run.info.run_id):
             info = mlflow.pytorch.log_model(method.backbone, name="backbone", serialization_format="pickle",
                                             registered_model_name=register)

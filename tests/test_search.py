@@ -98,7 +98,7 @@ def test_results_leaderboard_and_parquet(finished_search):
 
 def test_export_reloads_the_backbone_and_reproduces_logged_knn(finished_search):
     work, client, _ = finished_search
-    out = run_cli(["export", "search-test", "--out", "exported"], cwd=work)
+    out = run_cli(["export", "search-test", "--out", "exported", "--register", "test-backbone"], cwd=work)
     assert out.returncode == 0, out.stderr
     exported = work / "exported"
     assert set(p.name for p in exported.iterdir()) >= {"backbone.pt", "head.pt", "spec.yaml", "metrics.json"}
@@ -112,10 +112,14 @@ def test_export_reloads_the_backbone_and_reproduces_logged_knn(finished_search):
     feats = [extract_features(backbone, x, norm, device=torch.device("cpu")) for x in (data.train_images, data.test_images)]
     top1, _ = knn_accuracy(feats[0], data.train_labels, feats[1], data.test_labels, num_classes=10)
     assert abs(top1 - logged) <= 0.5
-    # the same backbone straight from MLflow, by the search's experiment name
+    # the same backbone straight from MLflow: by the search's experiment name, and as the registered model
+    import mlflow.pytorch
+
     from_run = load_backbone("search-test", tracking_uri=f"sqlite:///{work}/mlflow.db")
-    for a, b in zip(backbone.state_dict().values(), from_run.state_dict().values()):
-        assert torch.equal(a, b)
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    registered = mlflow.pytorch.load_model("models:/test-backbone/1")
+    for a, b, c in zip(backbone.state_dict().values(), from_run.state_dict().values(), registered.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
