@@ -12,14 +12,16 @@ EXIT_BAD_INPUT = 2
 
 
 class ConsoleReporter:
-    """Prints a progress bar per epoch (on a terminal) and one summary line per epoch."""
+    """A `trainers.loop.Reporter` that prints a progress bar (on a terminal) and one line per epoch.
+
+    (Not a subclass, so that `ssl-tune --help` need not import torch.)
+    """
 
     def __init__(self, out_dir: Path, stream=sys.stdout) -> None:
         self.out_dir = out_dir  # the latest checkpoint is written here after every epoch
         self.stream = stream
         self.tty = stream.isatty()
         self.epochs = 0
-        self.started = time.perf_counter()
 
     def on_start(self, trainer) -> None:
         self.epochs = trainer.spec.training.epochs
@@ -58,7 +60,7 @@ def _summary(result, seconds: float, out_dir: Path) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ssl_tune.data.datasets import DataError
-    from ssl_tune.spec import load_spec
+    from ssl_tune.spec import SpecError, load_spec
     from trainers.loop import Trainer
 
     spec = load_spec(args.spec, args.set).resolve()
@@ -68,6 +70,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(spec)
     except DataError as exc:
         print(f"error: data set {spec.data.name!r} (spec {args.spec}, field data.root): {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SpecError as exc:  # checks that need the data, e.g. the batch size against its size
+        print(f"error: invalid spec {args.spec}:\n  {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.resume:
         trainer.load_checkpoint(args.resume)

@@ -41,34 +41,32 @@ class StrictModel(BaseModel):
 # --- search ranges -----------------------------------------------------------------------
 
 
-class Uniform(StrictModel):
-    type: Literal["uniform"]
+class _FloatRange(StrictModel):
     low: float
     high: float
     default: float | None = None
 
     @model_validator(mode="after")
-    def _ordered(self) -> Uniform:
+    def _ordered(self) -> _FloatRange:
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
         return self
+
+
+class Uniform(_FloatRange):
+    type: Literal["uniform"]
 
     def centre(self) -> float:
         return (self.low + self.high) / 2
 
 
-class LogUniform(StrictModel):
+class LogUniform(_FloatRange):
     type: Literal["loguniform"]
-    low: float
-    high: float
-    default: float | None = None
 
     @model_validator(mode="after")
-    def _ordered(self) -> LogUniform:
+    def _positive(self) -> LogUniform:
         if self.low <= 0:
             raise ValueError(f"low must be > 0 for a loguniform range (got {self.low})")
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
         return self
 
     def centre(self) -> float:
@@ -271,6 +269,13 @@ class SpecBase(StrictModel):
     storage_path: str = Field("ssl_tune_runs", description="where Ray keeps trial results and checkpoints")
 
     @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> SpecBase:
+        if self.training.batch_size % self.resources.num_workers:
+            raise ValueError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
+                             f"resources.num_workers ({self.resources.num_workers}): it is the global batch")
+        return self
+
+    @model_validator(mode="after")
     def _objective_every_epoch(self) -> SpecBase:
         if self.search.metric.startswith("knn") and self.evaluation.eval_every != 1:
             raise ValueError(
@@ -436,9 +441,9 @@ def _format_errors(exc: ValidationError, raw: dict, source: str) -> str:
             msg = "a search range needs `type`: one of uniform, loguniform, int, choice"
         elif err["type"] == "missing":
             msg = "required field is missing"
-        got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
-        if isinstance(err.get("input"), dict):
-            got = ""
+        value = err.get("input")
+        shown = err["type"] not in ("missing", "extra_forbidden") and not isinstance(value, dict)
+        got = f" (got {value!r})" if shown else ""
         lines.append(f"  {path}: {msg}{got}")
     return "\n".join(dict.fromkeys(lines))  # unions repeat the same line per branch
 

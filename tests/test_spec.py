@@ -67,6 +67,10 @@ BAD_CASES = [
     ("batch size < 2", None, ["training.batch_size=1"], "training.batch_size", ["greater than or equal to 2"]),
     ("unknown optimizer", None, ["optimizer.name=adam"], "optimizer.name", ["sgd", "lars", "adamw"]),
     ("bad override syntax", None, ["training.epochs"], "training.epochs", ["section.field=value"]),
+    ("batch not divisible by workers", None, ["training.batch_size=33", "resources.num_workers=2"],
+     "training.batch_size", ["divisible by resources.num_workers"]),
+    ("batch larger than the data set", None, ["training.batch_size=20000"], "training.batch_size",
+     ["larger than data set", "10000 images"]),
 ]
 
 

@@ -24,7 +24,7 @@ from ssl_tune.data.datasets import ImageDataset, load_dataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from ssl_tune.evaluation import extract_features, knn_accuracy, linear_probe, stratified_subset
 from ssl_tune.models import build_backbone
-from ssl_tune.spec import SpecBase
+from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
 from trainers.base import Method
 from trainers.optim import build_optimizer, warmup_cosine
@@ -89,6 +89,9 @@ class Trainer:
         self.device = device or default_device()
         t = spec.training
         self.dataset = dataset or load_dataset(spec.data.name, spec.data.root, spec.data.image_size)
+        if t.batch_size > len(self.dataset.ssl_images):
+            raise SpecError(f"training.batch_size ({t.batch_size}) is larger than data set {spec.data.name!r} "
+                            f"({len(self.dataset.ssl_images)} images)")
         self.normalizer = Normalizer(self.dataset.train_images).to(self.device)
         self.method = build_method(spec, self.dataset.channels).to(self.device)
         cuda = self.device.type == "cuda"
