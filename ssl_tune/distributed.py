@@ -138,6 +138,8 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         new.load_state_dict(module.state_dict())
+        for old_param, new_param in zip(module.parameters(), new.parameters()):
+            new_param.requires_grad_(old_param.requires_grad)  # e.g. a frozen EMA teacher stays frozen
         return new
     for name, child in module.named_children():
         module.add_module(name, convert_batchnorm(child))

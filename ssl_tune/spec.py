@@ -147,6 +147,12 @@ class MethodConfig(StrictModel):
 
     name: str
 
+    def check_spec(self, spec: SpecBase) -> None:
+        """Raise ValueError if these hyperparameters do not fit the rest of the spec.
+
+        Runs on specs that may still hold search ranges; check fields that cannot.
+        """
+
 
 class AugmentationSpec(StrictModel):
     preset: Literal["byol", "symmetric", "weak"] = Field(
@@ -267,6 +273,13 @@ class SpecBase(StrictModel):
     resources: ResourcesSpec = ResourcesSpec()
     mlflow: MlflowSpec = MlflowSpec()
     storage_path: str = Field("ssl_tune_runs", description="where Ray keeps trial results and checkpoints")
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> SpecBase:
+        method = getattr(self, "method", None)  # the field is added by spec_model()
+        if method is not None:
+            method.check_spec(self)
+        return self
 
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> SpecBase:
@@ -432,7 +445,7 @@ def _format_errors(exc: ValidationError, raw: dict, source: str) -> str:
     lines = [f"invalid spec {source}:"]
     for err in exc.errors(include_url=False):
         loc = _user_loc(err["loc"])
-        path = ".".join(loc) or "(top level)"
+        path = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             allowed = _allowed_fields(raw, loc)
@@ -444,7 +457,8 @@ def _format_errors(exc: ValidationError, raw: dict, source: str) -> str:
         value = err.get("input")
         shown = err["type"] not in ("missing", "extra_forbidden") and not isinstance(value, dict)
         got = f" (got {value!r})" if shown else ""
-        lines.append(f"  {path}: {msg}{got}")
+        # errors of the whole spec (cross-field checks) have no path and name their fields themselves
+        lines.append(f"  {path}: {msg}{got}" if loc else f"  {msg}")
     return "\n".join(dict.fromkeys(lines))  # unions repeat the same line per branch
 
 
@@ -479,7 +493,7 @@ def _check_range_bounds(spec: SpecBase, source: str) -> None:
                     if loc == path:
                         problems.append(f"  {path}: the range allows {value!r}, which is not allowed here: {msg}")
                     elif loc not in ranges:  # another range's own defaults are checked on its turn
-                        problems.append(f"  {loc or '(top level)'}: with {path}={value!r}: {msg}")
+                        problems.append(f"  {loc + ': ' if loc else ''}with {path}={value!r}: {msg}")
     flat = spec.flat()
     for (path, value), branch in spec.branch_ranges().items():
         choice_value = next(v for v in ranges[path].values if str(v) == value)

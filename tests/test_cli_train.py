@@ -45,3 +45,14 @@ def test_train_then_resume(tmp_path, twist_spec_path):
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout and "epoch 2/2" in proc.stdout and "epoch 1/2" not in proc.stdout
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_isd_trains_from_its_search_space(tmp_path):
+    isd_yaml = str(Path(__file__).parents[1] / "search_spaces" / "isd.yaml")
+    proc = run("train", isd_yaml, "--set", "training.epochs=1", "--set", "backbone.width=4",
+               "--set", "training.batch_size=512", "--set", "projector={hidden_dim: 32, output_dim: 16, num_layers: 2}",
+               "--set", "evaluation.linear_probe_epochs=3", "--out", str(tmp_path / "isd"))
+    assert proc.returncode == 0, proc.stderr
+    assert "teacher_entropy" in proc.stdout and "kNN top-1, trained" in proc.stdout
+    state = torch.load(tmp_path / "isd" / "checkpoint.pt", weights_only=True)
+    assert {"bank", "bank_ptr"} <= set(state["model"]) and any(k.startswith("teacher.") for k in state["model"])

@@ -140,6 +140,7 @@ def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
 def test_infeasible_trial_resources_fail_fast(tmp_path):
     raw = search_spec()
     raw["resources"] = {"num_workers": 64, "cpus_per_worker": 1}
+    raw["training"]["batch_size"] = 512  # divisible by the workers: the resources are what is wrong
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
