@@ -12,7 +12,7 @@ import pkgutil
 
 from trainers.base import Method
 
-_SHARED_MODULES = {"base", "loop", "optim", "checkpoint"}
+_SHARED_MODULES = {"base", "loop", "optim"}
 
 
 @functools.cache
