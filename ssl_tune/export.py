@@ -29,10 +29,10 @@ def best_trial_run(client, experiment_or_run: str):
 
     try:
         run = client.get_run(experiment_or_run)
-        if run.data.tags.get(tracking.TAG_KIND) == "trial":
-            return run
     except MlflowException:
-        pass
+        run = None  # not a run id: an experiment name
+    if run is not None and run.data.tags.get(tracking.TAG_KIND) == "trial":
+        return run
     parent = tracking.find_parent_run(client, experiment_or_run)
     best_id = parent.data.tags.get(tracking.TAG_BEST_TRIAL_RUN)
     if best_id is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ class StepOutput(NamedTuple):
     terms: dict[str, torch.Tensor]
 
 
-class Method(nn.Module):
+class Method(nn.Module, abc.ABC):
     """Base of every SSL method.
 
     Subclasses set ``name`` and ``Config`` (a `ssl_tune.spec.MethodConfig` subclass), build their
@@ -42,8 +43,9 @@ class Method(nn.Module):
         aug = self.spec.data.augmentation
         return preset_views(aug.preset, tuple(aug.crop_scale), self.num_views)
 
-    def forward(self, views: list[torch.Tensor]) -> StepOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, views: list[torch.Tensor]) -> StepOutput:
+        """The loss of this rank's rows of the global batch, one tensor per view."""
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
