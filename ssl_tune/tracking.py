@@ -86,12 +86,6 @@ def result_metrics(result: dict[str, Any]) -> dict[str, float]:
             if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def better(a: float, b: float | None, mode: str) -> bool:
-    if b is None or (isinstance(b, float) and math.isnan(b)):
-        return not math.isnan(a)
-    return a > b if mode == "max" else a < b
-
-
 class MlflowTrialLogger(Callback):
     """Tune callback: a nested MLflow child run per trial, metrics per epoch, final status.
 
@@ -103,7 +97,7 @@ class MlflowTrialLogger(Callback):
         self.uri, self.experiment, self.parent_run_id, self.spec = uri, experiment, parent_run_id, spec
         self.metric, self.mode = spec.search.metric, spec.search.mode
         self.runs: dict[str, str] = {}  # trial id -> child run id
-        self.best: dict[str, tuple[float, int]] = {}  # trial id -> (objective, epoch) of its best checkpoint
+        self.best: dict[str, float] = {}  # trial id -> objective of its best checkpoint so far
         self.last_epoch: dict[str, int] = {}
         self._client = None
 
@@ -118,15 +112,14 @@ class MlflowTrialLogger(Callback):
             return
         from ssl_tune.search import field_values
 
-        searched = field_values(trial.config)
         run = self.client.create_run(
             self.experiment,
             run_name=f"trial-{trial.trial_id}",
             tags={"mlflow.parentRunId": self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL_ID: trial.trial_id},
         )
         self.runs[trial.trial_id] = run.info.run_id
-        resolved = self.spec.resolve(searched)
-        log_params(self.client, run.info.run_id, {**resolved.flat(), **searched})
+        # The resolved spec, flattened: the sampled values sit at their field paths.
+        log_params(self.client, run.info.run_id, self.spec.resolve(field_values(trial.config)).flat())
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id = self.runs.get(trial.trial_id)
@@ -151,8 +144,8 @@ class MlflowTrialLogger(Callback):
             return
         previous = self.best.get(trial_id)
         # Ties go to the later checkpoint, as Ray's checkpoint managers keep it.
-        if previous is None or better(value, previous[0], self.mode) or value == previous[0]:
-            self.best[trial_id] = (value, epoch)
+        if previous is None or (value >= previous if self.mode == "max" else value <= previous):
+            self.best[trial_id] = value
             self.client.set_tag(run_id, TAG_BEST_CHECKPOINT, path)
             self.client.set_tag(run_id, TAG_BEST_EPOCH, str(epoch))
 
