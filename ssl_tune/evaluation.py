@@ -1,4 +1,4 @@
-"""Evaluation of a frozen backbone: weighted kNN, linear probe, label-fraction probes."""
+"""Evaluation of a frozen backbone: weighted kNN, linear probe, label-fraction probes; collapse."""
 
 from __future__ import annotations
 
@@ -10,6 +10,20 @@ from torch import nn
 
 from ssl_tune import distributed
 from ssl_tune.data.loader import Normalizer
+
+
+@torch.no_grad()
+def effective_rank(embeddings: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """RankMe effective rank of an N x D embedding matrix: exp of the entropy of its normalised
+    singular values (Garrido et al., "RankMe", ICML 2023, https://arxiv.org/abs/2210.02885)::
+
+        p_k = sigma_k / sum_j sigma_j + eps,   erank = exp(-sum_k p_k log p_k)
+
+    It runs from 1 (every embedding on one line: collapse) to min(N, D) (all directions used equally).
+    """
+    sigma = torch.linalg.svdvals(embeddings.float())
+    p = sigma / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny) + eps
+    return torch.exp(-(p * p.log()).sum())
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SSL_TUNE = str(Path(sys.executable).parent / "ssl-tune")
@@ -47,12 +48,16 @@ def test_train_then_resume(tmp_path, twist_spec_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
 
-def test_isd_trains_from_its_search_space(tmp_path):
-    isd_yaml = str(Path(__file__).parents[1] / "search_spaces" / "isd.yaml")
-    proc = run("train", isd_yaml, "--set", "training.epochs=1", "--set", "backbone.width=4",
+@pytest.mark.parametrize("method, term, state_keys", [
+    ("isd", "teacher_entropy", {"bank", "bank_ptr", "teacher.0.features.0.weight"}),
+    ("corinfomax", "effective_rank", {"criterion.R1", "criterion.R2", "criterion.mu1", "criterion.mu2"}),
+])
+def test_method_trains_from_its_search_space(tmp_path, method, term, state_keys):
+    spec_path = str(Path(__file__).parents[1] / "search_spaces" / f"{method}.yaml")
+    proc = run("train", spec_path, "--set", "training.epochs=1", "--set", "backbone.width=4",
                "--set", "training.batch_size=512", "--set", "projector={hidden_dim: 32, output_dim: 16, num_layers: 2}",
-               "--set", "evaluation.linear_probe_epochs=3", "--out", str(tmp_path / "isd"))
+               "--set", "evaluation.linear_probe_epochs=3", "--out", str(tmp_path / method))
     assert proc.returncode == 0, proc.stderr
-    assert "teacher_entropy" in proc.stdout and "kNN top-1, trained" in proc.stdout
-    state = torch.load(tmp_path / "isd" / "checkpoint.pt", weights_only=True)
-    assert {"bank", "bank_ptr"} <= set(state["model"]) and any(k.startswith("teacher.") for k in state["model"])
+    assert term in proc.stdout and "kNN top-1, trained" in proc.stdout
+    state = torch.load(tmp_path / method / "checkpoint.pt", weights_only=True)
+    assert state_keys <= set(state["model"])

@@ -32,10 +32,13 @@ def method_spec(name, **sections):
     raw = tiny_spec_dict(**sections)
     if name == "isd":
         raw["method"] = {"name": "isd", "t_teacher": 0.1, "t_student": 0.5, "momentum": 0.9, "bank_size": 64}
+    if name == "corinfomax":
+        # la_R 0.5 keeps the covariance of an 8-row batch in 8 dimensions well conditioned.
+        raw["method"] = {"name": "corinfomax", "alpha": 50.0, "eps": 1e-6, "la_R": 0.5, "la_mu": 0.5}
     return raw
 
 
-METHODS = ["twist", "isd"]
+METHODS = ["twist", "isd", "corinfomax"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -69,8 +72,9 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     assert set(state) >= {"model", "optimizer", "scheduler", "rng", "baseline"}
 
 
-def test_non_finite_loss_stops_as_diverged_without_a_checkpoint(tmp_path):
-    raw = tiny_spec_dict(training={"epochs": 3, "batch_size": 32})
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_loss_stops_as_diverged_without_a_checkpoint(tmp_path, method):
+    raw = method_spec(method, training={"epochs": 3, "batch_size": 32})
     raw["optimizer"] = {"name": "sgd", "lr": 1e12, "momentum": 0.0, "warmup_epochs": 0}
     recorder = Recorder(tmp_path)
     result = Trainer(spec_from_dict(raw), dataset=tiny_dataset()).fit(recorder)

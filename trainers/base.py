@@ -11,6 +11,14 @@ from torch import nn
 from ssl_tune.data.augment import ViewAugmentation, preset_views
 
 
+class Diverged(RuntimeError):
+    """Training cannot go on (a non-finite loss, a singular statistic): the run ends as diverged.
+
+    The loop raises it for a non-finite epoch loss; a method may raise it from ``forward`` with a
+    reason specific to its loss.
+    """
+
+
 class StepOutput(NamedTuple):
     """The loss to minimise and the named terms to log (detached by the loop)."""
 

@@ -26,7 +26,7 @@ from ssl_tune.evaluation import extract_features, knn_accuracy, linear_probe, st
 from ssl_tune.models import build_backbone
 from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
-from trainers.base import Method
+from trainers.base import Diverged, Method
 from trainers.optim import build_optimizer, warmup_cosine
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -50,10 +50,6 @@ class Reporter:
         `write_checkpoint(directory)` saves everything a resume needs into the directory; it is
         given to rank 0 only (None on other ranks).
         """
-
-
-class Diverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
