@@ -22,19 +22,21 @@ import torch
 
 from ssl_tune.spec import load_spec
 from trainers.loop import Reporter, Trainer
-from trainers.optim import build_optimizer
+from trainers.optim import build_optimizers
 
 
-def bare_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: Trainer, epoch: int) -> float:
+def bare_epoch(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], trainer: Trainer, epoch: int) -> float:
     """One epoch of the simplest possible loop; returns images/s."""
     model.train()
     steps = 0
     start = time.perf_counter()
     for views in trainer.loader.epoch(epoch):
         loss = model(views).loss
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:  # the spec's, and the method's own (a learned kernel bandwidth)
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         model.after_optimizer_step(0.5)  # the method's own per-step work (EMA teachers); a no-op for TWIST
         steps += 1
     return steps * trainer.loader.local_batch_size / (time.perf_counter() - start)
@@ -62,8 +64,7 @@ def main() -> None:
     spec = load_spec(args.spec, args.set).resolve()
     trainer = Trainer(spec)
     bare_model = copy.deepcopy(trainer.method)
-    o = spec.optimizer
-    bare_opt = build_optimizer(bare_model, o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    bare_opt = [opt for opt in build_optimizers(bare_model, spec) if opt is not None]
 
     trainer_epoch(trainer, 0)  # warm-up of both paths (allocator, thread pools)
     bare_epoch(bare_model, bare_opt, trainer, 0)

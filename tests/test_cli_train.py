@@ -51,6 +51,7 @@ def test_train_then_resume(tmp_path, twist_spec_path):
 @pytest.mark.parametrize("method, term, state_keys", [
     ("isd", "teacher_entropy", {"bank", "bank_ptr", "teacher.0.features.0.weight"}),
     ("corinfomax", "effective_rank", {"criterion.R1", "criterion.R2", "criterion.mu1", "criterion.mu2"}),
+    ("ssl_hsic", "hsic_xx", {"bandwidth", "draws", "target.0.features.0.weight"}),
 ])
 def test_method_trains_from_its_search_space(tmp_path, method, term, state_keys):
     spec_path = str(Path(__file__).parents[1] / "search_spaces" / f"{method}.yaml")

@@ -35,10 +35,14 @@ def method_spec(name, **sections):
     if name == "corinfomax":
         # la_R 0.5 keeps the covariance of an 8-row batch in 8 dimensions well conditioned.
         raw["method"] = {"name": "corinfomax", "alpha": 50.0, "eps": 1e-6, "la_R": 0.5, "la_mu": 0.5}
+    if name == "ssl_hsic":
+        # A learned bandwidth exercises the auxiliary optimizer (resume) and its DDP gradient.
+        raw["method"] = {"name": "ssl_hsic", "gamma": 2.0, "bandwidth": 0.8, "learn_bandwidth": True,
+                         "bandwidth_lr": 0.05, "num_rff_features": 64}
     return raw
 
 
-METHODS = ["twist", "isd", "corinfomax"]
+METHODS = ["twist", "isd", "corinfomax", "ssl_hsic"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -55,6 +55,15 @@ class Method(nn.Module, abc.ABC):
     def forward(self, views: list[torch.Tensor]) -> StepOutput:
         """The loss of this rank's rows of the global batch, one tensor per view."""
 
+    def auxiliary_optimizer(self) -> torch.optim.Optimizer | None:
+        """An optimizer for parameters with their own update rule (SSL-HSIC's learned bandwidth).
+
+        The loop leaves its parameters out of the spec's optimizer and learning-rate schedule,
+        steps it after that one, and keeps its state in checkpoints. Called once per trainer.
+        """
+        return None
+
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
-        """Hook after each optimizer step (EMA updates); `progress` runs from 0 to 1 over training."""
+        """Hook after each optimizer step (EMA updates). `progress` is the fraction of training
+        steps done before this one: 0 at the first step, (T - 1) / T at the last."""

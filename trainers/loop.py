@@ -27,7 +27,7 @@ from ssl_tune.models import build_backbone
 from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
 from trainers.base import Diverged, Method
-from trainers.optim import build_optimizer, warmup_cosine
+from trainers.optim import build_optimizers, warmup_cosine
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -110,7 +110,7 @@ class Trainer:
             world_size=distributed.world_size(),
         )
         o = spec.optimizer
-        self.optimizer = build_optimizer(self.method, o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+        self.optimizer, self.auxiliary_optimizer = build_optimizers(self.method, spec)
         steps = self.loader.steps_per_epoch
         self.total_steps = steps * t.epochs
         schedule = warmup_cosine(self.total_steps, round(o.warmup_epochs * steps), o.final_lr_ratio)
@@ -128,6 +128,7 @@ class Trainer:
             "spec": self.spec.model_dump(mode="json"),
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "auxiliary_optimizer": self.auxiliary_optimizer.state_dict() if self.auxiliary_optimizer else None,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})},
@@ -152,6 +153,8 @@ class Trainer:
             raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.auxiliary_optimizer is not None:
+            self.auxiliary_optimizer.load_state_dict(state["auxiliary_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -204,12 +207,15 @@ class Trainer:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             with self._autocast():
                 out = self.model(views)
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizers = [self.optimizer] + ([self.auxiliary_optimizer] if self.auxiliary_optimizer else [])
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.loss).backward()
-            self.scaler.step(self.optimizer)
+            for optimizer in optimizers:
+                self.scaler.step(optimizer)
             self.scaler.update()
             self.scheduler.step()
-            self.method.after_optimizer_step((self.epoch * steps + step + 1) / self.total_steps)
+            self.method.after_optimizer_step((self.epoch * steps + step) / self.total_steps)
             for name, value in {"loss": out.loss, **out.terms}.items():
                 value = value.detach().float()
                 sums[name] = sums[name] + value if name in sums else value

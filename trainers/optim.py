@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ssl_tune.spec import SpecBase
+    from trainers.base import Method
 
 
 class LARS(torch.optim.Optimizer):
@@ -39,10 +45,10 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
     """Weight decay (and LARS adaptation) only on weight matrices and conv kernels."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     return [
@@ -51,8 +57,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, name: str, *, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, weight_decay)
+def build_optimizer(params: Iterable[nn.Parameter], name: str, *, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    groups = parameter_groups(params, weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for g in groups:
@@ -62,6 +68,17 @@ def build_optimizer(model: nn.Module, name: str, *, lr: float, weight_decay: flo
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
     raise ValueError(f"unknown optimizer {name!r}; allowed: sgd, lars, adamw")
+
+
+def build_optimizers(method: Method, spec: SpecBase) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """The spec's optimizer over the method's parameters, and the method's auxiliary optimizer (or
+    None) over the parameters it updates by its own rule, which the first one leaves out."""
+    auxiliary = method.auxiliary_optimizer()
+    own = {id(p) for group in (auxiliary.param_groups if auxiliary else []) for p in group["params"]}
+    o = spec.optimizer
+    main = build_optimizer((p for p in method.parameters() if id(p) not in own), o.name,
+                           lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    return main, auxiliary
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, final_ratio: float = 0.0):
