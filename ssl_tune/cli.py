@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class ConsoleReporter:
@@ -98,9 +99,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.set)
     outcome = run_search(spec, spec_source=str(args.spec), name=args.name, address=args.address)
-    print(f"\nsearch finished: {len(outcome.rows)} trials, objective {spec.search.metric} ({spec.search.mode})")
+    return _report_outcome(outcome, spec)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ssl_tune.search import resume_search
+
+    outcome = resume_search(args.experiment_or_run, tracking_uri=args.tracking_uri, address=args.address)
+    return _report_outcome(outcome, None)
+
+
+def _report_outcome(outcome, spec) -> int:
+    from ssl_tune import tracking
+
+    where = f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id} in {outcome.tracking_uri}"
+    if outcome.interrupted:
+        print(f"\nsearch interrupted after {outcome.trials_done} finished trial(s); its state and checkpoints are saved, "
+              "unfinished trials are marked KILLED in MLflow")
+        print(where)
+        print(f"resume with:  ssl-tune resume {outcome.parent_run_id}")
+        return EXIT_INTERRUPTED
+    objective = f", objective {spec.search.metric} ({spec.search.mode})" if spec is not None else ""
+    print(f"\nsearch finished: {len(outcome.rows)} trials{objective}")
     print(tracking.format_table(outcome.rows, _leaderboard_columns(outcome.rows)))
-    print(f"\nMLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
+    print(f"\n{where}")
     print(f"browse:  ssl-tune ui            export the best backbone:  ssl-tune export {outcome.experiment}")
     return 0
 
@@ -193,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     def uri_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tracking-uri", help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
 
+    resume = sub.add_parser("resume", help="continue an interrupted search where it stopped",
+                            description="Continue a search stopped by Ctrl-C, SIGTERM or a dead driver: unfinished trials "
+                            "resume from their latest checkpoints, the remaining samples run, finished trials are kept, "
+                            "and the same MLflow parent and child runs are used.")
+    resume.add_argument("experiment_or_run", help="MLflow experiment name (its latest search) or the search's parent run id")
+    uri_arg(resume)
+    resume.add_argument("--address", help="Ray cluster address; default $RAY_ADDRESS, else a local Ray instance")
+    resume.set_defaults(func=cmd_resume)
+
     results = sub.add_parser("results", help="leaderboard of a search; --out writes every trial as Parquet",
                              description="Print the trials of a search (the latest one of EXPERIMENT, or the given "
                              "parent run id), best first.")
@@ -230,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Each trial trains one resolved spec with the shared loop (`trainers.loop.Trainer
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -115,16 +116,12 @@ def build_scheduler(spec: SpecBase):
 # --- trials ---------------------------------------------------------------------------------
 
 
-class TrialDiverged(RuntimeError):
-    """Raised so that Tune records a diverged trial as failed, with this message."""
-
-
 class RayReporter(Reporter):
     """Sends each epoch's metrics and checkpoint to Tune or Ray Train: `report` and `checkpoint_class`
     are `ray.tune.report` and `ray.tune.Checkpoint`, or their `ray.train` counterparts."""
 
-    def __init__(self, report: Callable[..., None], checkpoint_class: type) -> None:
-        self.report, self.checkpoint_class = report, checkpoint_class
+    def __init__(self, report: Callable[..., None], checkpoint_class: type, extra: dict[str, float] | None = None) -> None:
+        self.report, self.checkpoint_class, self.extra = report, checkpoint_class, extra or {}
 
     def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
         with tempfile.TemporaryDirectory(prefix="ssl-tune-ckpt-") as tmp:
@@ -132,7 +129,7 @@ class RayReporter(Reporter):
             if write_checkpoint is not None:
                 write_checkpoint(Path(tmp))
                 checkpoint = self.checkpoint_class.from_directory(tmp)
-            self.report(metrics, checkpoint=checkpoint)
+            self.report({**metrics, **self.extra}, checkpoint=checkpoint)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -145,20 +142,26 @@ def train_worker(config: dict[str, Any]) -> None:
 
     spec = spec_model().model_validate(config["spec"])
     torch.set_num_threads(max(1, math.ceil(spec.resources.cpus_per_worker)))
+    extra = {}
     if config["via"] == "train":
         import ray.train.torch
+        import torch.distributed as dist
 
         api, device = ray.train, ray.train.torch.get_device()
+        nodes: list[str] = [""] * dist.get_world_size()
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        extra["worker_nodes"] = float(len(set(nodes)))  # how many Ray nodes this trial's workers sit on
     else:
         api, device = ray.tune, default_device()
-    report, checkpoint = RayReporter(api.report, api.Checkpoint), api.get_checkpoint()
+    report, checkpoint = RayReporter(api.report, api.Checkpoint, extra), api.get_checkpoint()
     trainer = Trainer(spec, device=device)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.load_checkpoint(Path(directory))
     result = trainer.fit(report)
     if result.status == "diverged":
-        raise TrialDiverged(result.message)
+        # A NaN objective: Optuna records the trial as failed, ASHA ignores the value.
+        api.report({"epoch": float(result.epochs_completed), spec.search.metric: math.nan, tracking.DIVERGED_KEY: result.message})
 
 
 def run_trial(config: dict[str, Any], base_spec: dict[str, Any]) -> None:
@@ -180,7 +183,7 @@ def run_trial(config: dict[str, Any], base_spec: dict[str, Any]) -> None:
         train_worker,
         train_loop_config={**payload, "via": "train"},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0,
+            num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, placement_strategy=r.placement_strategy,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})},
         ),
         run_config=ray.train.RunConfig(
@@ -188,8 +191,9 @@ def run_trial(config: dict[str, Any], base_spec: dict[str, Any]) -> None:
             storage_path=str(Path(context.get_trial_dir()).parent),
             callbacks=[TuneReportCallback()],
             checkpoint_config=checkpoint_config(spec, train=True),
-            # Fail instead of retrying forever when workers cannot be placed.
-            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
+            # A dead worker: the worker group restarts from the latest checkpoint. Workers that cannot
+            # be placed: fail (after the worker-group start timeout) instead of retrying forever.
+            failure_config=ray.train.FailureConfig(max_failures=spec.search.max_failures, controller_failure_limit=0),
         ),
     ).fit()
 
@@ -215,29 +219,79 @@ def tune_trial_resources(spec: SpecBase) -> dict[str, float]:
     return {"CPU": TRAIN_DRIVER_CPU, "GPU": 0.0}
 
 
-def trial_total_resources(spec: SpecBase) -> dict[str, float]:
-    """Everything one trial holds while it runs."""
+def node_resources() -> list[dict[str, Any]]:
+    """The alive nodes of the connected Ray cluster: id, address, CPU and GPU."""
+    import ray
+
+    return [{"id": n["NodeID"], "address": n["NodeManagerAddress"], "CPU": float(n["Resources"].get("CPU", 0)),
+             "GPU": float(n["Resources"].get("GPU", 0))} for n in ray.nodes() if n["Alive"]]
+
+
+def check_resources(spec: SpecBase, nodes: list[dict[str, Any]]) -> int:
+    """Fail before any trial when one trial cannot be placed on the nodes; return how many trials fit at once.
+
+    Each worker must fit on a single node (Ray places a worker's CPUs and GPUs together); a
+    multi-worker trial also needs a little CPU for its Ray Train driver.
+    """
     r = spec.resources
+
+    def workers_on(node: dict[str, Any]) -> int:
+        fits = [node["CPU"] / r.cpus_per_worker] + ([node["GPU"] / r.gpus_per_worker] if r.gpus_per_worker else [])
+        return math.floor(min(fits) + 1e-9)
+
+    slots = sum(workers_on(n) for n in nodes)
     if r.num_workers == 1:
-        return tune_trial_resources(spec)
-    return {"CPU": TRAIN_DRIVER_CPU + r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}
-
-
-def check_resources(spec: SpecBase, cluster: dict[str, float]) -> int:
-    """Fail before any trial when one trial cannot fit; return how many trials fit at once."""
-    need = trial_total_resources(spec)
-    have = {k: float(cluster.get(k, 0)) for k in need}
-    short = [k for k in need if need[k] > have[k] + 1e-9]
-    if short:
-        r = spec.resources
+        trials = slots
+    else:
+        per_trial_cpu = r.num_workers * r.cpus_per_worker + TRAIN_DRIVER_CPU
+        trials = min(slots // r.num_workers, math.floor(sum(n["CPU"] for n in nodes) / per_trial_cpu + 1e-9))
+    if trials < 1:
+        offered = "; ".join(f"{n['address']}: {n['CPU']:g} CPU, {n['GPU']:g} GPU" for n in nodes) or "no alive nodes"
+        driver = f" plus {TRAIN_DRIVER_CPU:g} CPU for its Ray Train driver" if r.num_workers > 1 else ""
         raise SpecError(
             f"resources: one trial asks for {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU, "
-            f"{r.gpus_per_worker:g} GPU) = {need['CPU']:g} CPU and {need['GPU']:g} GPU, but the Ray cluster "
-            f"has {have['CPU']:g} CPU and {have['GPU']:g} GPU in all; lower resources.num_workers, "
-            "cpus_per_worker or gpus_per_worker, or add nodes"
+            f"{r.gpus_per_worker:g} GPU), each worker on one node{driver}, but the Ray cluster's nodes offer "
+            f"{offered}; lower resources.num_workers, cpus_per_worker or gpus_per_worker, or add nodes"
         )
-    fits = min(math.floor(have[k] / need[k] + 1e-9) for k in need if need[k] > 0)
-    return max(1, fits)
+    return trials
+
+
+def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[dict[str, Any]]) -> None:
+    """On a cluster, trials write checkpoints from every node and the driver may not run here:
+    the storage path must be visible on all nodes, and a file-based MLflow store only works
+    when the driver runs on this machine (not through a ray:// client)."""
+    from ssl_tune.spec import SpecError
+
+    if ray_address.startswith("ray://") and not uri.startswith(("http://", "https://", "databricks")):
+        raise SpecError(
+            f"mlflow.tracking_uri: {uri} is a file on this machine, but with a Ray Client address ({ray_address}) "
+            "the search's driver runs on the cluster's head node; run `mlflow server --backend-store-uri "
+            "sqlite:///mlflow.db --host 0.0.0.0` where both can reach it and set mlflow.tracking_uri to its http:// URL")
+    if "://" in storage or (ray_address == "local" and len(nodes) <= 1):
+        return  # a URI (s3://, gs://, ...) or one machine: nothing to check
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def exists(path: str) -> bool:
+        return os.path.exists(path)
+
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    marker = Path(storage) / f".ssl-tune-visible-{uuid.uuid4().hex}"
+    marker.write_text("written by the ssl-tune driver to check that every node sees this directory\n")
+    try:
+        seen = {n["address"]: exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False))
+                .remote(str(marker)) for n in nodes}
+        blind = [address for address, ref in seen.items() if not ray.get(ref, timeout=120)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise SpecError(
+            f"storage_path: {storage} is not visible from node(s) {', '.join(blind)}, where trials would write their "
+            "checkpoints; use a directory on a file system shared by all nodes (e.g. NFS) or a URI such as "
+            "s3://bucket/path")
 
 
 def _git_commit() -> str:
@@ -260,6 +314,15 @@ def init_ray(address: str | None) -> str:
     return address or "local"
 
 
+def _prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None) -> tuple[str, int]:
+    """Connect to Ray and check, before any trial, that the trials fit and can write where they must."""
+    ray_address = init_ray(address)
+    nodes = node_resources()
+    fits = check_resources(spec, nodes)
+    check_cluster_paths(storage, uri, ray_address, nodes)
+    return ray_address, fits
+
+
 @dataclass
 class SearchOutcome:
     experiment: str
@@ -267,21 +330,47 @@ class SearchOutcome:
     tracking_uri: str
     rows: list[dict[str, Any]]
     best_run_id: str | None
+    interrupted: bool = False
+    trials_done: int = 0
+
+
+def _trainable(spec: SpecBase):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, base_spec=spec.model_dump(mode="json")),
+                               tune_trial_resources(spec))
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """SIGTERM (e.g. a scheduler ending the job) takes Tune's graceful Ctrl-C path: trials stop,
+    the experiment state is saved, and `ssl-tune resume` can continue."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, address: str | None = None,
                verbose: int = 1) -> SearchOutcome:
     """Run the whole search of `spec` and record it in MLflow; returns the leaderboard."""
-    import ray
     from ray import tune
 
     if spec.is_resolved:
         raise SpecError(f"invalid spec {spec_source}: it has no search ranges; use `ssl-tune train` for one configuration")
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(spec)
+    tracking.check_reachable(uri)
     experiment_name = spec.mlflow.experiment_name or spec.name
-    ray_address = init_ray(address)
-    fits = check_resources(spec, ray.cluster_resources())
+    storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
+    ray_address, fits = _prepare_cluster(spec, storage, uri, address)
     max_concurrent = min(spec.search.max_concurrent or fits, spec.search.num_samples)
 
     client = tracking.client_for(uri)
@@ -294,7 +383,7 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
         "ssl_tune.git_commit": _git_commit(),
         "ssl_tune.ray_address": ray_address,
         "ssl_tune.version": __version__,
-        "ssl_tune.storage": str(Path(spec.storage_path).resolve() / run_name),
+        tracking.TAG_STORAGE: f"{storage.rstrip('/')}/{run_name}",
         tracking.TAG_METRIC: spec.search.metric,
         tracking.TAG_MODE: spec.search.mode,
         tracking.TAG_SEARCHED: ",".join(searched),
@@ -304,29 +393,77 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     tracking.log_params(client, parent_id, {"num_samples": spec.search.num_samples, "max_concurrent": max_concurrent,
                                             "scheduler": spec.search.scheduler, "metric": spec.search.metric})
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base_spec=spec.model_dump(mode="json")),
-                                    tune_trial_resources(spec))
     tuner = tune.Tuner(
-        trainable,
+        _trainable(spec),
         tune_config=tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent),
                                     scheduler=build_scheduler(spec), num_samples=spec.search.num_samples,
                                     # a new trial reuses a finished trial's process: no fresh imports
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=run_name,
-            storage_path=str(Path(spec.storage_path).resolve()),
+            storage_path=storage,
             callbacks=[tracking.MlflowTrialLogger(uri, experiment, parent_id, spec)],
             checkpoint_config=checkpoint_config(spec, train=False),
+            # A trial whose worker died restarts from its latest checkpoint, in the same MLflow run.
+            failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             verbose=verbose,
         ),
     )
+    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri)
+
+
+def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, address: str | None = None) -> SearchOutcome:
+    """Continue an interrupted search: unfinished trials resume from their checkpoints, the remaining
+    samples run, finished trials are kept; the same MLflow parent and child runs are used."""
+    from ray import tune
+
+    uri = tracking.resolve_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    client = tracking.client_for(uri)
     try:
-        tuner.fit()
+        parent = tracking.find_parent_run(client, experiment_or_run)
+    except LookupError as exc:
+        raise SpecError(f"resume: {exc} in {uri}") from None
+    parent_id, storage = parent.info.run_id, parent.data.tags.get(tracking.TAG_STORAGE, "")
+    if parent.info.status == "FINISHED":
+        raise SpecError(f"resume: search {parent.info.run_name!r} ({parent_id}) already finished; nothing to resume")
+    if not storage or not tune.Tuner.can_restore(storage):
+        raise SpecError(f"resume: no Tune experiment state at {storage!r} for search {parent.info.run_name!r}; "
+                        "it was removed, or the search stopped before its first trial started")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_text = Path(client.download_artifacts(parent_id, "spec.yaml", tmp)).read_text()
+    spec = spec_model().model_validate(yaml.safe_load(spec_text))
+    _prepare_cluster(spec, str(Path(storage).parent), uri, address)
+    client.update_run(parent_id, status="RUNNING")
+    client.set_tag(parent_id, "ssl_tune.resumed", str(int(parent.data.tags.get("ssl_tune.resumed", "0")) + 1))
+    # tuner.pkl is a pickle: it is read only from the storage path this search's own parent run names.
+    tuner = tune.Tuner.restore(storage, trainable=_trainable(spec), resume_unfinished=True,
+                               resume_errored=False, restart_errored=False)
+    experiment_name = client.get_experiment(parent.info.experiment_id).name
+    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri)
+
+
+def _fit_and_record(tuner, spec: SpecBase, client, parent_id: str, experiment_name: str, uri: str) -> SearchOutcome:
+    """Run the Tuner; then close the MLflow runs: the leaderboard if the search finished, else
+    every unfinished trial's run KILLED and the parent KILLED, ready for `ssl-tune resume`."""
+    try:
+        with _sigterm_stops_like_ctrl_c():
+            results = tuner.fit()
     except BaseException:
+        _close_unfinished(client, client.get_run(parent_id))
         client.set_terminated(parent_id, "KILLED")
         raise
-    rows = tracking.leaderboard(client, client.get_run(parent_id))
-    best = next((r for r in rows if not math.isnan(r["objective"])), None)
+    parent = client.get_run(parent_id)
+    done = results.num_terminated + results.num_errors
+    # Runs still RUNNING belong to trials stopped by Ctrl-C/SIGTERM, or to a driver that died before.
+    _close_unfinished(client, parent)
+    if done < spec.search.num_samples:
+        client.set_terminated(parent_id, "KILLED")
+        rows = tracking.leaderboard(client, parent)
+        return SearchOutcome(experiment_name, parent_id, uri, rows, None, interrupted=True, trials_done=done)
+    rows = tracking.leaderboard(client, parent)
+    searched = spec.searchable_paths()
+    best = next((r for r in rows if not math.isnan(r["objective"]) and r["status"] != "FAILED"), None)
     if best is not None:
         best_run = client.get_run(best["run_id"])
         client.set_tag(parent_id, tracking.TAG_BEST_TRIAL_RUN, best["run_id"])
@@ -334,4 +471,11 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
         tracking.log_metrics(client, parent_id, {f"best_{k}": v for k, v in best_run.data.metrics.items()}, step=0)
     client.log_text(parent_id, tracking.format_table(rows), "trials.txt")
     client.set_terminated(parent_id, "FINISHED")
-    return SearchOutcome(experiment_name, parent_id, uri, rows, best["run_id"] if best else None)
+    return SearchOutcome(experiment_name, parent_id, uri, rows, best["run_id"] if best else None, trials_done=done)
+
+
+def _close_unfinished(client, parent) -> None:
+    for child in tracking.child_runs(client, parent):
+        if child.info.status == "RUNNING":
+            client.set_tag(child.info.run_id, tracking.TAG_INTERRUPTED_AT, str(int(child.data.metrics.get("epoch", 0))))
+            client.set_terminated(child.info.run_id, "KILLED")

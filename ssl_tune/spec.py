@@ -243,6 +243,8 @@ class SearchSpec(StrictModel):
     grace_period: Annotated[int, Field(ge=1)] = Field(1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
     seed: int = Field(0, description="seed of Optuna's TPE sampler")
+    max_failures: Annotated[int, Field(ge=0)] = Field(
+        2, description="restarts of a trial whose worker died, each from its latest checkpoint")
     points_to_evaluate: list[dict[str, Any]] = Field(
         default_factory=list, description="warm start: trials to run first, e.g. [{method.tau: 0.5}]"
     )
@@ -252,6 +254,8 @@ class ResourcesSpec(StrictModel):
     num_workers: Annotated[int, Field(ge=1)] = Field(1, description="DDP workers per trial")
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="Ray placement of one trial's workers: PACK onto few nodes, or SPREAD over nodes")
 
 
 class MlflowSpec(StrictModel):

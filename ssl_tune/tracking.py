@@ -6,9 +6,13 @@ go in one `log_batch` call per epoch; Tune's bookkeeping keys are never logged.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
+import re
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,12 @@ TAG_METRIC = "ssl_tune.metric"
 TAG_MODE = "ssl_tune.mode"
 TAG_SEARCHED = "ssl_tune.searched_params"
 TAG_ERROR = "ssl_tune.error"
+TAG_RESTARTS = "ssl_tune.restarts"
+# A result key (not a metric) that ends a trial as FAILED with its reason, without an exception:
+# divergence is deterministic, so restarting the trial (`search.max_failures`) would diverge again.
+DIVERGED_KEY = "diverged_reason"
+TAG_STORAGE = "ssl_tune.storage"  # on parents: the Tune experiment directory (what `ssl-tune resume` restores)
+TAG_INTERRUPTED_AT = "ssl_tune.interrupted_at_epoch"
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -51,6 +61,30 @@ def client_for(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Raise `SpecError` if the tracking store cannot be reached (checked before any trial starts)."""
+    from ssl_tune.spec import SpecError
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    # One quick attempt instead of MLflow's default minutes of retries with back-off.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        client_for(uri).search_experiments(max_results=1)
+    except Exception as exc:  # connection refused, DNS, HTTP errors: all mean "cannot log here"
+        raise SpecError(f"mlflow.tracking_uri: cannot reach the MLflow tracking server at {uri} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
+                        "start it (mlflow server --host ...) or point mlflow.tracking_uri / "
+                        "MLFLOW_TRACKING_URI at a running one") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def experiment_id(client, name: str) -> str:
@@ -90,7 +124,14 @@ class MlflowTrialLogger(Callback):
     """Tune callback: a nested MLflow child run per trial, metrics per epoch, final status.
 
     A trial that the scheduler stopped before its last epoch ends KILLED with the epoch it
-    reached; one that raised (e.g. diverged) ends FAILED with the reason.
+    reached; one that raised (e.g. diverged) ends FAILED with the reason as a tag and the
+    traceback as an artifact. A trial restarted after a worker died, or resumed by
+    `ssl-tune resume`, continues its own run (found by its trial id), and epochs logged before
+    are not logged twice.
+
+    If the tracking server becomes unreachable, updates are held in order and retried with
+    every later event (one warning); training goes on, and Tune's own result files keep every
+    metric whatever happens.
     """
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, spec: SpecBase) -> None:
@@ -99,7 +140,18 @@ class MlflowTrialLogger(Callback):
         self.runs: dict[str, str] = {}  # trial id -> child run id
         self.best: dict[str, float] = {}  # trial id -> objective of its best checkpoint so far
         self.last_epoch: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}
+        self.diverged: dict[str, str] = {}  # trial id -> reason
         self._client = None
+        self._held: collections.deque[Callable[[], None]] = collections.deque()
+        self._warned = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into Tune's experiment state: a resumed search rebuilds the rest from MLflow.
+        state = self.__dict__.copy()
+        state.update(_client=None, _held=collections.deque(), _warned=False, runs={}, best={}, last_epoch={},
+                     restarts={}, diverged={})
+        return state
 
     @property
     def client(self):
@@ -107,11 +159,56 @@ class MlflowTrialLogger(Callback):
             self._client = client_for(self.uri)
         return self._client
 
+    # --- held updates ------------------------------------------------------------------
+
+    def _submit(self, update: Callable[[], None]) -> None:
+        self._held.append(update)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write held updates in order; False if the store is still unreachable."""
+        while self._held:
+            try:
+                self._held[0]()
+            except Exception as exc:  # the store is down or refuses: keep the update for later
+                if not self._warned:
+                    self._warned = True
+                    print(f"warning: MLflow at {self.uri} is unreachable ({type(exc).__name__}); training goes on, "
+                          "updates are held and retried, and Tune's result files keep every metric", file=sys.stderr)
+                return False
+            self._held.popleft()
+        if self._warned:
+            self._warned = False
+            print(f"MLflow at {self.uri} is reachable again; held updates written", file=sys.stderr)
+        return True
+
+    def on_experiment_end(self, trials, **info) -> None:
+        for _ in range(30):  # up to about a minute for a store that is coming back
+            if self.flush():
+                return
+            time.sleep(2)
+        print(f"warning: {len(self._held)} MLflow updates could not be written to {self.uri}; "
+              "the metrics are in Tune's result files under the search's storage directory", file=sys.stderr)
+
+    # --- trials --------------------------------------------------------------------------
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        if trial.trial_id in self.runs:
-            return
+        if trial.trial_id not in self.runs:
+            self.runs[trial.trial_id] = ""  # being created; the held update fills it in
+            self._submit(lambda: self._open_run(trial))
+
+    def _open_run(self, trial) -> None:
         from ssl_tune.search import field_values
 
+        existing = self.client.search_runs(
+            [self.experiment], max_results=1,
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial.trial_id}'")
+        if existing:  # a resumed search: continue this trial's run
+            run = existing[0]
+            self.runs[trial.trial_id] = run.info.run_id
+            self.last_epoch[trial.trial_id] = int(run.data.metrics.get("epoch", 0))
+            self.client.update_run(run.info.run_id, status="RUNNING")
+            return
         run = self.client.create_run(
             self.experiment,
             run_name=f"trial-{trial.trial_id}",
@@ -122,25 +219,35 @@ class MlflowTrialLogger(Callback):
         log_params(self.client, run.info.run_id, self.spec.resolve(field_values(trial.config)).flat())
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
+        if trial.trial_id not in self.runs:
+            return
+        if DIVERGED_KEY in result:
+            self.diverged[trial.trial_id] = str(result[DIVERGED_KEY])
             return
         metrics = result_metrics(result)
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
-        self.last_epoch[trial.trial_id] = epoch
-        log_metrics(self.client, run_id, metrics, step=epoch)
-        # Multi-worker trials (Ray Train) report their checkpoint's path with the result.
-        if "checkpoint_path" in result:
-            self._checkpoint(trial.trial_id, result["checkpoint_path"], metrics.get(self.metric), epoch)
+        checkpoint_path = result.get("checkpoint_path")
+
+        def update() -> None:
+            if epoch <= self.last_epoch.get(trial.trial_id, 0):
+                return  # logged before a restart; the resumed run recomputed the same epoch
+            log_metrics(self.client, self.runs[trial.trial_id], metrics, step=epoch)
+            self.last_epoch[trial.trial_id] = epoch  # after the write: a failed write is retried in full
+            # Multi-worker trials (Ray Train) report their checkpoint's path with the result.
+            if checkpoint_path:
+                self._checkpoint(trial.trial_id, checkpoint_path, metrics.get(self.metric), epoch)
+
+        self._submit(update)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         # Single-worker trials report through Tune: the checkpoint belongs to the last result.
         last = trial.last_result or {}
-        self._checkpoint(trial.trial_id, checkpoint.path, last.get(self.metric), int(last.get("epoch", 0)))
+        path, value, epoch = checkpoint.path, last.get(self.metric), int(last.get("epoch", 0))
+        self._submit(lambda: self._checkpoint(trial.trial_id, path, value, epoch))
 
     def _checkpoint(self, trial_id: str, path: str, value: float | None, epoch: int) -> None:
         run_id = self.runs.get(trial_id)
-        if run_id is None or value is None:
+        if not run_id or value is None:
             return
         previous = self.best.get(trial_id)
         # Ties go to the later checkpoint, as Ray's checkpoint managers keep it.
@@ -149,32 +256,56 @@ class MlflowTrialLogger(Callback):
             self.client.set_tag(run_id, TAG_BEST_CHECKPOINT, path)
             self.client.set_tag(run_id, TAG_BEST_EPOCH, str(epoch))
 
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        # A worker died: Tune restarts the trial from its latest checkpoint, in the same run.
+        count = self.restarts[trial.trial_id] = self.restarts.get(trial.trial_id, 0) + 1
+        self._submit(lambda: self.client.set_tag(self.runs[trial.trial_id], TAG_RESTARTS, str(count)))
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
+        if trial.trial_id not in self.runs:
             return
-        reached = self.last_epoch.get(trial.trial_id, 0)
-        if reached < self.spec.training.epochs:
-            self.client.set_tag(run_id, TAG_STOPPED_AT, str(reached))
-            self.client.set_terminated(run_id, "KILLED")
-        else:
-            self.client.set_terminated(run_id, "FINISHED")
+        reason = self.diverged.get(trial.trial_id)
+
+        def update() -> None:
+            run_id, reached = self.runs[trial.trial_id], self.last_epoch.get(trial.trial_id, 0)
+            if reason is not None:
+                self.client.set_tag(run_id, TAG_ERROR, f"diverged: {reason}"[:5000])
+                self.client.set_terminated(run_id, "FAILED")
+            elif reached < self.spec.training.epochs:
+                self.client.set_tag(run_id, TAG_STOPPED_AT, str(reached))
+                self.client.set_terminated(run_id, "KILLED")
+            else:
+                self.client.set_terminated(run_id, "FINISHED")
+
+        self._submit(update)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
+        if trial.trial_id not in self.runs:
             return
-        self.client.set_tag(run_id, TAG_ERROR, _error_summary(trial))
-        self.client.set_terminated(run_id, "FAILED")
+        traceback_text = _error_text(trial)
+
+        def update() -> None:
+            run_id = self.runs[trial.trial_id]
+            self.client.set_tag(run_id, TAG_ERROR, _last_line(traceback_text))
+            if traceback_text:
+                self.client.log_text(run_id, traceback_text, "error.txt")
+            self.client.set_terminated(run_id, "FAILED")
+
+        self._submit(update)
 
 
-def _error_summary(trial) -> str:
-    """The last line of the trial's error (its exception), for the run's tag."""
+def _error_text(trial) -> str:
+    """The trial's error as Tune wrote it, the exception with its traceback, without colour codes."""
     path = getattr(trial, "error_file", None)
     try:
         text = Path(path).read_text() if path else ""
     except OSError:
-        text = ""
+        return ""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _last_line(text: str) -> str:
+    """The exception line of a traceback, for the run's tag."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return (lines[-1] if lines else "trial failed")[:5000]
 

@@ -147,16 +147,34 @@ def test_infeasible_trial_resources_fail_fast(tmp_path):
     assert "resources" in proc.stderr and "64 worker(s)" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_diverged_trial_is_failed_with_its_reason(tmp_path):
-    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-    raw["optimizer"] = {"name": "sgd", "lr": 1e12, "momentum": 0.0, "warmup_epochs": 0}
+def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_path):
+    raw = search_spec(num_samples=2, scheduler="none",
+                      points_to_evaluate=[{"optimizer.lr": 1e12}, {"optimizer.lr": 0.3}])
+    raw["optimizer"] = {"name": "sgd", "lr": {"type": "choice", "values": [1e12, 0.3]}, "momentum": 0.0, "warmup_epochs": 0}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("search-test").experiment_id])
-    (child,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    children = {r.data.params["optimizer.lr"]: r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"}
     (parent,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
-    assert child.info.status == "FAILED"
-    assert "TrialDiverged" in child.data.tags[tracking.TAG_ERROR] and "non-finite" in child.data.tags[tracking.TAG_ERROR]
-    assert parent.info.status == "FINISHED"
+    diverged, healthy = children["1000000000000.0"], children["0.3"]
+    assert diverged.info.status == "FAILED" and tracking.TAG_RESTARTS not in diverged.data.tags  # not retried
+    assert diverged.data.tags[tracking.TAG_ERROR].startswith("diverged: non-finite loss in epoch 1")
+    assert healthy.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.TAG_BEST_TRIAL_RUN] == healthy.info.run_id
+
+
+def test_trial_that_raises_is_failed_with_its_traceback(tmp_path):
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=0)
+    raw["training"]["batch_size"] = 20000  # more than the bundled data: the trial's Trainer raises
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    (child,) = [r for r in client.search_runs([client.get_experiment_by_name("search-test").experiment_id])
+                if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    assert child.info.status == "FAILED" and "batch_size (20000) is larger" in child.data.tags[tracking.TAG_ERROR]
+    traceback_text = client.download_artifacts(child.info.run_id, "error.txt", str(tmp_path))
+    text = Path(traceback_text).read_text()
+    assert 'trainers/loop.py", line' in text and "SpecError" in text and "\x1b[" not in text
