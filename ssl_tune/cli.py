@@ -98,14 +98,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ssl_tune.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
-    outcome = run_search(spec, spec_source=str(args.spec), name=args.name, address=args.address)
+    outcome = run_search(spec, spec_source=str(args.spec), name=args.name, address=args.address, verbose=args.verbose)
     return _report_outcome(outcome, spec)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from ssl_tune.search import resume_search
 
-    outcome = resume_search(args.experiment_or_run, tracking_uri=args.tracking_uri, address=args.address)
+    outcome = resume_search(args.experiment_or_run, tracking_uri=args.tracking_uri, address=args.address,
+                            verbose=args.verbose)
     return _report_outcome(outcome, None)
 
 
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="name of this search (Ray experiment and MLflow parent run); default NAME-TIME")
     run.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default $RAY_ADDRESS, "
                      "else a local Ray instance sized to this machine")
+    run.add_argument("--verbose", action="store_true", help="show Ray's own output instead of the compact trial table")
     run.set_defaults(func=cmd_run)
 
     def uri_arg(p: argparse.ArgumentParser) -> None:
@@ -222,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("experiment_or_run", help="MLflow experiment name (its latest search) or the search's parent run id")
     uri_arg(resume)
     resume.add_argument("--address", help="Ray cluster address; default $RAY_ADDRESS, else a local Ray instance")
+    resume.add_argument("--verbose", action="store_true", help="show Ray's own output instead of the compact trial table")
     resume.set_defaults(func=cmd_resume)
 
     results = sub.add_parser("results", help="leaderboard of a search; --out writes every trial as Parquet",

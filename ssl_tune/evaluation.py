@@ -42,6 +42,34 @@ def extract_features(
 
 
 @torch.no_grad()
+def knn_ranking(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Classes ranked per test sample (N x C, best first) by a cosine kNN classifier with
+    exp(sim / T)-weighted votes.
+
+    Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", 2018.
+    """
+    train = F.normalize(train_features, dim=1)
+    test = F.normalize(test_features, dim=1)
+    train_labels = train_labels.to(train.device)
+    k = min(k, len(train))
+    ranked = []
+    for start in range(0, len(test), chunk_size):
+        sim, idx = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=train.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        ranked.append(votes.argsort(dim=1, descending=True))
+    return torch.cat(ranked) if ranked else torch.zeros(0, num_classes, dtype=torch.long)
+
+
 def knn_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -51,26 +79,13 @@ def knn_accuracy(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
 ) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of a cosine kNN classifier with exp(sim / T)-weighted votes.
-
-    Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", 2018.
-    """
-    train = F.normalize(train_features, dim=1)
-    test = F.normalize(test_features, dim=1)
-    train_labels, test_labels = train_labels.to(train.device), test_labels.to(train.device)
-    k = min(k, len(train))
-    correct1 = correct5 = 0
-    for start in range(0, len(test), chunk_size):
-        sim, idx = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=train.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
-        ranked = votes.argsort(dim=1, descending=True)
-        truth = test_labels[start : start + chunk_size].view(-1, 1)
-        correct1 += (ranked[:, :1] == truth).any(1).sum().item()
-        correct5 += (ranked[:, : min(5, num_classes)] == truth).any(1).sum().item()
-    return 100.0 * correct1 / len(test), 100.0 * correct5 / len(test)
+    """Top-1 and top-5 accuracy (%) of `knn_ranking`."""
+    ranked = knn_ranking(train_features, train_labels, test_features, num_classes=num_classes, k=k, temperature=temperature)
+    truth = test_labels.to(ranked.device).view(-1, 1)
+    top1 = (ranked[:, :1] == truth).any(1).float().mean().item()
+    top5 = (ranked[:, : min(5, num_classes)] == truth).any(1).float().mean().item()
+    return 100.0 * top1, 100.0 * top5
 
 
 def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:

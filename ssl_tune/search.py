@@ -302,21 +302,43 @@ def _git_commit() -> str:
         return ""
 
 
-def init_ray(address: str | None) -> str:
+def init_ray(address: str | None, *, log_to_driver: bool = True) -> str:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, logging_level="WARNING")
+            ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+            # "local": a new instance even if a `ray start` cluster runs on this machine.
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+                     log_to_driver=log_to_driver)
     return address or "local"
 
 
-def _prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None) -> tuple[str, int]:
+@contextlib.contextmanager
+def _console(log_path: Path, verbose: bool):
+    """Quiet by default: Ray's own output goes to `log_path`, the console shows our table."""
+    if verbose:
+        yield
+        return
+    import ray  # noqa: F401  (its loggers must exist before they are redirected)
+
+    from ssl_tune.console import ray_output_to
+
+    print(f"Ray's own output: {log_path}  (--verbose shows it here)", flush=True)
+    with ray_output_to(log_path):
+        yield
+
+
+def _driver_log(storage: str, run_name: str) -> Path:
+    base = Path(storage) if "://" not in storage else Path("ssl_tune_runs")
+    return base / f"{run_name}.log"
+
+
+def _prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None, verbose: bool) -> tuple[str, int]:
     """Connect to Ray and check, before any trial, that the trials fit and can write where they must."""
-    ray_address = init_ray(address)
+    ray_address = init_ray(address, log_to_driver=verbose)
     nodes = node_resources()
     fits = check_resources(spec, nodes)
     check_cluster_paths(storage, uri, ray_address, nodes)
@@ -359,18 +381,26 @@ def _sigterm_stops_like_ctrl_c():
 
 
 def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, address: str | None = None,
-               verbose: int = 1) -> SearchOutcome:
+               verbose: bool = False) -> SearchOutcome:
     """Run the whole search of `spec` and record it in MLflow; returns the leaderboard."""
-    from ray import tune
-
     if spec.is_resolved:
         raise SpecError(f"invalid spec {spec_source}: it has no search ranges; use `ssl-tune train` for one configuration")
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(spec)
     tracking.check_reachable(uri)
-    experiment_name = spec.mlflow.experiment_name or spec.name
     storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
-    ray_address, fits = _prepare_cluster(spec, storage, uri, address)
+    with _console(_driver_log(storage, run_name), verbose):
+        return _start_search(spec, spec_source, run_name, uri, storage, address, verbose)
+
+
+def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, storage: str, address: str | None,
+                  verbose: bool) -> SearchOutcome:
+    from ray import tune
+
+    from ssl_tune.console import ConsoleTable
+
+    experiment_name = spec.mlflow.experiment_name or spec.name
+    ray_address, fits = _prepare_cluster(spec, storage, uri, address, verbose)
     max_concurrent = min(spec.search.max_concurrent or fits, spec.search.num_samples)
 
     client = tracking.client_for(uri)
@@ -402,17 +432,18 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage,
-            callbacks=[tracking.MlflowTrialLogger(uri, experiment, parent_id, spec)],
+            callbacks=[tracking.MlflowTrialLogger(uri, experiment, parent_id, spec)] + ([] if verbose else [ConsoleTable(spec)]),
             checkpoint_config=checkpoint_config(spec, train=False),
             # A trial whose worker died restarts from its latest checkpoint, in the same MLflow run.
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-            verbose=verbose,
+            verbose=1 if verbose else 0,
         ),
     )
     return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri)
 
 
-def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, address: str | None = None) -> SearchOutcome:
+def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, address: str | None = None,
+                  verbose: bool = False) -> SearchOutcome:
     """Continue an interrupted search: unfinished trials resume from their checkpoints, the remaining
     samples run, finished trials are kept; the same MLflow parent and child runs are used."""
     from ray import tune
@@ -433,7 +464,15 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     with tempfile.TemporaryDirectory() as tmp:
         spec_text = Path(client.download_artifacts(parent_id, "spec.yaml", tmp)).read_text()
     spec = spec_model().model_validate(yaml.safe_load(spec_text))
-    _prepare_cluster(spec, str(Path(storage).parent), uri, address)
+    with _console(_driver_log(str(Path(storage).parent), Path(storage).name), verbose):
+        _prepare_cluster(spec, str(Path(storage).parent), uri, address, verbose)
+        return _resume(spec, storage, client, parent, uri)
+
+
+def _resume(spec: SpecBase, storage: str, client, parent, uri: str) -> SearchOutcome:
+    from ray import tune
+
+    parent_id = parent.info.run_id
     client.update_run(parent_id, status="RUNNING")
     client.set_tag(parent_id, "ssl_tune.resumed", str(int(parent.data.tags.get("ssl_tune.resumed", "0")) + 1))
     # tuner.pkl is a pickle: it is read only from the storage path this search's own parent run names.
@@ -470,6 +509,9 @@ def _fit_and_record(tuner, spec: SpecBase, client, parent_id: str, experiment_na
         tracking.log_params(client, parent_id, {f"best.{p}": best_run.data.params.get(p) for p in searched})
         tracking.log_metrics(client, parent_id, {f"best_{k}": v for k, v in best_run.data.metrics.items()}, step=0)
     client.log_text(parent_id, tracking.format_table(rows), "trials.txt")
+    from ssl_tune import plots
+
+    plots.log_search_figures(client, client.get_run(parent_id), spec)
     client.set_terminated(parent_id, "FINISHED")
     return SearchOutcome(experiment_name, parent_id, uri, rows, best["run_id"] if best else None, trials_done=done)
 

@@ -142,6 +142,7 @@ class MlflowTrialLogger(Callback):
         self.last_epoch: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
         self.diverged: dict[str, str] = {}  # trial id -> reason
+        self.last_checkpoint: dict[str, str] = {}  # trial id -> directory of its latest checkpoint
         self._client = None
         self._held: collections.deque[Callable[[], None]] = collections.deque()
         self._warned = False
@@ -150,7 +151,7 @@ class MlflowTrialLogger(Callback):
         # Pickled into Tune's experiment state: a resumed search rebuilds the rest from MLflow.
         state = self.__dict__.copy()
         state.update(_client=None, _held=collections.deque(), _warned=False, runs={}, best={}, last_epoch={},
-                     restarts={}, diverged={})
+                     restarts={}, diverged={}, last_checkpoint={})
         return state
 
     @property
@@ -235,6 +236,7 @@ class MlflowTrialLogger(Callback):
             self.last_epoch[trial.trial_id] = epoch  # after the write: a failed write is retried in full
             # Multi-worker trials (Ray Train) report their checkpoint's path with the result.
             if checkpoint_path:
+                self.last_checkpoint[trial.trial_id] = checkpoint_path
                 self._checkpoint(trial.trial_id, checkpoint_path, metrics.get(self.metric), epoch)
 
         self._submit(update)
@@ -243,6 +245,7 @@ class MlflowTrialLogger(Callback):
         # Single-worker trials report through Tune: the checkpoint belongs to the last result.
         last = trial.last_result or {}
         path, value, epoch = checkpoint.path, last.get(self.metric), int(last.get("epoch", 0))
+        self.last_checkpoint[trial.trial_id] = path
         self._submit(lambda: self._checkpoint(trial.trial_id, path, value, epoch))
 
     def _checkpoint(self, trial_id: str, path: str, value: float | None, epoch: int) -> None:
@@ -278,6 +281,16 @@ class MlflowTrialLogger(Callback):
                 self.client.set_terminated(run_id, "FINISHED")
 
         self._submit(update)
+        self._submit_figures(trial)
+
+    def _submit_figures(self, trial) -> None:
+        """The trial's figures, then the search's, refreshed as each trial ends."""
+        from ssl_tune import plots
+
+        checkpoint = self.last_checkpoint.get(trial.trial_id)
+        figure_dir = os.path.join(checkpoint, plots.FIGURE_DIR) if checkpoint else None
+        self._submit(lambda: plots.log_trial_figures(self.client, self.runs[trial.trial_id], figure_dir))
+        self._submit(lambda: plots.log_search_figures(self.client, self.client.get_run(self.parent_run_id), self.spec))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id not in self.runs:
@@ -292,6 +305,7 @@ class MlflowTrialLogger(Callback):
             self.client.set_terminated(run_id, "FAILED")
 
         self._submit(update)
+        self._submit_figures(trial)
 
 
 def _error_text(trial) -> str:

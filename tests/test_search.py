@@ -63,6 +63,13 @@ def test_mlflow_holds_one_parent_with_nested_trials(finished_search):
     assert {"spec.yaml", "trials.txt"} <= artifacts
     assert "best_loss" in parent.data.metrics and "best.method.lam2" in parent.data.params
 
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert figures == {f"figures/{n}.png" for n in ("learning_curves", "optimization_history", "parallel_coordinates",
+                                                     "slices", "param_importances")}
+    importances = {k: v for k, v in parent.data.metrics.items() if k.startswith("importance.")}
+    assert set(importances) == {"importance.method.lam2", "importance.method.tau"}
+    assert sum(importances.values()) == pytest.approx(1.0)
+
     statuses = sorted(c.info.status for c in children)
     assert statuses.count("KILLED") >= 1 and statuses.count("FINISHED") >= 1
     for child in children:
@@ -72,13 +79,26 @@ def test_mlflow_holds_one_parent_with_nested_trials(finished_search):
         steps = [m.step for m in history]
         assert steps == list(range(1, len(steps) + 1))
         assert not {"training_iteration", "time_this_iter_s", "timestamp", "pid"} & set(child.data.metrics)
+        figures = {a.path.removeprefix("figures/") for a in client.list_artifacts(child.info.run_id, "figures")}
         if child.info.status == "FINISHED":
+            assert figures == {"loss_terms.png", "embedding.png", "knn_confusion.png"}
             assert len(steps) == EPOCHS
             assert {"linear_top1", "knn_top1", "knn_top1_random_init", "lr", "images_per_s"} <= set(child.data.metrics)
         else:
+            assert figures == {"loss_terms.png"}  # no final embedding for a trial stopped early
             assert child.info.status == "KILLED"
             assert child.data.tags[tracking.TAG_STOPPED_AT] == str(len(steps)) and len(steps) < EPOCHS
             assert "linear_top1" not in child.data.metrics
+
+
+def test_console_shows_the_trial_table_and_no_ray_output(finished_search):
+    work, _, proc = finished_search
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Ray's own output: ") and (work / "ssl_tune_runs" / "s1.log").stat().st_size > 0
+    assert lines[1].split()[:6] == ["trial", "status", "method.lam2", "method.tau", "epoch", "loss"]
+    assert sum(" finished " in line for line in lines) >= 1 and sum(" stopped " in line for line in lines) >= 1
+    for marker in ("(run_trial pid=", "Trial status", "INFO", "WARNING", "╭", "ray."):
+        assert marker not in proc.stdout and marker not in proc.stderr, marker
 
 
 def test_results_leaderboard_and_parquet(finished_search):
@@ -178,3 +198,74 @@ def test_trial_that_raises_is_failed_with_its_traceback(tmp_path):
     traceback_text = client.download_artifacts(child.info.run_id, "error.txt", str(tmp_path))
     text = Path(traceback_text).read_text()
     assert 'trainers/loop.py", line' in text and "SpecError" in text and "\x1b[" not in text
+
+
+# --- the MLflow UI in a real browser -----------------------------------------------------------
+
+
+def chromium() -> str:
+    """Debian's chromium, installed here if missing (the test set-up; needs root and the Debian mirror)."""
+    import shutil
+
+    found = shutil.which("chromium")
+    if found is None:
+        proc = subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, text=True,
+                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
+        found = shutil.which("chromium")
+        assert found, "could not install Debian's chromium for the browser test:\n" + proc.stderr[-2000:]
+    return found
+
+
+def browse(url: str, *, screenshot: Path | None = None) -> str:
+    """The page's text after its scripts ran (headless Chromium), optionally a screenshot too."""
+    import re
+
+    # Virtual time lets the page's fetches and charts finish before the DOM or the picture is taken.
+    base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+            "--window-size=1400,1000", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw"]
+    if screenshot is not None:
+        subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    text = re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)[^>]*>.*?</\1>", "", dom, flags=re.S))
+    return re.sub(r"\s+", " ", text) + ("\nPLOTLY-CHART" if "plotly" in dom else "")
+
+
+def test_mlflow_ui_in_a_browser_shows_the_search_its_trials_and_their_knn_curves(finished_search, tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    work, client, _ = finished_search
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([SSL_TUNE, "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{work}/mlflow.db"],
+                          cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and ui.poll() is None, "the MLflow UI did not start"
+                time.sleep(1)
+        experiment = client.get_experiment_by_name("search-test").experiment_id
+        parent = tracking.find_parent_run(client, "search-test")
+        finished = next(c for c in tracking.child_runs(client, parent) if c.info.status == "FINISHED")
+        base = f"http://127.0.0.1:{port}/#/experiments/{experiment}"
+
+        runs_page = browse(f"{base}/runs")
+        # The parent is listed; its 3 trials are nested under it (counted, not listed at the top level).
+        assert " s1 " in runs_page and "4 matching runs" in runs_page and "trial-" not in runs_page
+        trial_page = browse(f"{base}/runs/{finished.info.run_id}")
+        assert "Parent run s1" in trial_page and "ssl_tune.kind : trial" in trial_page
+        shot = tmp_path / "mlflow_trial_metrics.png"
+        metrics_page = browse(f"{base}/runs/{finished.info.run_id}/model-metrics", screenshot=shot)
+        assert f"{finished.info.run_name} (knn_top1)" in metrics_page and "PLOTLY-CHART" in metrics_page
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+        if os.environ.get("SSL_TUNE_SCREENSHOT_TO"):  # how docs/images/mlflow_trial_metrics.png was made
+            Path(os.environ["SSL_TUNE_SCREENSHOT_TO"]).write_bytes(shot.read_bytes())
+    finally:
+        os.killpg(ui.pid, 15)
+        ui.wait(timeout=30)

@@ -114,3 +114,10 @@ def test_console_script_reports_bad_spec_without_traceback(tmp_path):
 def test_resolve_rejects_unknown_paths(twist_spec_path):
     with pytest.raises(SpecError, match="not searchable"):
         load_spec(twist_spec_path).resolve({"method.nonexistent": 1.0})
+
+
+def test_readme_spec_reference_is_the_generated_one():
+    from ssl_tune.spec_reference import README, readme_section, reference_markdown
+
+    assert readme_section(README.read_text()) == reference_markdown(), (
+        "README's spec reference is stale: run python -m ssl_tune.spec_reference --write")

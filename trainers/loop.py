@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ssl_tune import distributed
 from ssl_tune.data.datasets import ImageDataset, load_dataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
-from ssl_tune.evaluation import extract_features, knn_accuracy, linear_probe, stratified_subset
+from ssl_tune.evaluation import extract_features, knn_accuracy, knn_ranking, linear_probe, stratified_subset
 from ssl_tune.models import build_backbone
 from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
@@ -30,6 +30,7 @@ from trainers.base import Diverged, Method
 from trainers.optim import build_optimizers, warmup_cosine
 
 CHECKPOINT_FILE = "checkpoint.pt"
+FIGURE_DIR = "figures"
 CHECKPOINT_FORMAT = 1
 
 CheckpointWriter = Callable[[Path], None]
@@ -118,6 +119,9 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.baseline: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        # After the last epoch: the test features and their kNN predictions, drawn into figures
+        # next to the final checkpoint (`FIGURE_DIR`).
+        self.final_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -143,7 +147,19 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
+        if self.final_outputs is not None:
+            self.write_figures(directory / FIGURE_DIR)
         return path
+
+    def write_figures(self, directory: Path) -> None:
+        """The final test embedding (PCA, coloured by label) and the kNN confusion matrix, as PNGs."""
+        from ssl_tune import plots
+
+        directory.mkdir(parents=True, exist_ok=True)
+        features, predicted = self.final_outputs
+        labels = self.dataset.test_labels
+        plots.save_figure(plots.embedding_figure(features, labels), directory / "embedding.png")
+        plots.save_figure(plots.confusion_figure(predicted, labels, self.dataset.num_classes), directory / "knn_confusion.png")
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `write_checkpoint` saved; `path` is the file or its directory."""
@@ -252,6 +268,10 @@ class Trainer:
                 metrics["knn_top1"], metrics["knn_top5"] = self.knn(train_features, test_features)
                 if last:
                     metrics.update(self.final_evaluation(train_features, test_features))
+                    e, d = self.spec.evaluation, self.dataset
+                    predicted = knn_ranking(train_features, d.train_labels, test_features, num_classes=d.num_classes,
+                                            k=e.knn_k, temperature=e.knn_temperature)[:, 0]
+                    self.final_outputs = (test_features.cpu(), predicted.cpu())
             metrics = {"epoch": float(self.epoch), **metrics, **self.baseline}
             self.history.append(metrics)
             reporter.on_epoch(metrics, self.write_checkpoint if distributed.rank() == 0 else None)
