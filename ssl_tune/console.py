@@ -85,7 +85,7 @@ class ConsoleTable(Callback):
         print(text, file=sys.__stdout__, flush=True)
 
     def _row(self, trial, status: str, epoch: int | str, value: float | None) -> None:
-        columns = ["trial", "status", *self.params, "epoch", self.metric, "best", "ETA"]
+        columns = ["trial", "status", *self.params, "epoch", self.metric, "best", "ETA max"]
         widths = [10, 9, *[max(10, len(p)) for p in self.params], 6, max(9, len(self.metric)), 8, 7]
         if not self.header_printed:
             self._print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))

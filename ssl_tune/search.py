@@ -260,8 +260,6 @@ def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[di
     """On a cluster, trials write checkpoints from every node and the driver may not run here:
     the storage path must be visible on all nodes, and a file-based MLflow store only works
     when the driver runs on this machine (not through a ray:// client)."""
-    from ssl_tune.spec import SpecError
-
     if ray_address.startswith("ray://") and not uri.startswith(("http://", "https://", "databricks")):
         raise SpecError(
             f"mlflow.tracking_uri: {uri} is a file on this machine, but with a Ray Client address ({ray_address}) "
@@ -282,9 +280,9 @@ def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[di
     marker = Path(storage) / f".ssl-tune-visible-{uuid.uuid4().hex}"
     marker.write_text("written by the ssl-tune driver to check that every node sees this directory\n")
     try:
-        seen = {n["address"]: exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False))
-                .remote(str(marker)) for n in nodes}
-        blind = [address for address, ref in seen.items() if not ray.get(ref, timeout=120)]
+        seen = [(n, exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False))
+                 .remote(str(marker))) for n in nodes]
+        blind = [f"{n['address']} ({n['id'][:8]})" for n, ref in seen if not ray.get(ref, timeout=120)]
     finally:
         marker.unlink(missing_ok=True)
     if blind:

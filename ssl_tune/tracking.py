@@ -124,8 +124,8 @@ class MlflowTrialLogger(Callback):
     """Tune callback: a nested MLflow child run per trial, metrics per epoch, final status.
 
     A trial that the scheduler stopped before its last epoch ends KILLED with the epoch it
-    reached; one that raised (e.g. diverged) ends FAILED with the reason as a tag and the
-    traceback as an artifact. A trial restarted after a worker died, or resumed by
+    reached; one that diverged or raised ends FAILED with the reason as a tag (and, if it raised,
+    the traceback as an artifact). A trial restarted after a worker died, or resumed by
     `ssl-tune resume`, continues its own run (found by its trial id), and epochs logged before
     are not logged twice.
 
@@ -208,6 +208,9 @@ class MlflowTrialLogger(Callback):
             run = existing[0]
             self.runs[trial.trial_id] = run.info.run_id
             self.last_epoch[trial.trial_id] = int(run.data.metrics.get("epoch", 0))
+            values = [m.value for m in self.client.get_metric_history(run.info.run_id, self.metric)]
+            if values and TAG_BEST_CHECKPOINT in run.data.tags:  # so a worse later checkpoint does not replace it
+                self.best[trial.trial_id] = max(values) if self.mode == "max" else min(values)
             self.client.update_run(run.info.run_id, status="RUNNING")
             return
         run = self.client.create_run(

@@ -17,18 +17,9 @@ from ssl_tune import tracking
 from ssl_tune.search import check_cluster_paths, check_resources
 from ssl_tune.spec import SpecError, spec_from_dict
 from tests.conftest import tiny_spec_dict
-from tests.test_search import run_cli, search_spec
+from tests.test_search import run_cli, runs_of, search_spec
 
 SSL_TUNE = str(Path(sys.executable).parent / "ssl-tune")
-
-
-def runs_of(work: Path, experiment: str = "search-test"):
-    client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id]) if found else []
-    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
-    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
-    return client, parents, children
 
 
 def epoch_steps(client, run) -> list[int]:

@@ -37,6 +37,16 @@ def run_cli(args, cwd, timeout=600):
     return subprocess.run([SSL_TUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def runs_of(work: Path, experiment: str = "search-test"):
+    """(client, parent runs, trial runs) of an experiment in WORK's sqlite store."""
+    client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
+    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    return client, parents, children
+
+
 @pytest.fixture(scope="module")
 def finished_search(tmp_path_factory):
     work = tmp_path_factory.mktemp("search")
@@ -149,9 +159,7 @@ def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
-    (child,) = [r for r in client.search_runs([client.get_experiment_by_name("search-test").experiment_id])
-                if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    _, _, (child,) = runs_of(tmp_path)
     assert child.info.status == "FINISHED" and "knn_top1" in child.data.metrics
     checkpoint = Path(child.data.tags[tracking.TAG_BEST_CHECKPOINT])
     assert torch.load(checkpoint / "checkpoint.pt", weights_only=True)["epoch"] == 1
@@ -174,10 +182,8 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_pat
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("search-test").experiment_id])
-    children = {r.data.params["optimizer.lr"]: r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"}
-    (parent,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
+    _, (parent,), trials = runs_of(tmp_path)
+    children = {r.data.params["optimizer.lr"]: r for r in trials}
     diverged, healthy = children["1000000000000.0"], children["0.3"]
     assert diverged.info.status == "FAILED" and tracking.TAG_RESTARTS not in diverged.data.tags  # not retried
     assert diverged.data.tags[tracking.TAG_ERROR].startswith("diverged: non-finite loss in epoch 1")
@@ -191,9 +197,7 @@ def test_trial_that_raises_is_failed_with_its_traceback(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
-    (child,) = [r for r in client.search_runs([client.get_experiment_by_name("search-test").experiment_id])
-                if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    client, _, (child,) = runs_of(tmp_path)
     assert child.info.status == "FAILED" and "batch_size (20000) is larger" in child.data.tags[tracking.TAG_ERROR]
     traceback_text = client.download_artifacts(child.info.run_id, "error.txt", str(tmp_path))
     text = Path(traceback_text).read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import copy
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -17,6 +18,20 @@ class Diverged(RuntimeError):
     The loop raises it for a non-finite epoch loss; a method may raise it from ``forward`` with a
     reason specific to its loss.
     """
+
+
+def frozen_copy(*modules: nn.Module) -> nn.Sequential:
+    """An EMA teacher/target: a copy of `modules` in sequence that receives no gradients."""
+    copy_ = copy.deepcopy(nn.Sequential(*modules))
+    copy_.requires_grad_(False)
+    return copy_
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online, parameter by parameter (same structure)."""
+    for t, s in zip(target.parameters(), online.parameters(), strict=True):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
 
 class StepOutput(NamedTuple):

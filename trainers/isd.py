@@ -17,7 +17,6 @@ default) has separate temperatures; "v1" uses t_teacher for both.
 
 from __future__ import annotations
 
-import copy
 from typing import Annotated, Literal, NamedTuple
 
 import torch
@@ -29,7 +28,7 @@ from ssl_tune.data.augment import preset_views
 from ssl_tune.distributed import gather, gather_with_grad
 from ssl_tune.models import mlp
 from ssl_tune.spec import MethodConfig, Searchable
-from trainers.base import Method, StepOutput
+from trainers.base import Method, StepOutput, ema_update, frozen_copy
 
 
 class ISDConfig(MethodConfig):
@@ -80,8 +79,7 @@ class ISD(Method):
         p = spec.projector
         self.projector = mlp(backbone.output_dim, p.hidden_dim, p.output_dim, p.num_layers)
         self.predictor = mlp(p.output_dim, p.hidden_dim, p.output_dim, 2)
-        self.teacher = copy.deepcopy(nn.Sequential(self.backbone, self.projector))
-        self.teacher.requires_grad_(False)
+        self.teacher = frozen_copy(self.backbone, self.projector)
         self.register_buffer("bank", F.normalize(torch.randn(self.config.bank_size, p.output_dim), dim=1))
         self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
 
@@ -117,9 +115,7 @@ class ISD(Method):
         # The official code updates the teacher right before its forward pass; doing it right after
         # the optimizer step gives the same sequence of teachers (the first update is a no-op).
         m = self.config.momentum
-        student = list(self.backbone.parameters()) + list(self.projector.parameters())
-        for t, s in zip(self.teacher.parameters(), student):
-            t.mul_(m).add_(s.detach(), alpha=1 - m)
+        ema_update(self.teacher, nn.Sequential(self.backbone, self.projector), m)
 
 
 METHOD = ISD

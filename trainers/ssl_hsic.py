@@ -29,7 +29,6 @@ optimum is near c^2 = mean distance / 2, a median-style bandwidth).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from typing import Annotated, Literal, NamedTuple
@@ -42,7 +41,7 @@ from torch import nn
 from ssl_tune.distributed import gather_with_grad
 from ssl_tune.models import mlp
 from ssl_tune.spec import MethodConfig, Searchable
-from trainers.base import Method, StepOutput
+from trainers.base import Method, StepOutput, ema_update, frozen_copy
 
 RandomFeatures = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -160,8 +159,7 @@ class SSLHSIC(Method):
         self.predictor = mlp(p.output_dim, p.hidden_dim, p.output_dim, 2)
         self.target: nn.Module | None = None
         if c.target_network:
-            self.target = copy.deepcopy(nn.Sequential(self.backbone, self.projector))
-            self.target.requires_grad_(False)
+            self.target = frozen_copy(self.backbone, self.projector)
         bandwidth = torch.tensor(float(c.bandwidth))
         if c.learn_bandwidth:
             self.bandwidth = nn.Parameter(bandwidth)
@@ -211,9 +209,7 @@ class SSLHSIC(Method):
             return
         # BYOL's schedule, used by the official code: 1 - (1 - base) * (cos(pi * progress) + 1) / 2.
         m = 1 - (1 - self.config.target_momentum) * (math.cos(math.pi * progress) + 1) / 2
-        online = list(self.backbone.parameters()) + list(self.projector.parameters())
-        for t, s in zip(self.target.parameters(), online):
-            t.mul_(m).add_(s.detach(), alpha=1 - m)
+        ema_update(self.target, nn.Sequential(self.backbone, self.projector), m)
 
 
 METHOD = SSLHSIC
