@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -509,7 +510,10 @@ def _fit_and_record(tuner, spec: SpecBase, client, parent_id: str, experiment_na
     client.log_text(parent_id, tracking.format_table(rows), "trials.txt")
     from ssl_tune import plots
 
-    plots.log_search_figures(client, client.get_run(parent_id), spec)
+    try:
+        plots.log_search_figures(client, client.get_run(parent_id), spec)
+    except Exception as exc:  # figures are a view of the results: never lose the finished search over one
+        print(f"warning: the search's figures were not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
     client.set_terminated(parent_id, "FINISHED")
     return SearchOutcome(experiment_name, parent_id, uri, rows, best["run_id"] if best else None, trials_done=done)
 

@@ -287,13 +287,20 @@ class MlflowTrialLogger(Callback):
         self._submit_figures(trial)
 
     def _submit_figures(self, trial) -> None:
-        """The trial's figures, then the search's, refreshed as each trial ends."""
+        """The trial's figures, then the search's, refreshed as each trial ends. Best effort: a
+        figure that cannot be drawn or logged is reported and skipped, never held (the search's
+        figures are drawn again at the end)."""
         from ssl_tune import plots
 
+        if self._held:
+            return  # the store is unreachable right now
         checkpoint = self.last_checkpoint.get(trial.trial_id)
         figure_dir = os.path.join(checkpoint, plots.FIGURE_DIR) if checkpoint else None
-        self._submit(lambda: plots.log_trial_figures(self.client, self.runs[trial.trial_id], figure_dir))
-        self._submit(lambda: plots.log_search_figures(self.client, self.client.get_run(self.parent_run_id), self.spec))
+        try:
+            plots.log_trial_figures(self.client, self.runs[trial.trial_id], figure_dir)
+            plots.log_search_figures(self.client, self.client.get_run(self.parent_run_id), self.spec)
+        except Exception as exc:  # a plotting corner case must not stop the search or hold its metrics
+            print(f"warning: figures after trial {trial.trial_id} not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id not in self.runs:

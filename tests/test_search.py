@@ -212,11 +212,16 @@ def chromium() -> str:
     import shutil
 
     found = shutil.which("chromium")
-    if found is None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for refresh in (False, True):  # the package lists may be stale on a fresh machine
+        if found is not None:
+            break
+        if refresh:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
         proc = subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, text=True,
-                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
+                              env=env, timeout=900)
         found = shutil.which("chromium")
-        assert found, "could not install Debian's chromium for the browser test:\n" + proc.stderr[-2000:]
+    assert found, "could not install Debian's chromium for the browser test:\n" + proc.stderr[-2000:]
     return found
 
 
