@@ -27,12 +27,17 @@ class ConsoleReporter:
     def on_start(self, trainer) -> None:
         self.epochs = trainer.spec.training.epochs
         b = trainer.baseline
-        print(f"random-init kNN top-1 {b['knn_top1_random_init']:.2f}% (the baseline to beat)", file=self.stream, flush=True)
+        print("\r\033[K" if self.tty else "", f"random-init kNN top-1 {b['knn_top1_random_init']:.2f}% (the baseline to beat)",
+              sep="", file=self.stream, flush=True)
 
     def on_step(self, epoch: int, step: int, steps: int) -> None:
         if self.tty:
             filled = int(30 * step / steps)
             print(f"\repoch {epoch}/{self.epochs} [{'#' * filled}{'.' * (30 - filled)}] {step}/{steps}", end="", file=self.stream, flush=True)
+
+    def on_phase(self, description: str) -> None:
+        if self.tty:  # a status line, overwritten by the next one (logs get only the epoch lines)
+            print(f"\r\033[K{description} ...", end="", file=self.stream, flush=True)
 
     def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
         skip = {"epoch", "loss", "lr", "images_per_s"}

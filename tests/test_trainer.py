@@ -67,6 +67,25 @@ def test_resume_continues_exactly(tmp_path, method):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
+def test_console_shows_the_evaluation_steps_on_a_terminal(tmp_path):
+    import io
+
+    from ssl_tune.cli import ConsoleReporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    spec = spec_from_dict(tiny_spec_dict(training={"epochs": 1, "batch_size": 32, "seed": 0}))
+    Trainer(spec, dataset=tiny_dataset()).fit(ConsoleReporter(tmp_path, stream=stream))
+    out = stream.getvalue()
+    steps = ["(the baseline) ...", "random-init kNN top-1", "epoch 1/1 [", "epoch 1: features and kNN ...",
+             "epoch 1: linear probe(s) ...", "epoch 1/1  loss"]
+    assert all(step in out for step in steps)
+    assert [out.index(step) for step in steps] == sorted(out.index(step) for step in steps)
+
+
 def test_checkpoint_loads_with_weights_only(tmp_path):
     spec = spec_from_dict(tiny_spec_dict(training={"epochs": 1, "batch_size": 32}))
     trainer = Trainer(spec, dataset=tiny_dataset())

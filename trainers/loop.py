@@ -45,6 +45,9 @@ class Reporter:
     def on_step(self, epoch: int, step: int, steps: int) -> None:
         """Called after every optimisation step."""
 
+    def on_phase(self, description: str) -> None:
+        """Called before a long step that is not training (an evaluation), saying what it is."""
+
     def on_epoch(self, metrics: dict[str, float], write_checkpoint: CheckpointWriter | None) -> None:
         """Called after every epoch with metrics averaged over ranks.
 
@@ -251,6 +254,7 @@ class Trainer:
         t, e = self.spec.training, self.spec.evaluation
         if not self.baseline:
             # The same architecture at initialisation: the number any SSL run must beat.
+            reporter.on_phase("kNN of the network at initialisation (the baseline)")
             top1, top5 = self.knn(*self.features())
             self.baseline = {"knn_top1_random_init": top1, "knn_top5_random_init": top5}
         reporter.on_start(self)
@@ -264,9 +268,11 @@ class Trainer:
             self.epoch += 1
             last = self.epoch == t.epochs
             if self.epoch % e.eval_every == 0 or last:
+                reporter.on_phase(f"epoch {self.epoch}: features and kNN")
                 train_features, test_features = self.features()
                 metrics["knn_top1"], metrics["knn_top5"] = self.knn(train_features, test_features)
                 if last:
+                    reporter.on_phase(f"epoch {self.epoch}: linear probe(s)")
                     metrics.update(self.final_evaluation(train_features, test_features))
                     e, d = self.spec.evaluation, self.dataset
                     predicted = knn_ranking(train_features, d.train_labels, test_features, num_classes=d.num_classes,
