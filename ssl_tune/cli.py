@@ -123,7 +123,8 @@ def _report_outcome(outcome, spec) -> int:
         print(f"\nsearch interrupted after {outcome.trials_done} finished trial(s); its state and checkpoints are saved, "
               "unfinished trials are marked KILLED in MLflow")
         print(where)
-        print(f"resume with:  ssl-tune resume {outcome.parent_run_id}")
+        uri = "" if outcome.tracking_uri == tracking.resolve_uri(None) else f" --tracking-uri {outcome.tracking_uri}"
+        print(f"resume with:  ssl-tune resume {outcome.parent_run_id}{uri}")
         return EXIT_INTERRUPTED
     objective = f", objective {spec.search.metric} ({spec.search.mode})" if spec is not None else ""
     print(f"\nsearch finished: {len(outcome.rows)} trials{objective}")
