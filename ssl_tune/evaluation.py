@@ -82,9 +82,14 @@ def knn_accuracy(
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (%) of `knn_ranking`."""
     ranked = knn_ranking(train_features, train_labels, test_features, num_classes=num_classes, k=k, temperature=temperature)
-    truth = test_labels.to(ranked.device).view(-1, 1)
+    return ranking_accuracy(ranked, test_labels)
+
+
+def ranking_accuracy(ranked: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of classes ranked per sample (N x C, best first)."""
+    truth = labels.to(ranked.device).view(-1, 1)
     top1 = (ranked[:, :1] == truth).any(1).float().mean().item()
-    top5 = (ranked[:, : min(5, num_classes)] == truth).any(1).float().mean().item()
+    top5 = (ranked[:, :5] == truth).any(1).float().mean().item()
     return 100.0 * top1, 100.0 * top5
 
 

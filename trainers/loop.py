@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ssl_tune import distributed
 from ssl_tune.data.datasets import ImageDataset, load_dataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
-from ssl_tune.evaluation import extract_features, knn_accuracy, knn_ranking, linear_probe, stratified_subset
+from ssl_tune.evaluation import extract_features, knn_ranking, linear_probe, ranking_accuracy, stratified_subset
 from ssl_tune.models import build_backbone
 from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
@@ -191,10 +191,11 @@ class Trainer:
         return (extract_features(self.method.backbone, d.train_images, **kwargs),
                 extract_features(self.method.backbone, d.test_images, **kwargs))
 
-    def knn(self, train_features: torch.Tensor, test_features: torch.Tensor) -> tuple[float, float]:
+    def knn(self, train_features: torch.Tensor, test_features: torch.Tensor) -> torch.Tensor:
+        """The kNN classifier's class ranking for every test image (N x C, best first)."""
         e, d = self.spec.evaluation, self.dataset
-        return knn_accuracy(train_features, d.train_labels, test_features, d.test_labels,
-                            num_classes=d.num_classes, k=e.knn_k, temperature=e.knn_temperature)
+        return knn_ranking(train_features, d.train_labels, test_features, num_classes=d.num_classes,
+                           k=e.knn_k, temperature=e.knn_temperature)
 
     def final_evaluation(self, train_features: torch.Tensor, test_features: torch.Tensor) -> dict[str, float]:
         e, d, seed = self.spec.evaluation, self.dataset, self.spec.training.seed
@@ -255,7 +256,7 @@ class Trainer:
         if not self.baseline:
             # The same architecture at initialisation: the number any SSL run must beat.
             reporter.on_phase("kNN of the network at initialisation (the baseline)")
-            top1, top5 = self.knn(*self.features())
+            top1, top5 = ranking_accuracy(self.knn(*self.features()), self.dataset.test_labels)
             self.baseline = {"knn_top1_random_init": top1, "knn_top5_random_init": top5}
         reporter.on_start(self)
         while self.epoch < t.epochs:
@@ -270,14 +271,12 @@ class Trainer:
             if self.epoch % e.eval_every == 0 or last:
                 reporter.on_phase(f"epoch {self.epoch}: features and kNN")
                 train_features, test_features = self.features()
-                metrics["knn_top1"], metrics["knn_top5"] = self.knn(train_features, test_features)
+                ranked = self.knn(train_features, test_features)
+                metrics["knn_top1"], metrics["knn_top5"] = ranking_accuracy(ranked, self.dataset.test_labels)
                 if last:
                     reporter.on_phase(f"epoch {self.epoch}: linear probe(s)")
                     metrics.update(self.final_evaluation(train_features, test_features))
-                    e, d = self.spec.evaluation, self.dataset
-                    predicted = knn_ranking(train_features, d.train_labels, test_features, num_classes=d.num_classes,
-                                            k=e.knn_k, temperature=e.knn_temperature)[:, 0]
-                    self.final_outputs = (test_features.cpu(), predicted.cpu())
+                    self.final_outputs = (test_features.cpu(), ranked[:, 0].cpu())
             metrics = {"epoch": float(self.epoch), **metrics, **self.baseline}
             self.history.append(metrics)
             reporter.on_epoch(metrics, self.write_checkpoint if distributed.rank() == 0 else None)
