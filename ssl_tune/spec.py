@@ -239,10 +239,15 @@ class SearchSpec(StrictModel):
     )
     metric: Literal[OBJECTIVES] = Field("knn_top1", description="objective")  # type: ignore[valid-type]
     mode: Literal["max", "min"] = "max"
+    sampler: Literal["tpe", "random"] = Field(
+        "tpe", description="Optuna sampler: tpe (model-based), or random (a baseline to compare with)")
+    startup_trials: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="TPE: trials sampled at random before it models the results; "
+        "default: 2 per searched parameter, at most 10 (Optuna's default)")
     scheduler: Literal["asha", "none"] = Field("asha", description="asha: early stopping of weak trials")
     grace_period: Annotated[int, Field(ge=1)] = Field(1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
-    seed: int = Field(0, description="seed of Optuna's TPE sampler")
+    seed: int = Field(0, description="seed of Optuna's sampler")
     max_failures: Annotated[int, Field(ge=0)] = Field(
         2, description="restarts of a trial whose worker died, each from its latest checkpoint")
     points_to_evaluate: list[dict[str, Any]] = Field(

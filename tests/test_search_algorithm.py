@@ -4,26 +4,26 @@ import math
 
 import pytest
 
-from ssl_tune.search import SearchSpace, build_scheduler, build_search_algorithm, field_values
+from ssl_tune.search import SearchSpace, build_scheduler, build_search_algorithm, field_values, startup_trials
 from ssl_tune.spec import spec_from_dict
 from tests.conftest import tiny_spec_dict
 
-TRIALS = 40  # TPE samples at random for its first 10 trials, then models the results
+TRIALS = 40
 
 
-def spec(seed=0):
+def spec(seed=0, sampler="tpe"):
     raw = tiny_spec_dict()
     raw["method"].update(lam1={"type": "uniform", "low": -0.5, "high": 0.5},
                          tau={"type": "loguniform", "low": 0.1, "high": 10.0})
     raw["optimizer"]["name"] = {"type": "choice", "values": ["sgd", "lars"]}
     raw["projector"]["output_dim"] = {"type": "int", "low": 8, "high": 64, "step": 8}
-    raw["search"] = {"seed": seed, "metric": "knn_top1", "mode": "max"}
+    raw["search"] = {"seed": seed, "metric": "knn_top1", "mode": "max", "sampler": sampler}
     return spec_from_dict(raw)
 
 
-def drive(objective, seed=0):
+def drive(objective, seed=0, sampler="tpe"):
     """Run the search algorithm sequentially, as Tune does, with a synthetic objective."""
-    algorithm = build_search_algorithm(spec(seed), max_concurrent=1)
+    algorithm = build_search_algorithm(spec(seed, sampler), max_concurrent=1)
     proposals = []
     for i in range(TRIALS):
         config = algorithm.suggest(f"t{i}")
@@ -104,11 +104,29 @@ def test_same_seed_and_results_give_the_same_proposals():
 
 def test_proposals_follow_the_results():
     a, b = drive(peak), drive(lambda c: -peak(c))
-    assert a[:10] == b[:10]  # random start-up: results not used yet
-    assert a[10:] != b[10:]  # the sampler saw the results
+    startup = startup_trials(spec())
+    assert startup == 8  # 2 per searched parameter
+    assert a[:startup] == b[:startup]  # random start-up: results not used yet
+    assert a[startup] != b[startup]  # then the sampler models the results
     # Told that `peak` is good, TPE proposes near its optimum; told the opposite, far from it.
     mean_peak = lambda proposals: sum(map(peak, proposals[20:])) / len(proposals[20:])  # noqa: E731
     assert mean_peak(a) > mean_peak(b) + 1.0
+
+
+def test_startup_trials_default_to_two_per_parameter_at_most_ten():
+    assert startup_trials(conditional_spec()) == 6  # optimizer.name and its branches' lr and weight_decay
+    raw = tiny_spec_dict()
+    raw["method"].update({k: {"type": "uniform", "low": 0.1, "high": 1.0} for k in ("lam1", "lam2", "tau")})
+    raw["optimizer"].update({k: {"type": "uniform", "low": 0.1, "high": 0.5} for k in ("lr", "weight_decay", "momentum")})
+    assert startup_trials(spec_from_dict(raw)) == 10
+    raw["search"] = {"startup_trials": 3}
+    assert startup_trials(spec_from_dict(raw)) == 3
+
+
+def test_random_sampler_ignores_the_results():
+    # The baseline of the search-efficiency benchmark: the same proposals whatever the results.
+    a, b = drive(peak, sampler="random"), drive(lambda c: -peak(c), sampler="random")
+    assert a == b and a != drive(peak, seed=1, sampler="random")
 
 
 def test_asha_uses_the_trainers_epoch():
