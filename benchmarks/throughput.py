@@ -1,28 +1,62 @@
-"""Throughput of the shared trainer's step against a bare PyTorch loop, measured in one run.
+"""Step throughput of the shared trainer against a bare PyTorch loop, measured in one run.
 
-    python -m benchmarks.throughput [SPEC] [--set a.b=v ...] [--repeats 3]
+    python -m benchmarks throughput [--specs search_spaces/*.yaml] [--repeats 4]
+    python -m benchmarks gpu-throughput [--batch-sizes 256 512] [--method twist]   # needs CUDA
 
-Both loops train the same model (same initial weights) on the same augmented batches of the
-spec's data with the same optimizer and the method's per-step update (an EMA teacher); the bare
-loop has no scheduler, metrics, reporting or DDP wrapper. Reported: images/s of each (median over interleaved repeats), the median of the
-per-repeat ratios (target >= 0.95 on CPU), and the share of the trainer's step time spent preparing data (augmentation
-and normalisation of the views).
+Both loops train the same model (same initial weights) on the same augmented batches with the
+same optimizer, precision and the method's per-step update (an EMA teacher); the bare loop has no
+scheduler, metrics, reporting or DDP wrapper. Epochs of the two alternate (ABBA...), so drift in
+machine load hits both alike. Reported: images/s of each (median over repeats), the median of the
+per-repeat ratios, and the share of the trainer's step time spent preparing data (augmenting and
+normalising the views; on a GPU that happens on the GPU).
+
+`gpu-throughput` trains a ResNet-18 (CIFAR stem) on CIFAR-sized inputs (3 x 32 x 32, random pixels:
+no CIFAR ships here, and throughput does not depend on the pixels) with bf16 autocast and
+channels-last, and adds the fraction of the GPU's peak dense bf16 FLOP/s the trainer achieves
+(FLOPs of one step counted by `torch.utils.flop_counter`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import json
-import platform
 import statistics
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from benchmarks import common
 from ssl_tune.spec import load_spec
 from trainers.loop import Reporter, Trainer
 from trainers.optim import build_optimizers
+
+SPECS = [str(common.REPO / "search_spaces" / f"{m}.yaml") for m in ("twist", "isd", "corinfomax", "ssl_hsic")]
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets, matched against torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bare_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], trainer: Trainer, views) -> None:
+    if trainer.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    autocast = (torch.autocast(trainer.device.type, dtype=trainer.autocast_dtype) if trainer.autocast_dtype
+                else contextlib.nullcontext())
+    with autocast:
+        loss = model(views).loss
+    for optimizer in optimizers:  # the spec's, and the method's own (a learned kernel bandwidth)
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    model.after_optimizer_step(0.5)  # the method's own per-step work (EMA teachers); a no-op for TWIST
 
 
 def bare_epoch(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], trainer: Trainer, epoch: int) -> float:
@@ -31,77 +65,147 @@ def bare_epoch(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
     steps = 0
     start = time.perf_counter()
     for views in trainer.loader.epoch(epoch):
-        loss = model(views).loss
-        for optimizer in optimizers:  # the spec's, and the method's own (a learned kernel bandwidth)
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        model.after_optimizer_step(0.5)  # the method's own per-step work (EMA teachers); a no-op for TWIST
+        _bare_step(model, optimizers, trainer, views)
         steps += 1
+    _sync(trainer.device)
     return steps * trainer.loader.local_batch_size / (time.perf_counter() - start)
 
 
 def trainer_epoch(trainer: Trainer, epoch: int) -> float:
     trainer.epoch = epoch
-    return trainer.train_epoch(Reporter())["images_per_s"]
+    return trainer.train_epoch(Reporter())["images_per_s"]  # ends with .item(): synchronised
 
 
 def data_seconds(trainer: Trainer, epoch: int) -> float:
     start = time.perf_counter()
-    sum(1 for _ in trainer.loader.epoch(epoch))  # prepare every batch of the epoch, train on none
+    for _ in trainer.loader.epoch(epoch):  # prepare every batch of the epoch, train on none
+        pass
+    _sync(trainer.device)
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", nargs="?", default="search_spaces/twist.yaml")
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
+def step_flops(trainer: Trainer) -> float:
+    """FLOPs of one training step (forward and backward) of the trainer's model."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    spec = load_spec(args.spec, args.set).resolve()
-    trainer = Trainer(spec)
+    model = copy.deepcopy(trainer.method)
+    views = next(iter(trainer.loader.epoch(0)))
+    with FlopCounterMode(display=False) as counter:
+        _bare_step(model, [], trainer, views)
+    return float(counter.get_total_flops())
+
+
+def compare(trainer: Trainer, repeats: int) -> dict[str, Any]:
+    """Interleaved epochs of the trainer and of a bare loop over the same batches."""
     bare_model = copy.deepcopy(trainer.method)
-    bare_opt = [opt for opt in build_optimizers(bare_model, spec) if opt is not None]
-
-    trainer_epoch(trainer, 0)  # warm-up of both paths (allocator, thread pools)
-    bare_epoch(bare_model, bare_opt, trainer, 0)
+    bare_optimizers = [opt for opt in build_optimizers(bare_model, trainer.spec) if opt is not None]
+    trainer_epoch(trainer, 0)  # warm-up of both paths (allocator, kernels, thread pools)
+    bare_epoch(bare_model, bare_optimizers, trainer, 0)
     shared, bare, data = [], [], []
-    for r in range(1, args.repeats + 1):
-        # Interleaved in alternating order (ABBA...), so drift in machine load and whichever
-        # runs first after the other hit both paths alike.
+    for r in range(1, repeats + 1):
         if r % 2:
             shared.append(trainer_epoch(trainer, r))
-            bare.append(bare_epoch(bare_model, bare_opt, trainer, r))
+            bare.append(bare_epoch(bare_model, bare_optimizers, trainer, r))
         else:
-            bare.append(bare_epoch(bare_model, bare_opt, trainer, r))
+            bare.append(bare_epoch(bare_model, bare_optimizers, trainer, r))
             shared.append(trainer_epoch(trainer, r))
-        seconds = data_seconds(trainer, r)
-        data.append(seconds / (trainer.loader.steps_per_epoch * trainer.loader.local_batch_size / shared[-1]))
-    result = {
-        "method": spec.method.name,
-        "device": str(trainer.device),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "batch_size": spec.training.batch_size,
+        epoch_s = trainer.loader.steps_per_epoch * trainer.loader.local_batch_size / shared[-1]
+        data.append(data_seconds(trainer, r) / epoch_s)
+    return {
         "trainer_images_per_s": statistics.median(shared),
         "bare_images_per_s": statistics.median(bare),
         "ratio": statistics.median(s / b for s, b in zip(shared, bare)),
         "data_share": statistics.median(data),
     }
-    print(f"{spec.method.name} step on {result['device']} ({result['threads']} threads), batch {result['batch_size']}, "
-          f"median of {args.repeats} interleaved epochs each")
-    print(f"  shared trainer   {result['trainer_images_per_s']:8.0f} images/s")
-    print(f"  bare loop        {result['bare_images_per_s']:8.0f} images/s")
-    print(f"  ratio            {result['ratio']:8.3f}   (median of per-pair ratios; target >= 0.95)")
-    print(f"  data preparation {100 * result['data_share']:7.1f} % of the trainer's step time")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
 
 
-if __name__ == "__main__":
-    main()
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--specs", nargs="+", default=SPECS)
+    parser.add_argument("--set", action="append", default=[], help="override a field of every spec")
+    parser.add_argument("--repeats", type=int, default=8)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    for path in args.specs:
+        spec = load_spec(path, args.set).resolve()
+        trainer = Trainer(spec)
+        row = {"method": spec.method.name, "spec": Path(path).name, "batch_size": spec.training.batch_size,
+               "device": str(trainer.device), "threads": torch.get_num_threads(), **compare(trainer, args.repeats)}
+        rows.append(row)
+        print(f"{row['method']:11s} trainer {row['trainer_images_per_s']:7.0f} images/s, bare loop "
+              f"{row['bare_images_per_s']:7.0f}, ratio {row['ratio']:.3f}, data {100 * row['data_share']:.1f} %",
+              flush=True)
+    return {"repeats": args.repeats, "overrides": args.set, "rows": rows}
+
+
+def report(result: dict[str, Any], figures: str) -> str:
+    lines = ["| method | batch | trainer / bare loop (images/s) | data preparation share of step time |",
+             "|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['batch_size']} | {r['ratio']:.3f} | {100 * r['data_share']:.1f} % |")
+    return "\n".join(lines)
+
+
+# --- GPU: ResNet-18 on CIFAR-sized inputs ------------------------------------------------------
+
+
+def synthetic_cifar(images: int, seed: int = 0):
+    from ssl_tune.data.datasets import ImageDataset
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = lambda n: torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)  # noqa: E731
+    return ImageDataset("synthetic_cifar", pixels(images), torch.randint(0, 10, (images,), generator=g),
+                        pixels(1000), torch.randint(0, 10, (1000,), generator=g), 10)
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_name), None)
+
+
+def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", default=SPECS[0], help="the method and its settings; the backbone becomes ResNet-18")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--images", type=int, default=50_000, help="images per epoch (CIFAR-10's 50,000)")
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (to check the harness only)")
+
+
+def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        raise SystemExit("gpu-throughput needs a CUDA GPU; run it on one, e.g. through the device tool")
+    dataset = synthetic_cifar(args.images)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = peak_flops(name)
+    rows = []
+    for batch in args.batch_sizes:
+        spec = load_spec(args.spec, ["backbone.name=resnet18", "backbone.cifar_stem=true",
+                                     "data.augmentation.crop_scale=[0.2, 1.0]", f"training.batch_size={batch}",
+                                     "training.precision=auto"]).resolve()
+        trainer = Trainer(spec, dataset=dataset)
+        row = {"batch_size": batch, "precision": "bf16" if trainer.autocast_dtype is torch.bfloat16 else "fp32",
+               **compare(trainer, args.repeats)}
+        row["step_flops"] = step_flops(trainer)
+        achieved = row["step_flops"] * row["trainer_images_per_s"] / batch
+        row["achieved_flops_per_s"] = achieved
+        row["fraction_of_peak"] = achieved / peak if peak else None
+        rows.append(row)
+        fraction = f"{100 * row['fraction_of_peak']:.1f} % of peak" if peak else "peak unknown"
+        print(f"batch {batch}: trainer {row['trainer_images_per_s']:.0f} images/s, bare loop "
+              f"{row['bare_images_per_s']:.0f}, ratio {row['ratio']:.3f}, data {100 * row['data_share']:.1f} %, "
+              f"{achieved / 1e12:.1f} TFLOP/s ({fraction})", flush=True)
+    return {"device_name": name, "peak_bf16_flops_per_s": peak, "method": load_spec(args.spec).method.name,
+            "images_per_epoch": args.images, "rows": rows}
+
+
+def report_gpu(result: dict[str, Any], figures: str) -> str:
+    lines = [f"{result['device_name']}, method {result['method']}, ResNet-18 (CIFAR stem), 3 x 32 x 32 inputs, "
+             f"{result['images_per_epoch']} images per epoch.", "",
+             "| batch | precision | trainer images/s | bare loop images/s | ratio | data share | TFLOP/s | of peak |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        fraction = f"{100 * r['fraction_of_peak']:.1f} %" if r["fraction_of_peak"] else "-"
+        lines.append(f"| {r['batch_size']} | {r['precision']} | {r['trainer_images_per_s']:.0f} | "
+                     f"{r['bare_images_per_s']:.0f} | {r['ratio']:.3f} | {100 * r['data_share']:.1f} % | "
+                     f"{r['achieved_flops_per_s'] / 1e12:.1f} | {fraction} |")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""The benchmark harness: search replay on a known table, the efficiency measures, and the report."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from benchmarks import __main__ as harness
+from benchmarks import search_efficiency as se
+from ssl_tune.spec import load_spec
+from tests.conftest import tiny_spec_dict
+
+EPOCHS = 8  # search_spaces/twist.yaml
+BEST = (1.0, 0.5)  # (lr, tau) of the synthetic table's best point
+
+
+def spec():
+    return load_spec(se.DEFAULT_SPEC, se.DEFAULT_FIXED)
+
+
+def synthetic_table(points=5, diverged=(4.0, 2.0)):
+    """Objective peaked at BEST in log space, rising by 1 per epoch; one point diverges in epoch 3."""
+    axes = se.grid_axes(spec(), points)
+    axes = {"optimizer.lr": sorted({*axes["optimizer.lr"], BEST[0]}), "method.tau": sorted({*axes["method.tau"], BEST[1]})}
+    rows = []
+    for lr in axes["optimizer.lr"]:
+        for tau in axes["method.tau"]:
+            final = 80 - 3 * math.log(lr / BEST[0]) ** 2 - 3 * math.log(tau / BEST[1]) ** 2
+            curve = [final - (EPOCHS - e) for e in range(1, EPOCHS + 1)]
+            status = "finished"
+            if (lr, tau) == diverged:
+                curve, status = curve[:2], "diverged"
+            rows.append({"values": {"optimizer.lr": lr, "method.tau": tau}, "status": status, "curve": curve,
+                         "diverged_reason": None, "seconds": 1.0})
+    return {"spec": str(se.DEFAULT_SPEC), "overrides": se.DEFAULT_FIXED, "metric": "knn_top1", "mode": "max",
+            "epochs": EPOCHS, "axes": axes, "points": rows}
+
+
+def test_lookup_takes_the_nearest_point_in_the_sampling_scale():
+    table = synthetic_table()
+    lookup = se.TableLookup(table, spec())
+    lrs = table["axes"]["optimizer.lr"]  # 0.2, ~0.42, ~0.89, 1.0, ~1.89, 4.0
+    geometric_mid = math.sqrt(lrs[0] * lrs[1])
+    assert lookup.row({"optimizer.lr": geometric_mid * 0.99, "method.tau": 0.5})["values"]["optimizer.lr"] == lrs[0]
+    assert lookup.row({"optimizer.lr": geometric_mid * 1.01, "method.tau": 0.5})["values"]["optimizer.lr"] == lrs[1]
+
+
+def test_best_so_far_ranks_each_trial_by_its_latest_value():
+    results = [(0, 1, 70.0), (1, 1, 75.0), (0, 2, 78.0), (1, 2, math.nan), (2, 1, 72.0)]
+    assert se.best_so_far(results, "max") == [70.0, 75.0, 78.0, 78.0, 78.0]
+    # A trial's latest value replaces its earlier one, as on the leaderboard.
+    assert se.best_so_far([(0, 1, 9.0), (0, 2, 5.0)], "max") == [9.0, 5.0]
+    assert se.best_so_far([(0, 1, 3.0), (1, 1, 2.0)], "min") == [3.0, 2.0]
+
+
+def test_compute_to_reach():
+    assert se.compute_to_reach([70, 75, 78, 78], 75, "max") == 2
+    assert se.compute_to_reach([70, 75], 76, "max") == math.inf
+    assert se.compute_to_reach([3, 2, 1], 2, "min") == 2
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_replay_without_early_stopping_runs_whole_trials_within_the_budget(sampler):
+    budget = 5 * EPOCHS
+    results = se.replay_search(synthetic_table(), spec(), sampler, "none", seed=0, budget=budget)
+    assert len(results) == budget
+    last = {}
+    for trial, epoch, value in results:
+        assert epoch == last.get(trial, (0, 0.0))[0] + 1  # every trial reports its epochs in order
+        last[trial] = (epoch, value)
+    # Two trials at a time: all but the (at most 2) still running at the end completed or diverged.
+    assert sum(1 for epoch, value in last.values() if epoch < EPOCHS and not math.isnan(value)) <= 2
+
+
+def test_replay_with_asha_stops_trials_and_starts_more():
+    budget = 6 * EPOCHS
+    results = se.replay_search(synthetic_table(), spec(), "tpe", "asha", seed=0, budget=budget)
+    assert len(results) == budget
+    epochs = {}
+    for trial, epoch, _ in results:
+        epochs[trial] = epoch
+    assert len(epochs) > 10  # many more trials than the 6 full ones the budget pays for
+    assert sum(e == 1 for e in epochs.values()) >= 4  # stopped at the first rung
+    assert max(epochs.values()) == EPOCHS  # and the best were promoted to the end
+
+
+def test_a_diverged_point_reports_nan_and_never_counts_as_best():
+    table = synthetic_table(points=2, diverged=(4.0, 2.0))
+    results = se.replay_search(table, spec(), "random", "none", seed=0, budget=30 * EPOCHS)
+    lookup = se.TableLookup(table, spec())
+    nans = [r for r in results if math.isnan(r[2])]
+    assert nans and all(epoch == 3 for _, epoch, _ in nans)
+    assert all(not math.isnan(v) for v in se.best_so_far(results, "max"))
+    assert lookup.row({"optimizer.lr": 4.0, "method.tau": 2.0})["status"] == "diverged"
+
+
+def test_tpe_with_early_stopping_finds_the_synthetic_optimum_sooner_than_random():
+    table = synthetic_table(points=7)
+    budget = 10 * EPOCHS
+    mean = {}
+    for sampler, scheduler in (("tpe", "asha"), ("random", "none")):
+        curves = [se.best_so_far(se.replay_search(table, spec(), sampler, scheduler, seed, budget), "max")
+                  for seed in range(4)]
+        mean[sampler] = np.mean(curves, axis=0)
+    target = mean["random"][-1]
+    assert se.compute_to_reach(list(mean["tpe"]), target, "max") < budget
+
+
+def test_efficiency_end_to_end_writes_json_figure_and_report(tmp_path):
+    results, report = tmp_path / "results", tmp_path / "benchmarks.md"
+    results.mkdir()
+    table = synthetic_table()
+    table.update(command="python -m benchmarks efficiency-table", date="2026-01-01",
+                 machine={"cpu": "test cpu", "cores": 2, "memory_gib": 1, "python": "3", "torch": "2", "commit": "abc"})
+    (results / "efficiency-table.json").write_text(json.dumps(table))
+    harness.main(["--results", str(results), "--report", str(report), "efficiency", "--seeds", "2", "--budget-trials", "3"])
+    result = json.loads((results / "efficiency.json").read_text())
+    assert set(result["curves"]) == set(se.STRATEGIES)
+    assert all(len(c) == 3 * EPOCHS for curves in result["curves"].values() for c in curves)
+    assert result["ratio_to_random"]["random"] == 1.0
+    assert (results / se.FIGURE).stat().st_size > 10_000
+    text = report.read_text()
+    assert "efficiency --seeds 2 --budget-trials 3`" in text
+    assert f"![best objective against compute](results/{se.FIGURE})" in text
+    assert "| TPE + ASHA |" in text and "| 0.2 |" in text  # the strategies' table and the grid's
+    assert "Not measured yet. Command: `python -m benchmarks gpu-throughput`" in text
+
+
+def test_throughput_and_loss_scaling_through_the_harness(tmp_path):
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec_dict(data={"name": "fashion_mnist_subset"})))
+    results, report = tmp_path / "results", tmp_path / "benchmarks.md"
+    common = ["--results", str(results), "--report", str(report)]
+    harness.main([*common, "throughput", "--specs", str(spec_file), "--repeats", "1", "--set", "training.batch_size=512"])
+    row = json.loads((results / "throughput.json").read_text())["rows"][0]
+    assert row["ratio"] > 0 and 0 < row["data_share"] < 1
+    harness.main([*common, "loss-scaling", "--part", "corinfomax", "isd", "--corinfomax-dims", "8", "16",
+                  "--isd-bank-sizes", "64", "128", "--repeats", "1"])
+    scaling = json.loads((results / "loss-scaling.json").read_text())
+    assert [r["dim"] for r in scaling["corinfomax"]["rows"]] == [8, 16] and "hsic" not in scaling
+    text = report.read_text()
+    assert "| twist | 512 |" in text and "**CorInfoMax** (batch 256)" in text and "| 16 |" in text
+
+
+def test_gpu_throughput_counts_flops(tmp_path):
+    import argparse
+
+    from benchmarks import throughput
+
+    parser = argparse.ArgumentParser()
+    throughput.add_gpu_arguments(parser)
+    args = parser.parse_args(["--allow-cpu", "--images", "64", "--batch-sizes", "32", "--repeats", "1"])
+    result = throughput.run_gpu(args)
+    row = result["rows"][0]
+    # ResNet-18 with the CIFAR stem: ~0.56 GFLOP (multiply-adds) forward per 32x32 image; two views,
+    # forward + backward (~3x) and 2 FLOPs per multiply-add: ~6.7 GFLOP per image of the batch.
+    assert 4e9 < row["step_flops"] / 32 < 10e9
+    assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert throughput.peak_flops("NVIDIA H100 PCIe") == 756e12 and throughput.peak_flops("cpu") is None
+    assert "| 32 | fp32 |" in throughput.report_gpu(result, ".")
