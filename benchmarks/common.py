@@ -13,6 +13,12 @@ RESULTS = REPO / "docs" / "benchmarks"  # one JSON file per benchmark, and the f
 REPORT = REPO / "docs" / "benchmarks.md"
 
 
+def repo_relative(path: str | Path) -> str:
+    """`path` relative to the repository when it lies inside it, so saved results work in any clone."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -99,7 +99,7 @@ def measure_table(spec_path: str, overrides: list[str], points: int, processes: 
     axes = grid_axes(spec, points)
     table = json.loads(out.read_text()) if out.exists() else {}
     if table.get("axes") != axes or table.get("overrides") != overrides:
-        table = {"spec": str(spec_path), "overrides": overrides, "metric": spec.search.metric,
+        table = {"spec": common.repo_relative(spec_path), "overrides": overrides, "metric": spec.search.metric,
                  "mode": spec.search.mode, "epochs": spec.training.epochs, "axes": axes, "points": []}
     done = {tuple(p["values"][k] for k in axes) for p in table["points"]}
     todo = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values()) if combo not in done]
@@ -223,7 +223,7 @@ def run_efficiency(table_path: Path, seeds: int, budget_trials: int) -> dict[str
     logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)  # NaN of a diverged trial
 
     table = json.loads(table_path.read_text())
-    spec = load_spec(table["spec"], table["overrides"])
+    spec = load_spec(common.REPO / table["spec"], table["overrides"])  # an absolute path stays as it is
     mode, epochs = table["mode"], table["epochs"]
     budget = budget_trials * epochs
     curves: dict[str, list[list[float]]] = {}
@@ -242,14 +242,15 @@ def run_efficiency(table_path: Path, seeds: int, budget_trials: int) -> dict[str
     to_target = {name: compute_to_reach(m, target, mode) for name, m in mean.items()}
     grid_best = max(p["curve"][-1] for p in table["points"] if p["curve"] and p["status"] == "finished")
     return {
-        "table": str(table_path), "seeds": seeds, "budget_epochs": budget, "budget_trials": budget_trials,
+        "table": common.repo_relative(table_path), "seeds": seeds, "budget_epochs": budget, "budget_trials": budget_trials,
         "epochs_per_trial": epochs, "grid_points": len(table["points"]), "grid_best": grid_best,
         "target": target, "mean_curve": mean, "curves": curves, "trials": trials,
         "compute_to_target": to_target,
         "ratio_to_random": {n: c / to_target["random"] for n, c in to_target.items()},
         "seeds_reaching_target": {
             n: sum(compute_to_reach(c, target, mode) < math.inf for c in cs) for n, cs in curves.items()},
-        "final_best": {n: {"mean": statistics.mean(c[-1] for c in cs), "stdev": statistics.stdev(c[-1] for c in cs)}
+        "final_best": {n: {"mean": statistics.mean(c[-1] for c in cs),
+                           "stdev": statistics.stdev(c[-1] for c in cs) if seeds > 1 else 0.0}
                        for n, cs in curves.items()},
         "replay_seconds": time.perf_counter() - start,
     }
