@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -20,12 +22,10 @@ def repo_relative(path: str | Path) -> str:
 
 
 def _cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):  # no /proc outside Linux
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
@@ -56,8 +56,6 @@ def machine() -> dict[str, Any]:
         description["gpu"] = torch.cuda.get_device_name()
         description["cuda"] = torch.version.cuda
     for package in ("ray", "optuna", "mlflow"):
-        try:
-            description[package] = __import__(package).__version__
-        except ImportError:
-            pass
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            description[package] = importlib.metadata.version(package)
     return description

@@ -78,8 +78,7 @@ def trainer_epoch(trainer: Trainer, epoch: int) -> float:
 
 def data_seconds(trainer: Trainer, epoch: int) -> float:
     start = time.perf_counter()
-    for _ in trainer.loader.epoch(epoch):  # prepare every batch of the epoch, train on none
-        pass
+    sum(1 for _ in trainer.loader.epoch(epoch))  # prepare every batch of the epoch, train on none
     _sync(trainer.device)
     return time.perf_counter() - start
 
