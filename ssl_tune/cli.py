@@ -8,7 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+# Exit statuses (README, "Exit status"): 0 a search that completed with at least one trial through;
+# 1 an unexpected error (a traceback); 2 bad input or a failed pre-flight check, before any trial;
+# 3 a search that completed but in which every trial failed; 130 stopped by Ctrl-C or SIGTERM.
 EXIT_BAD_INPUT = 2
+EXIT_ALL_TRIALS_FAILED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
@@ -111,12 +115,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from ssl_tune.search import resume_search
 
     outcome = resume_search(args.experiment_or_run, tracking_uri=args.tracking_uri, address=args.address,
-                            verbose=args.verbose)
+                            verbose=args.verbose, storage_path=args.storage_path)
     return _report_outcome(outcome, None)
 
 
 def _report_outcome(outcome, spec) -> int:
     from ssl_tune import tracking
+    from ssl_tune.spec import SpecBase
 
     where = f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id} in {outcome.tracking_uri}"
     if outcome.interrupted:
@@ -124,12 +129,18 @@ def _report_outcome(outcome, spec) -> int:
               "unfinished trials are marked KILLED in MLflow")
         print(where)
         uri = "" if outcome.tracking_uri == tracking.resolve_uri(None) else f" --tracking-uri {outcome.tracking_uri}"
-        print(f"resume with:  ssl-tune resume {outcome.parent_run_id}{uri}")
+        default_storage = str(Path(SpecBase.model_fields["storage_path"].default).resolve())
+        storage = "" if outcome.storage in ("", default_storage) else f" --storage-path {outcome.storage}"
+        print(f"resume with:  ssl-tune resume {outcome.parent_run_id}{uri}{storage}")
         return EXIT_INTERRUPTED
     objective = f", objective {spec.search.metric} ({spec.search.mode})" if spec is not None else ""
     print(f"\nsearch finished: {len(outcome.rows)} trials{objective}")
     print(tracking.format_table(outcome.rows, _leaderboard_columns(outcome.rows)))
     print(f"\n{where}")
+    if outcome.all_failed:
+        print(f"error: every trial failed; the reasons are in the table above and in each trial run's "
+              f"{tracking.TAG_ERROR} tag (the parent run is marked FAILED)", file=sys.stderr)
+        return EXIT_ALL_TRIALS_FAILED
     print(f"browse:  ssl-tune ui            export the best backbone:  ssl-tune export {outcome.experiment}")
     return 0
 
@@ -227,8 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Continue a search stopped by Ctrl-C, SIGTERM or a dead driver: unfinished trials "
                             "resume from their latest checkpoints, the remaining samples run, finished trials are kept, "
                             "and the same MLflow parent and child runs are used.")
-    resume.add_argument("experiment_or_run", help="MLflow experiment name (its latest search) or the search's parent run id")
+    resume.add_argument("experiment_or_run", help="the search's name (run --name), its parent run id, or an MLflow "
+                        "experiment name with one unfinished search")
     uri_arg(resume)
+    resume.add_argument("--storage-path", help="where the search keeps its Tune state, if not ./ssl_tune_runs (the spec's "
+                        "storage_path); resume reads (unpickles) that state only from here")
     resume.add_argument("--address", help="Ray cluster address; default $RAY_ADDRESS, else a local Ray instance")
     resume.add_argument("--verbose", action="store_true", help="show Ray's own output instead of the compact trial table")
     resume.set_defaults(func=cmd_resume)

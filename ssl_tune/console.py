@@ -55,8 +55,9 @@ def _duration(seconds: float) -> str:
 class ConsoleTable(Callback):
     """One row per trial event: trial, status, sampled params, epoch, objective, best so far, ETA.
 
-    The ETA is an upper bound: the epochs still to run if no further trial were stopped early,
-    at the pace measured so far.
+    The ETA is an upper bound: the epochs still to run if no further trial were stopped early, at
+    the measured time between two epochs of one trial, divided over the trials running at once.
+    Start-ups and restarts are not epochs, so a restarted trial does not inflate the estimate.
     """
 
     def __init__(self, spec: SpecBase) -> None:
@@ -66,20 +67,21 @@ class ConsoleTable(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self.start = time.time()
-        self.epochs_run = 0  # epochs trained in this driver
         self.epochs_settled: dict[str, int] = {}  # trial -> epochs it will not need (done or skipped)
         self.best = math.nan
         self.header_printed = False
+        self.last_result_at: dict[str, float] = {}  # running trial -> when it last reported an epoch
+        self.epoch_seconds: list[float] = []  # measured durations of single epochs
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(epochs_settled={}, best=math.nan, header_printed=False, epochs_run=0)
+        for key in ("epochs_settled", "best", "header_printed", "last_result_at", "epoch_seconds"):
+            state.pop(key)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.start = time.time()  # a resumed search measures its own pace
+        self._reset()  # a resumed search measures its own pace
 
     def _print(self, text: str) -> None:
         print(text, file=sys.__stdout__, flush=True)
@@ -97,22 +99,33 @@ class ConsoleTable(Callback):
         self._print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
 
     def _eta(self) -> str:
-        if not self.epochs_run:
+        if not self.epoch_seconds:
             return "-"
-        pace = (time.time() - self.start) / self.epochs_run
+        epoch_s = sum(self.epoch_seconds[-50:]) / len(self.epoch_seconds[-50:])
         remaining = self.num_samples * self.epochs - sum(self.epochs_settled.values())
-        return _duration(max(0, remaining) * pace)
+        return _duration(max(0, remaining) * epoch_s / max(1, len(self.last_result_at)))
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._row(trial, "started", 0, None)
+        self.last_result_at[trial.trial_id] = math.nan  # running, no epoch measured yet
+        self._row(trial, "started", int((trial.last_result or {}).get("epoch", 0)), None)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        from ssl_tune.tracking import error_summary
+
+        self.last_result_at[trial.trial_id] = math.nan  # the restart is not an epoch
+        self._row(trial, "restart", int((trial.last_result or {}).get("epoch", 0)), None)
+        self._print(f"  trial {trial.trial_id} restarts from its latest checkpoint after: {error_summary(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from ssl_tune.tracking import DIVERGED_KEY
+        from ssl_tune.tracking import FAILURE_KEY
 
-        if DIVERGED_KEY in result:
+        if FAILURE_KEY in result:
             return
-        epoch, value = int(result.get("epoch", 0)), result.get(self.metric)
-        self.epochs_run += 1
+        epoch, value, now = int(result.get("epoch", 0)), result.get(self.metric), time.monotonic()
+        previous = self.last_result_at.get(trial.trial_id, math.nan)
+        if math.isfinite(previous):
+            self.epoch_seconds.append(now - previous)
+        self.last_result_at[trial.trial_id] = now
         self.epochs_settled[trial.trial_id] = epoch
         if value is not None and math.isfinite(value):
             if math.isnan(self.best) or (value > self.best if self.mode == "max" else value < self.best):
@@ -120,14 +133,23 @@ class ConsoleTable(Callback):
         self._row(trial, "running", epoch, value)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        from ssl_tune.tracking import DIVERGED_KEY
+        from ssl_tune.tracking import FAILURE_KEY
 
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0))
+        self.last_result_at.pop(trial.trial_id, None)
         self.epochs_settled[trial.trial_id] = self.epochs  # stopped early: its other epochs never run
-        status = "diverged" if DIVERGED_KEY in last else ("finished" if epoch >= self.epochs else "stopped")
-        self._row(trial, status, epoch, last.get(self.metric))
+        if FAILURE_KEY in last:
+            reason = str(last[FAILURE_KEY])
+            self._row(trial, "diverged" if reason.startswith("diverged") else "failed", epoch, None)
+            self._print(f"  trial {trial.trial_id} failed: {reason[:300]}")
+            return
+        self._row(trial, "finished" if epoch >= self.epochs else "stopped", epoch, last.get(self.metric))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        from ssl_tune.tracking import error_summary
+
+        self.last_result_at.pop(trial.trial_id, None)
         self.epochs_settled[trial.trial_id] = self.epochs
         self._row(trial, "failed", int((trial.last_result or {}).get("epoch", 0)), None)
+        self._print(f"  trial {trial.trial_id} failed: {error_summary(trial)}")

@@ -135,6 +135,7 @@ class RayReporter(Reporter):
 
     def __init__(self, report: Callable[..., None], checkpoint_class: type, extra: dict[str, float] | None = None) -> None:
         self.report, self.checkpoint_class, self.extra = report, checkpoint_class, extra or {}
+        self.once: dict[str, float] = {}  # sent with the next result only
 
     def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
         with tempfile.TemporaryDirectory(prefix="ssl-tune-ckpt-") as tmp:
@@ -142,7 +143,44 @@ class RayReporter(Reporter):
             if write_checkpoint is not None:
                 write_checkpoint(Path(tmp))
                 checkpoint = self.checkpoint_class.from_directory(tmp)
-            self.report({**metrics, **self.extra}, checkpoint=checkpoint)
+            self.report({**metrics, **self.extra, **self.once}, checkpoint=checkpoint)
+            self.once = {}
+
+
+# A multi-worker trial's Ray Train run records its placement group here (in the run's directory),
+# so that the trial can remove it if the run dies in a way Ray Train does not clean up after.
+PLACEMENT_GROUPS_FILE = ".placement_groups"
+
+
+def record_placement_group(run_dir: Path) -> None:
+    import ray
+
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / PLACEMENT_GROUPS_FILE, "a") as f:
+            f.write(group.id.hex() + "\n")
+
+
+def remove_leftover_placement_groups(run_dir: Path) -> list[str]:
+    """Remove the placement groups earlier attempts of this Ray Train run recorded and that still
+    hold resources. A node lost under a run can leave its group RESCHEDULING with the surviving
+    bundles reserved, so the restarted trial (or any other) could not be placed."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        recorded = (run_dir / PLACEMENT_GROUPS_FILE).read_text().split()
+    except OSError:
+        return []
+    removed = []
+    for group_id in dict.fromkeys(recorded):
+        group = PlacementGroup(PlacementGroupID.from_hex(group_id))
+        if ray.util.placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
+            removed.append(group_id)
+    return removed
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -152,6 +190,8 @@ def train_worker(config: dict[str, Any]) -> None:
     import torch
 
     from trainers.loop import Trainer, default_device
+
+    from ssl_tune.data.datasets import DataError
 
     spec = spec_model().model_validate(config["spec"])
     torch.set_num_threads(max(1, math.ceil(spec.resources.cpus_per_worker)))
@@ -164,17 +204,30 @@ def train_worker(config: dict[str, Any]) -> None:
         nodes: list[str] = [""] * dist.get_world_size()
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         extra["worker_nodes"] = float(len(set(nodes)))  # how many Ray nodes this trial's workers sit on
+        if dist.get_rank() == 0:
+            record_placement_group(Path(config["run_dir"]))
     else:
         api, device = ray.tune, default_device()
-    report, checkpoint = RayReporter(api.report, api.Checkpoint, extra), api.get_checkpoint()
-    trainer = Trainer(spec, device=device)
-    if checkpoint is not None:
+    checkpoint = api.get_checkpoint()
+    report = RayReporter(api.report, api.Checkpoint, extra)
+
+    def fail(epoch: int, reason: str) -> None:
+        # Deterministic failures end the trial without an exception, so Tune does not retry them. A NaN
+        # objective: Optuna records the trial as failed, ASHA ignores the value.
+        api.report({"epoch": float(epoch), spec.search.metric: math.nan, tracking.FAILURE_KEY: reason})
+
+    try:
+        trainer = Trainer(spec, device=device)
+    except DataError as exc:  # the driver checked the data; this node sees something else
+        fail(0, f"data: {exc}")
+        return
+    if checkpoint is not None:  # a restarted or resumed trial
         with checkpoint.as_directory() as directory:
             trainer.load_checkpoint(Path(directory))
+        report.once[tracking.RESTORED_FROM_KEY] = float(trainer.epoch)
     result = trainer.fit(report)
     if result.status == "diverged":
-        # A NaN objective: Optuna records the trial as failed, ASHA ignores the value.
-        api.report({"epoch": float(result.epochs_completed), spec.search.metric: math.nan, tracking.DIVERGED_KEY: result.message})
+        fail(result.epochs_completed, f"diverged: {result.message}")
 
 
 def run_trial(config: dict[str, Any], base_spec: dict[str, Any]) -> None:
@@ -187,26 +240,40 @@ def run_trial(config: dict[str, Any], base_spec: dict[str, Any]) -> None:
     if r.num_workers == 1:
         train_worker({**payload, "via": "tune"})
         return
+    context = ray.tune.get_context()
+    storage_path, name = str(Path(context.get_trial_dir()).parent), f"train-{context.get_trial_id()}"
+    run_dir = Path(storage_path) / name
+    if remove_leftover_placement_groups(run_dir):  # left by an attempt that died with its node
+        print(f"removed placement groups left behind by an earlier attempt of trial {context.get_trial_id()}")
+    try:
+        _fit_train_run(spec, payload, storage_path, name, run_dir)
+    finally:
+        remove_leftover_placement_groups(run_dir)
+
+
+def _fit_train_run(spec: SpecBase, payload: dict[str, Any], storage_path: str, name: str, run_dir: Path) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    context = ray.tune.get_context()
+    r = spec.resources
     TorchTrainer(
         train_worker,
-        train_loop_config={**payload, "via": "train"},
+        train_loop_config={**payload, "via": "train", "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, placement_strategy=r.placement_strategy,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=f"train-{context.get_trial_id()}",  # fixed per trial: a retried trial finds its checkpoints
-            storage_path=str(Path(context.get_trial_dir()).parent),
+            name=name,  # fixed per trial: a retried trial finds its checkpoints
+            storage_path=storage_path,
             callbacks=[TuneReportCallback()],
             checkpoint_config=checkpoint_config(spec, train=True),
-            # A dead worker: the worker group restarts from the latest checkpoint. Workers that cannot
-            # be placed: fail (after the worker-group start timeout) instead of retrying forever.
-            failure_config=ray.train.FailureConfig(max_failures=spec.search.max_failures, controller_failure_limit=0),
+            # A dead worker or node, or workers that cannot be placed within the worker-group start
+            # timeout: the run fails at once and Tune restarts the trial (search.max_failures) from
+            # the latest checkpoint, the same way as a single-worker trial. The restart is then
+            # visible (console, MLflow), and leftover placement groups are removed in between.
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
         ),
     ).fit()
 
@@ -313,13 +380,43 @@ def _git_commit() -> str:
         return ""
 
 
+# How long `--address HOST:PORT` may take to accept a TCP connection before the search gives up.
+ADDRESS_PROBE_TIMEOUT_S = 5.0
+
+
+def check_address_answers(address: str, timeout: float = ADDRESS_PROBE_TIMEOUT_S) -> None:
+    """Raise `SpecError` within `timeout` s if nothing listens at a Ray address ("host:port" or
+    "ray://host:port"). Ray itself retries a dead address for many minutes before it gives up."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"--address {address}: not a Ray address; use HOST:PORT (the head's GCS port, "
+                        "usually 6379), ray://HOST:10001 (Ray Client) or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        what = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise SpecError(
+            f"--address {address}: no Ray cluster answers there ({what} within {timeout:g} s); start one with "
+            "`ray start --head --port 6379` on the head node, check the host, port and firewall "
+            f"({'10001 for ray://' if address.startswith('ray://') else 'the GCS port, 6379 by default'}), or leave "
+            "--address and RAY_ADDRESS unset to run on a local Ray instance") from None
+
+
 def init_ray(address: str | None, *, log_to_driver: bool = True) -> str:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
+            check_address_answers(address)
+            try:
+                ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
+            except ConnectionError as exc:  # e.g. "auto" with no cluster on this machine
+                raise SpecError(f"--address {address}: {str(exc).splitlines()[0]}") from None
         else:
             # "local": a new instance even if a `ray start` cluster runs on this machine.
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
@@ -347,6 +444,20 @@ def _driver_log(storage: str, run_name: str) -> Path:
     return base / f"{run_name}.log"
 
 
+def check_data(spec: SpecBase) -> None:
+    """Load the spec's data set once before any trial: a missing root, an empty class folder or a
+    file that does not decode is the user's to fix (exit 2), not a trial failure to retry."""
+    from ssl_tune.data.datasets import DataError, load_dataset
+
+    try:
+        dataset = load_dataset(spec.data.name, spec.data.root, spec.data.image_size)
+    except DataError as exc:
+        raise SpecError(f"data: {spec.data.name} (data.root {spec.data.root}): {exc}") from None
+    if spec.training.batch_size > len(dataset.ssl_images):
+        raise SpecError(f"training.batch_size ({spec.training.batch_size}) is larger than data set "
+                        f"{spec.data.name!r} ({len(dataset.ssl_images)} images)")
+
+
 def _prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None, verbose: bool) -> tuple[str, int]:
     """Connect to Ray and check, before any trial, that the trials fit and can write where they must."""
     ray_address = init_ray(address, log_to_driver=verbose)
@@ -365,6 +476,12 @@ class SearchOutcome:
     best_run_id: str | None
     interrupted: bool = False
     trials_done: int = 0
+    trials_ok: int = 0  # finished or stopped early by ASHA; not failed, diverged or stopped on bad data
+    storage: str = ""  # the storage path holding the search's Tune state
+
+    @property
+    def all_failed(self) -> bool:
+        return not self.interrupted and self.trials_ok == 0
 
 
 def _trainable(spec: SpecBase):
@@ -399,6 +516,8 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.tracking_uri(spec)
     tracking.check_reachable(uri)
+    tracking.bound_http_retries()
+    check_data(spec)
     storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
     with _console(_driver_log(storage, run_name), verbose):
         return _start_search(spec, spec_source, run_name, uri, storage, address, verbose)
@@ -450,31 +569,59 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
             verbose=1 if verbose else 0,
         ),
     )
-    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri)
+    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri, storage)
+
+
+def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) -> str:
+    """The Tune experiment directory a search's parent run names, if the user vouches for it.
+
+    Resuming unpickles `tuner.pkl` from that directory, and anyone who can write tags on a shared
+    tracking server could point the tag elsewhere; so the directory must sit directly in the storage
+    path given on the command line (`--storage-path`), by default the spec default `ssl_tune_runs` here.
+    """
+    from ssl_tune.spec import SpecBase as _Spec
+
+    root = storage_path or _Spec.model_fields["storage_path"].default
+    given = "--storage-path " + root if storage_path else f"the default storage path ./{root}"
+
+    def normal(path: str) -> str:
+        return path.rstrip("/") if "://" in path else str(Path(path).resolve())
+
+    parent = tagged.rstrip("/").rpartition("/")[0] if "://" in tagged else str(Path(tagged).parent)
+    if not tagged or normal(parent) != normal(root):
+        raise SpecError(
+            f"resume: the search's MLflow run names its Tune state at {tagged or '(nothing)'}, which is not in {given}; "
+            "resuming unpickles that state (tuner.pkl), so ssl-tune reads it only from a storage path you name. If you "
+            f"trust that directory: ssl-tune resume {run_ref} --storage-path {parent or 'DIR'}")
+    return normal(tagged)
 
 
 def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, address: str | None = None,
-                  verbose: bool = False) -> SearchOutcome:
+                  verbose: bool = False, storage_path: str | None = None) -> SearchOutcome:
     """Continue an interrupted search: unfinished trials resume from their checkpoints, the remaining
     samples run, finished trials are kept; the same MLflow parent and child runs are used."""
     from ray import tune
 
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)
+    tracking.bound_http_retries()
     client = tracking.client_for(uri)
     try:
-        parent = tracking.find_parent_run(client, experiment_or_run)
+        parent = tracking.find_parent_run(client, experiment_or_run, unfinished=True)
     except LookupError as exc:
         raise SpecError(f"resume: {exc} in {uri}") from None
-    parent_id, storage = parent.info.run_id, parent.data.tags.get(tracking.TAG_STORAGE, "")
-    if parent.info.status == "FINISHED":
-        raise SpecError(f"resume: search {parent.info.run_name!r} ({parent_id}) already finished; nothing to resume")
-    if not storage or not tune.Tuner.can_restore(storage):
+    parent_id = parent.info.run_id
+    if parent.info.status in tracking.ENDED:
+        raise SpecError(f"resume: search {parent.info.run_name!r} ({parent_id}) already ended ({parent.info.status}); "
+                        "nothing to resume")
+    storage = trusted_experiment_dir(parent.data.tags.get(tracking.TAG_STORAGE, ""), storage_path, experiment_or_run)
+    if not tune.Tuner.can_restore(storage):
         raise SpecError(f"resume: no Tune experiment state at {storage!r} for search {parent.info.run_name!r}; "
                         "it was removed, or the search stopped before its first trial started")
     with tempfile.TemporaryDirectory() as tmp:
         spec_text = Path(client.download_artifacts(parent_id, "spec.yaml", tmp)).read_text()
     spec = spec_model().model_validate(yaml.safe_load(spec_text))
+    check_data(spec)
     with _console(_driver_log(str(Path(storage).parent), Path(storage).name), verbose):
         _prepare_cluster(spec, str(Path(storage).parent), uri, address, verbose)
         return _resume(spec, storage, client, parent, uri)
@@ -486,14 +633,15 @@ def _resume(spec: SpecBase, storage: str, client, parent, uri: str) -> SearchOut
     parent_id = parent.info.run_id
     client.update_run(parent_id, status="RUNNING")
     client.set_tag(parent_id, "ssl_tune.resumed", str(int(parent.data.tags.get("ssl_tune.resumed", "0")) + 1))
-    # tuner.pkl is a pickle: it is read only from the storage path this search's own parent run names.
+    # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
     tuner = tune.Tuner.restore(storage, trainable=_trainable(spec), resume_unfinished=True,
                                resume_errored=False, restart_errored=False)
     experiment_name = client.get_experiment(parent.info.experiment_id).name
-    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri)
+    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri, storage.rstrip("/").rpartition("/")[0])
 
 
-def _fit_and_record(tuner, spec: SpecBase, client, parent_id: str, experiment_name: str, uri: str) -> SearchOutcome:
+def _fit_and_record(tuner, spec: SpecBase, client, parent_id: str, experiment_name: str, uri: str,
+                    storage: str) -> SearchOutcome:
     """Run the Tuner; then close the MLflow runs: the leaderboard if the search finished, else
     every unfinished trial's run KILLED and the parent KILLED, ready for `ssl-tune resume`."""
     try:
@@ -505,12 +653,14 @@ def _fit_and_record(tuner, spec: SpecBase, client, parent_id: str, experiment_na
         raise
     parent = client.get_run(parent_id)
     done = results.num_terminated + results.num_errors
+    ok = sum(r.error is None and tracking.FAILURE_KEY not in (r.metrics or {}) for r in results)
     # Runs still RUNNING belong to trials stopped by Ctrl-C/SIGTERM, or to a driver that died before.
     _close_unfinished(client, parent)
     if done < spec.search.num_samples:
         client.set_terminated(parent_id, "KILLED")
         rows = tracking.leaderboard(client, parent)
-        return SearchOutcome(experiment_name, parent_id, uri, rows, None, interrupted=True, trials_done=done)
+        return SearchOutcome(experiment_name, parent_id, uri, rows, None, interrupted=True, trials_done=done, trials_ok=ok,
+                             storage=storage)
     rows = tracking.leaderboard(client, parent)
     searched = spec.searchable_paths()
     best = next((r for r in rows if not math.isnan(r["objective"]) and r["status"] != "FAILED"), None)
@@ -525,9 +675,11 @@ def _fit_and_record(tuner, spec: SpecBase, client, parent_id: str, experiment_na
     try:
         plots.log_search_figures(client, client.get_run(parent_id), spec)
     except Exception as exc:  # figures are a view of the results: never lose the finished search over one
-        print(f"warning: the search's figures were not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
-    client.set_terminated(parent_id, "FINISHED")
-    return SearchOutcome(experiment_name, parent_id, uri, rows, best["run_id"] if best else None, trials_done=done)
+        print(f"warning: the search's figures were not logged ({type(exc).__name__}: {exc})", file=sys.__stderr__)
+    # A search in which no trial came through did not find anything: FAILED, and a non-zero exit.
+    client.set_terminated(parent_id, "FINISHED" if ok else "FAILED")
+    return SearchOutcome(experiment_name, parent_id, uri, rows, best["run_id"] if best else None, trials_done=done,
+                         trials_ok=ok, storage=storage)
 
 
 def _close_unfinished(client, parent) -> None:

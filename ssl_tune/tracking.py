@@ -37,11 +37,20 @@ TAG_MODE = "ssl_tune.mode"
 TAG_SEARCHED = "ssl_tune.searched_params"
 TAG_ERROR = "ssl_tune.error"
 TAG_RESTARTS = "ssl_tune.restarts"
+TAG_LAST_RESTART = "ssl_tune.last_restart_reason"
 # A result key (not a metric) that ends a trial as FAILED with its reason, without an exception:
-# divergence is deterministic, so restarting the trial (`search.max_failures`) would diverge again.
-DIVERGED_KEY = "diverged_reason"
+# divergence and bad data are deterministic, so restarting the trial (`search.max_failures`) would
+# only fail again.
+FAILURE_KEY = "failure_reason"
+# Statuses of a search's parent run that `ssl-tune resume` cannot continue (KILLED means interrupted).
+ENDED = ("FINISHED", "FAILED")
 TAG_STORAGE = "ssl_tune.storage"  # on parents: the Tune experiment directory (what `ssl-tune resume` restores)
 TAG_INTERRUPTED_AT = "ssl_tune.interrupted_at_epoch"
+TAG_EPOCHS_LOST = "ssl_tune.epochs_lost"  # completed epochs trained again after restarts
+# A result key (a metric too): the epoch of the checkpoint a restarted or resumed trial continued from.
+RESTORED_FROM_KEY = "restored_from_epoch"
+# How long the end of a search waits for held MLflow updates before giving up on them.
+FINAL_FLUSH_S = 120.0
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -87,6 +96,18 @@ def check_reachable(uri: str) -> None:
                 os.environ[k] = v
 
 
+# Each MLflow HTTP call of the driver gives up after about 20 s (MLflow's default is minutes of
+# retries); `MlflowWriter` retries held updates itself. Values set in the environment win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def bound_http_retries() -> None:
+    """Short timeouts and few retries for this process's MLflow HTTP calls, unless the user set them."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def experiment_id(client, name: str) -> str:
     found = client.get_experiment_by_name(name)
     return found.experiment_id if found is not None else client.create_experiment(name)
@@ -105,10 +126,10 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=chunk)
 
 
-def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int, timestamp: int | None = None) -> None:
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = timestamp if timestamp is not None else int(time.time() * 1000)
     entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     for chunk in _chunks(entries, 1000):
         client.log_batch(run_id, metrics=chunk)
@@ -120,76 +141,163 @@ def result_metrics(result: dict[str, Any]) -> dict[str, float]:
             if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+class MlflowWriter:
+    """Writes MLflow updates in order on a background thread, so that a slow or dead tracking
+    server never blocks the Tune loop (and with it every trial).
+
+    An update that fails is retried (every `retry_s`) until it succeeds; the updates after it wait,
+    so the order is kept and nothing is written twice. The console says once when the server
+    becomes unreachable and once when it is back. A best-effort update (figures) that fails while
+    the server answers is dropped with a warning instead of holding the queue.
+    """
+
+    def __init__(self, uri: str, client_factory: Callable[[], Any], retry_s: float = 2.0) -> None:
+        import threading
+
+        self.uri, self.retry_s, self._client_factory = uri, retry_s, client_factory
+        self._client = None
+        self._queue: collections.deque[tuple[Callable[[], None], str | None]] = collections.deque()
+        self._wake = threading.Condition()
+        self._busy = False
+        self._down_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="ssl-tune-mlflow-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def submit(self, update: Callable[[], None], best_effort: str | None = None) -> None:
+        """Queue `update` (never blocks). `best_effort` names it if it may be dropped on an error."""
+        with self._wake:
+            self._queue.append((update, best_effort))
+            self._wake.notify()
+
+    @property
+    def pending(self) -> int:
+        with self._wake:
+            return len(self._queue) + self._busy
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued update is written; False if some are still held after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(min(left, 0.5))
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue:
+                    self._wake.wait()
+                update, best_effort = self._queue[0]
+                self._busy = True
+            error = None
+            try:
+                update()
+            except Exception as exc:  # the store is down, or refuses the call
+                error = exc
+            # A best-effort update that fails while the server answers is its own fault: drop it.
+            done = error is None or (best_effort is not None and self._reachable())
+            with self._wake:
+                self._busy = False
+                if done:
+                    self._queue.popleft()
+                self._wake.notify_all()
+            if error is None:
+                self._back()
+            elif done:
+                print(f"warning: {best_effort} not logged ({type(error).__name__}: {error})", file=sys.__stderr__)
+            else:
+                self._down(error)
+                time.sleep(self.retry_s)
+
+    def _reachable(self) -> bool:
+        try:
+            self.client.search_experiments(max_results=1)
+            return True
+        except Exception:
+            return False
+
+    def _down(self, error: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            first = str(error).splitlines()[0][:200] if str(error) else ""
+            print(f"warning: MLflow at {self.uri} is unreachable ({type(error).__name__}: {first}); training goes on, "
+                  f"updates are held in order and retried every {self.retry_s:g} s, and Tune's result files keep every "
+                  "metric", file=sys.__stderr__, flush=True)
+
+    def _back(self) -> None:
+        if self._down_since is not None:
+            print(f"MLflow at {self.uri} is reachable again after {time.monotonic() - self._down_since:.0f} s; "
+                  "held updates are being written", file=sys.__stderr__, flush=True)
+            self._down_since = None
+
+
 class MlflowTrialLogger(Callback):
     """Tune callback: a nested MLflow child run per trial, metrics per epoch, final status.
 
     A trial that the scheduler stopped before its last epoch ends KILLED with the epoch it
-    reached; one that diverged or raised ends FAILED with the reason as a tag (and, if it raised,
-    the traceback as an artifact). A trial restarted after a worker died, or resumed by
-    `ssl-tune resume`, continues its own run (found by its trial id), and epochs logged before
-    are not logged twice.
+    reached; one that diverged, met bad data or raised ends FAILED with the reason as a tag (and,
+    if it raised, the traceback as an artifact). A trial restarted after a worker or node died, or
+    resumed by `ssl-tune resume`, continues its own run (found by its trial id), and epochs logged
+    before are not logged twice.
 
-    If the tracking server becomes unreachable, updates are held in order and retried with
-    every later event (one warning); training goes on, and Tune's own result files keep every
-    metric whatever happens.
+    Every MLflow call runs on an `MlflowWriter` thread: the callback only queues updates, so a
+    tracking outage never stalls training; Tune's own result files keep every metric whatever happens.
     """
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, spec: SpecBase) -> None:
         self.uri, self.experiment, self.parent_run_id, self.spec = uri, experiment, parent_run_id, spec
         self.metric, self.mode = spec.search.metric, spec.search.mode
+        self._reset()
+
+    def _reset(self) -> None:
         self.runs: dict[str, str] = {}  # trial id -> child run id
         self.best: dict[str, float] = {}  # trial id -> objective of its best checkpoint so far
         self.last_epoch: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
-        self.diverged: dict[str, str] = {}  # trial id -> reason
+        self.epochs_lost: dict[str, int] = {}
+        self.failed: dict[str, str] = {}  # trial id -> reason (diverged, bad data)
         self.last_checkpoint: dict[str, str] = {}  # trial id -> directory of its latest checkpoint
-        self._client = None
-        self._held: collections.deque[Callable[[], None]] = collections.deque()
-        self._warned = False
+        self._writer: MlflowWriter | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into Tune's experiment state: a resumed search rebuilds the rest from MLflow.
         state = self.__dict__.copy()
-        state.update(_client=None, _held=collections.deque(), _warned=False, runs={}, best={}, last_epoch={},
-                     restarts={}, diverged={}, last_checkpoint={})
+        for key in ("runs", "best", "last_epoch", "restarts", "epochs_lost", "failed", "last_checkpoint", "_writer"):
+            state.pop(key)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def writer(self) -> MlflowWriter:
+        if self._writer is None:
+            self._writer = MlflowWriter(self.uri, lambda: client_for(self.uri))
+        return self._writer
 
     @property
     def client(self):
-        if self._client is None:
-            self._client = client_for(self.uri)
-        return self._client
-
-    # --- held updates ------------------------------------------------------------------
+        return self.writer.client
 
     def _submit(self, update: Callable[[], None]) -> None:
-        self._held.append(update)
-        self.flush()
-
-    def flush(self) -> bool:
-        """Write held updates in order; False if the store is still unreachable."""
-        while self._held:
-            try:
-                self._held[0]()
-            except Exception as exc:  # the store is down or refuses: keep the update for later
-                if not self._warned:
-                    self._warned = True
-                    print(f"warning: MLflow at {self.uri} is unreachable ({type(exc).__name__}); training goes on, "
-                          "updates are held and retried, and Tune's result files keep every metric", file=sys.stderr)
-                return False
-            self._held.popleft()
-        if self._warned:
-            self._warned = False
-            print(f"MLflow at {self.uri} is reachable again; held updates written", file=sys.stderr)
-        return True
+        self.writer.submit(update)
 
     def on_experiment_end(self, trials, **info) -> None:
-        for _ in range(30):  # up to about a minute for a store that is coming back
-            if self.flush():
-                return
-            time.sleep(2)
-        print(f"warning: {len(self._held)} MLflow updates could not be written to {self.uri}; "
-              "the metrics are in Tune's result files under the search's storage directory", file=sys.stderr)
+        if self.writer.drain(timeout=FINAL_FLUSH_S):
+            return
+        print(f"warning: {self.writer.pending} MLflow updates could not be written to {self.uri} within "
+              f"{FINAL_FLUSH_S:g} s; the metrics are in Tune's result files under the search's storage directory",
+              file=sys.__stderr__)
 
     # --- trials --------------------------------------------------------------------------
 
@@ -201,46 +309,59 @@ class MlflowTrialLogger(Callback):
     def _open_run(self, trial) -> None:
         from ssl_tune.search import field_values
 
+        # Find before create: a resumed search continues the trial's run, and a retried update (the
+        # server went away after creating it) does not create a second one.
         existing = self.client.search_runs(
             [self.experiment], max_results=1,
             filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial.trial_id}'")
-        if existing:  # a resumed search: continue this trial's run
+        if existing:
             run = existing[0]
-            self.runs[trial.trial_id] = run.info.run_id
             self.last_epoch[trial.trial_id] = int(run.data.metrics.get("epoch", 0))
             values = [m.value for m in self.client.get_metric_history(run.info.run_id, self.metric)]
             if values and TAG_BEST_CHECKPOINT in run.data.tags:  # so a worse later checkpoint does not replace it
                 self.best[trial.trial_id] = max(values) if self.mode == "max" else min(values)
-            self.client.update_run(run.info.run_id, status="RUNNING")
-            return
-        run = self.client.create_run(
-            self.experiment,
-            run_name=f"trial-{trial.trial_id}",
-            tags={"mlflow.parentRunId": self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL_ID: trial.trial_id},
-        )
+            self.epochs_lost[trial.trial_id] = int(run.data.tags.get(TAG_EPOCHS_LOST, 0))
+            self.restarts[trial.trial_id] = int(run.data.tags.get(TAG_RESTARTS, 0))
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment,
+                run_name=f"trial-{trial.trial_id}",
+                tags={"mlflow.parentRunId": self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL_ID: trial.trial_id},
+            )
+        if not run.data.params:
+            # The resolved spec, flattened: the sampled values sit at their field paths.
+            log_params(self.client, run.info.run_id, self.spec.resolve(field_values(trial.config)).flat())
         self.runs[trial.trial_id] = run.info.run_id
-        # The resolved spec, flattened: the sampled values sit at their field paths.
-        log_params(self.client, run.info.run_id, self.spec.resolve(field_values(trial.config)).flat())
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if trial.trial_id not in self.runs:
             return
-        if DIVERGED_KEY in result:
-            self.diverged[trial.trial_id] = str(result[DIVERGED_KEY])
+        if FAILURE_KEY in result:
+            self.failed[trial.trial_id] = str(result[FAILURE_KEY])
             return
         metrics = result_metrics(result)
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
         checkpoint_path = result.get("checkpoint_path")
+        timestamp = int(time.time() * 1000)  # fixed here: a retried write repeats the same rows, which MLflow ignores
+        restored_from = result.get(RESTORED_FROM_KEY)
+        lost: list[int] = []  # computed once, even if the update is retried
 
         def update() -> None:
+            if restored_from is not None:
+                if not lost:
+                    lost.append(max(0, self.last_epoch.get(trial.trial_id, 0) - int(restored_from)))
+                    self.epochs_lost[trial.trial_id] = self.epochs_lost.get(trial.trial_id, 0) + lost[0]
+                self.client.set_tag(self.runs[trial.trial_id], TAG_EPOCHS_LOST, str(self.epochs_lost[trial.trial_id]))
             if epoch <= self.last_epoch.get(trial.trial_id, 0):
                 return  # logged before a restart; the resumed run recomputed the same epoch
-            log_metrics(self.client, self.runs[trial.trial_id], metrics, step=epoch)
-            self.last_epoch[trial.trial_id] = epoch  # after the write: a failed write is retried in full
+            log_metrics(self.client, self.runs[trial.trial_id], metrics, step=epoch, timestamp=timestamp)
             # Multi-worker trials (Ray Train) report their checkpoint's path with the result.
             if checkpoint_path:
                 self.last_checkpoint[trial.trial_id] = checkpoint_path
                 self._checkpoint(trial.trial_id, checkpoint_path, metrics.get(self.metric), epoch)
+            self.last_epoch[trial.trial_id] = epoch  # after the writes: a failed one is retried in full
 
         self._submit(update)
 
@@ -263,19 +384,31 @@ class MlflowTrialLogger(Callback):
             self.client.set_tag(run_id, TAG_BEST_EPOCH, str(epoch))
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        # A worker died: Tune restarts the trial from its latest checkpoint, in the same run.
-        count = self.restarts[trial.trial_id] = self.restarts.get(trial.trial_id, 0) + 1
-        self._submit(lambda: self.client.set_tag(self.runs[trial.trial_id], TAG_RESTARTS, str(count)))
+        # A worker or node died: Tune restarts the trial from its latest checkpoint, in the same run.
+        from mlflow.entities import RunTag
+
+        reason = error_summary(trial)
+        counted: list[int] = []  # once, even if the update is retried
+
+        def update() -> None:
+            if not counted:
+                counted.append(self.restarts.get(trial.trial_id, 0) + 1)
+                self.restarts[trial.trial_id] = counted[0]
+            count = counted[0]
+            self.client.log_batch(self.runs[trial.trial_id], tags=[
+                RunTag(TAG_RESTARTS, str(count)), RunTag(TAG_LAST_RESTART, reason[:5000] or "unknown")])
+
+        self._submit(update)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id not in self.runs:
             return
-        reason = self.diverged.get(trial.trial_id)
+        reason = self.failed.get(trial.trial_id)
 
         def update() -> None:
             run_id, reached = self.runs[trial.trial_id], self.last_epoch.get(trial.trial_id, 0)
             if reason is not None:
-                self.client.set_tag(run_id, TAG_ERROR, f"diverged: {reason}"[:5000])
+                self.client.set_tag(run_id, TAG_ERROR, reason[:5000])
                 self.client.set_terminated(run_id, "FAILED")
             elif reached < self.spec.training.epochs:
                 self.client.set_tag(run_id, TAG_STOPPED_AT, str(reached))
@@ -288,19 +421,17 @@ class MlflowTrialLogger(Callback):
 
     def _submit_figures(self, trial) -> None:
         """The trial's figures, then the search's, refreshed as each trial ends. Best effort: a
-        figure that cannot be drawn or logged is reported and skipped, never held (the search's
-        figures are drawn again at the end)."""
+        figure that cannot be drawn is reported and skipped, never held (the search's figures are
+        drawn again at the end); while the server is unreachable they wait like any update."""
         from ssl_tune import plots
 
-        if self._held:
-            return  # the store is unreachable right now
-        checkpoint = self.last_checkpoint.get(trial.trial_id)
-        figure_dir = os.path.join(checkpoint, plots.FIGURE_DIR) if checkpoint else None
-        try:
+        def update() -> None:
+            checkpoint = self.last_checkpoint.get(trial.trial_id)
+            figure_dir = os.path.join(checkpoint, plots.FIGURE_DIR) if checkpoint else None
             plots.log_trial_figures(self.client, self.runs[trial.trial_id], figure_dir)
             plots.log_search_figures(self.client, self.client.get_run(self.parent_run_id), self.spec)
-        except Exception as exc:  # a plotting corner case must not stop the search or hold its metrics
-            print(f"warning: figures after trial {trial.trial_id} not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+        self.writer.submit(update, best_effort=f"figures after trial {trial.trial_id}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id not in self.runs:
@@ -328,17 +459,26 @@ def _error_text(trial) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+def error_summary(trial) -> str:
+    """One line saying why a trial failed or is being restarted."""
+    return _last_line(_error_text(trial))[:300]
+
+
 def _last_line(text: str) -> str:
     """The exception line of a traceback, for the run's tag."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return (lines[-1] if lines else "trial failed")[:5000]
 
 
 # --- reading a search back ---------------------------------------------------------------
 
 
-def find_parent_run(client, experiment_or_run: str):
-    """A search's parent run from its run id, a trial's run id, or an experiment name (latest search)."""
+def find_parent_run(client, experiment_or_run: str, *, unfinished: bool = False):
+    """A search's parent run from its run id, a trial's run id, the search's name (`ssl-tune run
+    --name`) or an experiment name (its latest search; with `unfinished`, its one unfinished search).
+
+    Raises LookupError naming the candidates when a name fits more than one search.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
@@ -348,14 +488,45 @@ def find_parent_run(client, experiment_or_run: str):
     if run is not None:
         parent = run.data.tags.get("mlflow.parentRunId")
         return client.get_run(parent) if parent else run
+    is_search = f"tags.`{TAG_KIND}` = 'search'"
+    quote = "'" if "'" not in experiment_or_run else '"'
+    all_experiments = [e.experiment_id for e in client.search_experiments(max_results=50000)]
+    named = client.search_runs(
+        all_experiments, filter_string=f"{is_search} and attributes.run_name = {quote}{experiment_or_run}{quote}",
+        order_by=["attributes.start_time DESC"], max_results=100) if all_experiments and '"' not in experiment_or_run else []
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        raise LookupError(f"{len(named)} searches are named {experiment_or_run!r}; give one run id:\n"
+                          + _candidates(client, named))
     experiment = client.get_experiment_by_name(experiment_or_run)
     if experiment is None:
-        raise LookupError(f"no MLflow experiment or run named {experiment_or_run!r}")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'search'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+        raise LookupError(f"no MLflow experiment, search name or run id {experiment_or_run!r}")
+    runs = client.search_runs([experiment.experiment_id], filter_string=is_search,
+                              order_by=["attributes.start_time DESC"], max_results=1000)
     if not runs:
         raise LookupError(f"experiment {experiment_or_run!r} has no ssl-tune search")
-    return runs[0]
+    if not unfinished:
+        return runs[0]
+    open_runs = [r for r in runs if r.info.status not in ENDED]
+    if len(open_runs) == 1:
+        return open_runs[0]
+    if not open_runs:
+        raise LookupError(f"experiment {experiment_or_run!r} has no unfinished search; its latest is "
+                          f"{runs[0].info.run_name!r} ({runs[0].info.run_id}), {runs[0].info.status}")
+    raise LookupError(f"experiment {experiment_or_run!r} has {len(open_runs)} unfinished searches; give the name or "
+                      "run id of one:\n" + _candidates(client, open_runs))
+
+
+def _candidates(client, runs: list) -> str:
+    """One line per search: name, run id, experiment, status, start time."""
+    lines = []
+    for run in runs:
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
+        experiment = client.get_experiment(run.info.experiment_id).name
+        lines.append(f"  {run.info.run_name}  {run.info.run_id}  experiment {experiment!r}  {run.info.status}  "
+                     f"started {started}")
+    return "\n".join(lines)
 
 
 def child_runs(client, parent) -> list:

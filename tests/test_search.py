@@ -191,17 +191,36 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_pat
     assert parent.info.status == "FINISHED" and parent.data.tags[tracking.TAG_BEST_TRIAL_RUN] == healthy.info.run_id
 
 
-def test_trial_that_raises_is_failed_with_its_traceback(tmp_path):
-    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=0)
-    raw["training"]["batch_size"] = 20000  # more than the bundled data: the trial's Trainer raises
+def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path):
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
+    raw["training"]["batch_size"] = 20000  # more than the bundled data
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
-    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client, _, (child,) = runs_of(tmp_path)
-    assert child.info.status == "FAILED" and "batch_size (20000) is larger" in child.data.tags[tracking.TAG_ERROR]
-    traceback_text = client.download_artifacts(child.info.run_id, "error.txt", str(tmp_path))
-    text = Path(traceback_text).read_text()
-    assert 'trainers/loop.py", line' in text and "SpecError" in text and "\x1b[" not in text
+    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training.batch_size (20000) is larger than data set" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ssl_tune_runs").exists()
+
+
+def test_trial_that_errors_is_failed_with_its_error(tmp_path):
+    from tests.test_faults import output, start_cli, wait_for
+
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=0)
+    raw["training"]["epochs"] = 3
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = start_cli(["run", "spec.yaml", "--name", "r"], cwd=tmp_path)
+    first = wait_for(lambda: next((p.read_text().splitlines()[0] for p in (tmp_path / "ssl_tune_runs" / "r").glob(
+        "run_trial_*/result.json") if p.read_text().strip()), None), 240, "the first epoch", proc)
+    os.kill(json.loads(first)["pid"], 9)  # the trial's process dies, and no restart is allowed: the trial errors
+    proc.wait(timeout=300)
+    out = output(proc)
+    assert proc.returncode == 3, out[-4000:]  # its only trial failed
+    client, (parent,), (child,) = runs_of(tmp_path)
+    assert child.info.status == "FAILED" and parent.info.status == "FAILED"
+    error = child.data.tags[tracking.TAG_ERROR]
+    assert "ActorDiedError" in error or "died" in error, error
+    assert f"failed: {error[:40]}" in out  # the reason on the console too
+    text = Path(client.download_artifacts(child.info.run_id, "error.txt", str(tmp_path))).read_text()
+    assert "The actor died unexpectedly" in text and "\x1b[" not in text  # Tune's error file, without colour codes
 
 
 # --- the MLflow UI in a real browser -----------------------------------------------------------

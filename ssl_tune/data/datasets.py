@@ -111,12 +111,34 @@ def load_fashion_mnist(root: Path) -> ImageDataset:
     )
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR python-version batch holds: dicts, lists, bytes, str, numbers and
+    numpy arrays. A plain `pickle.load` would run whatever code a crafted file in `data.root` names."""
+
+    # How numpy (1.x and 2.x, every pickle protocol) rebuilds an array; `_codecs.encode` is how
+    # protocol 2 writes bytes. None of these runs anything but array or bytes construction.
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds only arrays, "
+                                         "lists and strings")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            entry = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as exc:  # any unreadable file is a malformed root
         raise DataError(f"{path}: not a CIFAR python-version batch ({exc})") from exc
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: not a CIFAR python-version batch (holds a {type(entry).__name__}, not a dict)")
+    return entry
 
 
 def _cifar_arrays(batches: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -183,16 +205,25 @@ def load_imagefolder(root: Path, image_size: int) -> ImageDataset:
     def split(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         try:
             folder = ImageFolder(str(path), transform=transform)
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise DataError(f"{path}: {exc}") from exc
-        images = torch.stack([folder[i][0].expand(3, -1, -1) if folder[i][0].shape[0] == 1 else folder[i][0][:3]
-                              for i in range(len(folder))])
-        return images, torch.tensor(folder.targets, dtype=torch.int64), folder.classes
+        except (FileNotFoundError, RuntimeError) as exc:  # e.g. a class folder without any image
+            raise DataError(f"{path}: {str(exc).split('. Supported extensions')[0]}") from None
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        images = []
+        for i, (file, _) in enumerate(folder.samples):
+            try:
+                image = folder[i][0]  # RGB: ImageFolder's loader converts grey, palette and RGBA images
+            except Exception as exc:  # truncated or corrupt files: name the file, not just the decoder's error
+                raise DataError(f"{file}: cannot decode this image ({type(exc).__name__}: {exc}); remove or "
+                                "replace it") from None
+            images.append(image)
+        return torch.stack(images), torch.tensor(folder.targets, dtype=torch.int64), folder.classes
 
     xtr, ytr, classes = split(_find(root, ["train"], "train/ folder"))
     xte, yte, test_classes = split(_find(root, ["test", "val"], "test/ or val/ folder"))
     if classes != test_classes:
-        raise DataError(f"{root}: train and test folders have different classes")
+        only = sorted(set(classes) ^ set(test_classes))
+        raise DataError(f"{root}: train and test folders have different classes (only in one: {', '.join(only[:10])})")
     return ImageDataset("imagefolder", xtr, ytr, xte, yte, len(classes))
 
 
