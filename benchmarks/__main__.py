@@ -6,6 +6,7 @@
     python -m benchmarks efficiency-table    # trains the grid the efficiency benchmark replays
     python -m benchmarks efficiency          # TPE + ASHA vs random vs TPE alone, same compute
     python -m benchmarks loss-scaling        # SSL-HSIC exact vs random features, CorInfoMax D, ISD K
+    python -m benchmarks data                # the decoded data cache vs decoding an ImageFolder, 100k JPEGs
     python -m benchmarks report              # only rewrite docs/benchmarks.md from the saved JSON
 """
 
@@ -18,7 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks import common, loss_scaling, report, search_efficiency, search_overhead, throughput
+from benchmarks import common, data, loss_scaling, report, search_efficiency, search_overhead, throughput
 
 BENCHMARKS = {  # name -> (add_arguments, run)
     "throughput": (throughput.add_arguments, throughput.run),
@@ -27,6 +28,7 @@ BENCHMARKS = {  # name -> (add_arguments, run)
     "efficiency-table": (lambda p: search_efficiency.add_arguments(p, table=True), search_efficiency.run_table),
     "efficiency": (lambda p: search_efficiency.add_arguments(p, table=False), search_efficiency.run),
     "loss-scaling": (loss_scaling.add_arguments, loss_scaling.run),
+    "data": (data.add_arguments, data.run),
 }
 
 

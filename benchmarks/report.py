@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks import loss_scaling, search_efficiency, search_overhead, throughput
+from benchmarks import data, loss_scaling, search_efficiency, search_overhead, throughput
 
 # (result file, title, what it measures, renderer, command to run when there is no result yet)
 SECTIONS = [
@@ -32,6 +32,10 @@ SECTIONS = [
     ("loss-scaling", "Scaling of the losses",
      "Forward + backward of each loss alone, relative to the smallest size measured in the same run.",
      loss_scaling.report),
+    ("data", "Data: the decoded, memory-mapped cache against decoding an ImageFolder",
+     "A synthetic ImageFolder of JPEGs read by `ssl-tune prepare` into the cache, against torchvision's "
+     "DataLoader, the in-memory loader ssl-tune had before, and private in-memory copies.",
+     data.report),
 ]
 
 

@@ -68,19 +68,45 @@ def _summary(result, seconds: float, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _open_data(spec, spec_path: Path):
+    """The spec's data set from its cache (built first if needed), with the cache's summary printed;
+    None (after printing the error) when the data is not usable."""
+    from ssl_tune.data.cache import open_dataset
     from ssl_tune.data.datasets import DataError
+
+    try:
+        dataset, info = open_dataset(spec.data)
+    except DataError as exc:
+        print(f"error: data set {spec.data.name!r} (spec {spec_path}, field data.root): {exc}", file=sys.stderr)
+        return None, None
+    if info is not None:
+        print(info.summary())
+    return dataset, info
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from ssl_tune.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    if spec.data.name == "fashion_mnist_subset":
+        print("the bundled data set (fashion_mnist_subset) ships decoded inside the package: nothing to prepare")
+        return 0
+    dataset, _ = _open_data(spec, args.spec)
+    return 0 if dataset is not None else EXIT_BAD_INPUT
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from ssl_tune.spec import SpecError, load_spec
     from trainers.loop import Trainer
 
     spec = load_spec(args.spec, args.set).resolve()
     out_dir = args.out or Path("ssl_tune_runs") / "train" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
-    try:
-        trainer = Trainer(spec)
-    except DataError as exc:
-        print(f"error: data set {spec.data.name!r} (spec {args.spec}, field data.root): {exc}", file=sys.stderr)
+    dataset, data = _open_data(spec, args.spec)
+    if dataset is None:
         return EXIT_BAD_INPUT
+    try:
+        trainer = Trainer(spec, dataset=dataset)
     except SpecError as exc:  # checks that need the data, e.g. the batch size against its size
         print(f"error: invalid spec {args.spec}:\n  {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -93,7 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {spec.method.name} on {spec.data.name} ({len(trainer.dataset.ssl_images)} images, "
           f"{spec.training.epochs} epochs, batch {spec.training.batch_size}, {trainer.device})")
     result = trainer.fit(reporter)
-    (out_dir / "metrics.json").write_text(json.dumps({"status": result.status, "history": result.history}, indent=2))
+    data_info = {"cache": str(data.path), "skipped": data.skipped} if data is not None else {"cache": None, "skipped": 0}
+    (out_dir / "metrics.json").write_text(json.dumps({"status": result.status, "history": result.history,
+                                                      "data": data_info}, indent=2))
     print(_summary(result, time.perf_counter() - started, out_dir))
     if result.status == "diverged":
         print(f"error: training diverged: {result.message}; the last good checkpoint is in {out_dir}", file=sys.stderr)
@@ -209,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("spec", type=Path, help="spec file (YAML), e.g. search_spaces/twist.yaml")
         p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                        help="override a spec field (value parsed as YAML); repeatable")
+
+    prepare = sub.add_parser("prepare", help="decode the spec's data set into its cache (run and train do it when needed)",
+                             description="Decode the spec's data set once, in parallel on every core, into a memory-mapped "
+                             "cache (data.cache_dir, else $SSL_TUNE_CACHE_DIR, else ~/.cache/ssl-tune) that every trial "
+                             "and worker on this machine shares; reuse it if it is up to date with its source files. "
+                             "Optional: `ssl-tune run` and `ssl-tune train` build a missing or stale cache themselves.")
+    spec_args(prepare)
+    prepare.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser("train", help="train one configuration without Ray (ranges at their defaults)",
                            description="Train one configuration of a spec in this process: fixed values as given, "

@@ -189,9 +189,9 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.tune
     import torch
 
-    from trainers.loop import Trainer, default_device
-
+    from ssl_tune.data.cache import open_dataset
     from ssl_tune.data.datasets import DataError
+    from trainers.loop import Trainer, default_device
 
     spec = spec_model().model_validate(config["spec"])
     torch.set_num_threads(max(1, math.ceil(spec.resources.cpus_per_worker)))
@@ -217,7 +217,9 @@ def train_worker(config: dict[str, Any]) -> None:
         api.report({"epoch": float(epoch), spec.search.metric: math.nan, tracking.FAILURE_KEY: reason})
 
     try:
-        trainer = Trainer(spec, device=device)
+        # This node's copy of the cache, built here (once per node, under a lock) if it has none.
+        dataset, _ = open_dataset(spec.data, expected=config.get("data_fingerprint"))
+        trainer = Trainer(spec, dataset=dataset, device=device)
     except DataError as exc:  # the driver checked the data; this node sees something else
         fail(0, f"data: {exc}")
         return
@@ -230,12 +232,12 @@ def train_worker(config: dict[str, Any]) -> None:
         fail(result.epochs_completed, f"diverged: {result.message}")
 
 
-def run_trial(config: dict[str, Any], base_spec: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprint: str | None = None) -> None:
     """Tune function trainable: `config` holds the sampled values by dotted path."""
     import ray.tune
 
     spec = spec_model().model_validate(base_spec).resolve(field_values(config))
-    payload = {"spec": spec.model_dump(mode="json")}
+    payload = {"spec": spec.model_dump(mode="json"), "data_fingerprint": data_fingerprint}
     r = spec.resources
     if r.num_workers == 1:
         train_worker({**payload, "via": "tune"})
@@ -444,18 +446,23 @@ def _driver_log(storage: str, run_name: str) -> Path:
     return base / f"{run_name}.log"
 
 
-def check_data(spec: SpecBase) -> None:
-    """Load the spec's data set once before any trial: a missing root, an empty class folder or a
-    file that does not decode is the user's to fix (exit 2), not a trial failure to retry."""
-    from ssl_tune.data.datasets import DataError, load_dataset
+def check_data(spec: SpecBase):
+    """Build or check the spec's data cache on this node once, before any trial: a missing root, an
+    empty class folder or a file that does not decode is the user's to fix (exit 2), not a trial
+    failure to retry. Returns the cache's `CacheInfo` (None for the bundled data set)."""
+    from ssl_tune.data.cache import open_dataset
+    from ssl_tune.data.datasets import DataError
 
     try:
-        dataset = load_dataset(spec.data.name, spec.data.root, spec.data.image_size)
+        dataset, info = open_dataset(spec.data)
     except DataError as exc:
         raise SpecError(f"data: {spec.data.name} (data.root {spec.data.root}): {exc}") from None
+    if info is not None:
+        print(info.summary(), flush=True)
     if spec.training.batch_size > len(dataset.ssl_images):
         raise SpecError(f"training.batch_size ({spec.training.batch_size}) is larger than data set "
                         f"{spec.data.name!r} ({len(dataset.ssl_images)} images)")
+    return info
 
 
 def _prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None, verbose: bool) -> tuple[str, int]:
@@ -484,11 +491,13 @@ class SearchOutcome:
         return not self.interrupted and self.trials_ok == 0
 
 
-def _trainable(spec: SpecBase):
+def _trainable(spec: SpecBase, data):
+    """The Tune trainable; trials map the data cache whose source fingerprint the driver checked (`data`)."""
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(run_trial, base_spec=spec.model_dump(mode="json")),
-                               tune_trial_resources(spec))
+    fingerprint = data.manifest["fingerprint"] if data is not None else None
+    return tune.with_resources(tune.with_parameters(run_trial, base_spec=spec.model_dump(mode="json"),
+                                                    data_fingerprint=fingerprint), tune_trial_resources(spec))
 
 
 @contextlib.contextmanager
@@ -517,14 +526,14 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     uri = tracking.tracking_uri(spec)
     tracking.check_reachable(uri)
     tracking.bound_http_retries()
-    check_data(spec)
+    data = check_data(spec)
     storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
     with _console(_driver_log(storage, run_name), verbose):
-        return _start_search(spec, spec_source, run_name, uri, storage, address, verbose)
+        return _start_search(spec, spec_source, run_name, uri, storage, address, verbose, data)
 
 
 def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, storage: str, address: str | None,
-                  verbose: bool) -> SearchOutcome:
+                  verbose: bool, data) -> SearchOutcome:
     from ray import tune
 
     from ssl_tune.console import ConsoleTable
@@ -552,9 +561,13 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
     client.log_text(parent_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec.yaml")
     tracking.log_params(client, parent_id, {"num_samples": spec.search.num_samples, "max_concurrent": max_concurrent,
                                             "scheduler": spec.search.scheduler, "metric": spec.search.metric})
+    if data is not None:  # the driver's node's cache; every node builds or reuses its own
+        tracking.log_params(client, parent_id, {"data.cache": data.path,
+                                                "data.train_images": data.manifest["splits"]["train"]["shape"][0]})
+        tracking.log_metrics(client, parent_id, {"data_skipped_corrupt": data.skipped}, step=0)
 
     tuner = tune.Tuner(
-        _trainable(spec),
+        _trainable(spec, data),
         tune_config=tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent),
                                     scheduler=build_scheduler(spec), num_samples=spec.search.num_samples,
                                     # a new trial reuses a finished trial's process: no fresh imports
@@ -621,20 +634,20 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     with tempfile.TemporaryDirectory() as tmp:
         spec_text = Path(client.download_artifacts(parent_id, "spec.yaml", tmp)).read_text()
     spec = spec_model().model_validate(yaml.safe_load(spec_text))
-    check_data(spec)
+    data = check_data(spec)
     with _console(_driver_log(str(Path(storage).parent), Path(storage).name), verbose):
         _prepare_cluster(spec, str(Path(storage).parent), uri, address, verbose)
-        return _resume(spec, storage, client, parent, uri)
+        return _resume(spec, storage, client, parent, uri, data)
 
 
-def _resume(spec: SpecBase, storage: str, client, parent, uri: str) -> SearchOutcome:
+def _resume(spec: SpecBase, storage: str, client, parent, uri: str, data) -> SearchOutcome:
     from ray import tune
 
     parent_id = parent.info.run_id
     client.update_run(parent_id, status="RUNNING")
     client.set_tag(parent_id, "ssl_tune.resumed", str(int(parent.data.tags.get("ssl_tune.resumed", "0")) + 1))
     # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
-    tuner = tune.Tuner.restore(storage, trainable=_trainable(spec), resume_unfinished=True,
+    tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, data), resume_unfinished=True,
                                resume_errored=False, restart_errored=False)
     experiment_name = client.get_experiment(parent.info.experiment_id).name
     return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri, storage.rstrip("/").rpartition("/")[0])

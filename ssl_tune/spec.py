@@ -173,7 +173,11 @@ class AugmentationSpec(StrictModel):
 class DataSpec(StrictModel):
     name: Literal[DATASET_NAMES] = "fashion_mnist_subset"  # type: ignore[valid-type]
     root: Path | None = Field(None, description="data root; required for cifar10, cifar100, stl10, imagefolder")
-    image_size: int | None = Field(None, ge=8, description="imagefolder only: images are resized to this size")
+    image_size: int | None = Field(None, ge=8, description="imagefolder only: images are resized to this size (64 if null)")
+    cache_dir: Path | None = Field(None, description="where decoded data sets are cached; null: $SSL_TUNE_CACHE_DIR, "
+                                   "else ~/.cache/ssl-tune. On a cluster, a node-local disk")
+    skip_corrupt: bool = Field(False, description="imagefolder: leave out images that do not decode (counted, "
+                               "printed, logged) instead of stopping")
     augmentation: AugmentationSpec = AugmentationSpec()
 
     @model_validator(mode="after")
@@ -184,6 +188,8 @@ class DataSpec(StrictModel):
             if not self.root.is_dir():
                 raise ValueError(f"data.root {str(self.root)!r} is not an existing directory")
             self.root = self.root.resolve()  # trials run in other working directories
+        if self.cache_dir is not None:
+            self.cache_dir = self.cache_dir.expanduser().resolve()
         return self
 
 

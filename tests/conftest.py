@@ -1,7 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Data caches the tests build go to a fresh directory, never to the user's ~/.cache/ssl-tune (inherited
+# by every process the tests start).
+os.environ["SSL_TUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ssl-tune-test-cache-")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -144,6 +144,18 @@ def test_throughput_and_loss_scaling_through_the_harness(tmp_path):
     assert "| twist | 512 |" in text and "**CorInfoMax** (batch 256)" in text and "| 16 |" in text
 
 
+def test_data_benchmark_through_the_harness(tmp_path):
+    results, report = tmp_path / "results", tmp_path / "benchmarks.md"
+    harness.main(["--results", str(results), "--report", str(report), "data", "--images", "300", "--size", "32",
+                  "--folder", str(tmp_path / "folder"), "--steps", "2", "--repeats", "1", "--batch-size", "64"])
+    result = json.loads((results / "data.json").read_text())
+    assert result["images"] == 300 and result["decode"]["ratio"] > 0
+    assert 0 < result["first_step"]["cache_s"] and 0 < result["throughput"]["ratio"]
+    # Two trials share the mapped pages; private copies are one each (PSS adds up to what the node holds).
+    assert result["memory"]["mapped_pss_over_one_copy"] < result["memory"]["in_memory_pss_over_one_copy"]
+    assert "| decode, images/s" in report.read_text()
+
+
 def test_gpu_throughput_counts_flops(tmp_path):
     import argparse
 

@@ -9,7 +9,9 @@ import torch
 
 from ssl_tune.cli import main
 from ssl_tune.data.augment import ViewAugmentation, augment_batch, preset_views
+from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
+from ssl_tune.spec import spec_from_dict
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from tests.test_spec import tiny_spec_dict, write
 
@@ -78,15 +80,17 @@ def test_imagefolder(tmp_path):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / split / cls / "a.png")
-    d = load_dataset("imagefolder", tmp_path, image_size=16)
+    data = spec_from_dict(tiny_spec_dict(data={"name": "imagefolder", "root": str(tmp_path), "image_size": 16})).data
+    d, _ = open_dataset(data)
     assert d.train_images.shape == (2, 3, 16, 16) and d.train_labels.tolist() == [0, 1]
+    assert d.train_images[0, :, 0, 0].tolist() == [10, 200, 30]
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10", "imagefolder"])
 def test_malformed_root_is_a_clear_error(tmp_path, name):
     (tmp_path / "junk.txt").write_text("not a data set")
     with pytest.raises(DataError, match=str(tmp_path)):
-        load_dataset(name, tmp_path)
+        open_dataset(spec_from_dict(tiny_spec_dict(data={"name": name, "root": str(tmp_path)})).data)
 
 
 def test_malformed_root_from_cli_exits_2(tmp_path, capsys):

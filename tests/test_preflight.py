@@ -13,7 +13,9 @@ import yaml
 
 from ssl_tune import tracking
 from ssl_tune.cli import main
+from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
+from ssl_tune.spec import spec_from_dict
 from ssl_tune.search import trusted_experiment_dir
 from tests.conftest import tiny_spec_dict
 from tests.test_search import run_cli, runs_of, search_spec
@@ -82,7 +84,7 @@ def test_corrupt_image_is_named_by_train_and_by_run_before_any_trial(tmp_path, c
     root = image_folder(tmp_path / "images")
     truncate(root / "train" / "b" / "1.jpg")
     with pytest.raises(DataError, match=r"train/b/1\.jpg: cannot decode this image"):
-        load_dataset("imagefolder", root, 12)
+        open_dataset(spec_from_dict(tiny_spec_dict(data={"name": "imagefolder", "root": str(root)})).data)
 
     assert main(["train", str(imagefolder_spec(tmp_path, root))]) == 2
     err = capsys.readouterr().err
@@ -98,15 +100,16 @@ def test_corrupt_image_is_named_by_train_and_by_run_before_any_trial(tmp_path, c
 def test_empty_class_folder_and_class_mismatch_are_named(tmp_path):
     root = image_folder(tmp_path / "images")
     (root / "train" / "c").mkdir()  # an empty class
+    data = spec_from_dict(tiny_spec_dict(data={"name": "imagefolder", "root": str(root)})).data
     with pytest.raises(DataError, match=r"images/train: Found no valid file for the classes c"):
-        load_dataset("imagefolder", root, 12)
+        open_dataset(data)
     (root / "train" / "c").rmdir()
     (root / "test" / "d").mkdir()
     image_folder(tmp_path / "other", classes=("d",))
     for f in (tmp_path / "other" / "test" / "d").iterdir():
         f.rename(root / "test" / "d" / f.name)
     with pytest.raises(DataError, match=r"different classes \(only in one: d\)"):
-        load_dataset("imagefolder", root, 12)
+        open_dataset(data)
 
 
 # --- pickles from places the user does not control ----------------------------------------------

@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_tune import distributed
-from ssl_tune.data.datasets import ImageDataset, load_dataset
+from ssl_tune.data.cache import open_dataset
+from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from ssl_tune.evaluation import extract_features, knn_ranking, linear_probe, ranking_accuracy, stratified_subset
 from ssl_tune.models import build_backbone
@@ -88,11 +89,12 @@ class Trainer:
         self.spec = spec
         self.device = device or default_device()
         t = spec.training
-        self.dataset = dataset or load_dataset(spec.data.name, spec.data.root, spec.data.image_size)
+        self.dataset = dataset or open_dataset(spec.data)[0]
         if t.batch_size > len(self.dataset.ssl_images):
             raise SpecError(f"training.batch_size ({t.batch_size}) is larger than data set {spec.data.name!r} "
                             f"({len(self.dataset.ssl_images)} images)")
-        self.normalizer = Normalizer(self.dataset.train_images).to(self.device)
+        d = self.dataset
+        self.normalizer = Normalizer(d.train_images, stats=d.channel_stats).to(self.device)
         self.method = build_method(spec, self.dataset.channels).to(self.device)
         cuda = self.device.type == "cuda"
         precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")

@@ -1,7 +1,8 @@
-"""In-memory image data sets: every split is a uint8 tensor N x C x H x W plus int64 labels.
+"""Image data sets: every split is a uint8 tensor N x C x H x W plus int64 labels.
 
 Nothing is downloaded. The default data set is a Fashion-MNIST subset shipped inside the
-package; the others are read from a root the user gives, in their official on-disk formats.
+package; the others are read from a root the user gives, in their official on-disk formats, and
+kept in a decoded cache (`ssl_tune.data.cache`) that trials memory-map.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class ImageDataset:
     test_labels: torch.Tensor
     num_classes: int
     pretrain_images: torch.Tensor | None = None
+    channel_stats: tuple[list[float], list[float]] | None = None  # train images' mean and std, when known
 
     @property
     def channels(self) -> int:
@@ -195,40 +197,9 @@ def load_stl10(root: Path) -> ImageDataset:
     return _from_numpy("stl10", xtr, ytr, xte, yte, 10, pretrain)
 
 
-def load_imagefolder(root: Path, image_size: int) -> ImageDataset:
-    """`root/train/<class>/*` and `root/test/<class>/*` (or `val`), resized to image_size."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
-    transform = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-
-    def split(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        try:
-            folder = ImageFolder(str(path), transform=transform)
-        except (FileNotFoundError, RuntimeError) as exc:  # e.g. a class folder without any image
-            raise DataError(f"{path}: {str(exc).split('. Supported extensions')[0]}") from None
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        images = []
-        for i, (file, _) in enumerate(folder.samples):
-            try:
-                image = folder[i][0]  # RGB: ImageFolder's loader converts grey, palette and RGBA images
-            except Exception as exc:  # truncated or corrupt files: name the file, not just the decoder's error
-                raise DataError(f"{file}: cannot decode this image ({type(exc).__name__}: {exc}); remove or "
-                                "replace it") from None
-            images.append(image)
-        return torch.stack(images), torch.tensor(folder.targets, dtype=torch.int64), folder.classes
-
-    xtr, ytr, classes = split(_find(root, ["train"], "train/ folder"))
-    xte, yte, test_classes = split(_find(root, ["test", "val"], "test/ or val/ folder"))
-    if classes != test_classes:
-        only = sorted(set(classes) ^ set(test_classes))
-        raise DataError(f"{root}: train and test folders have different classes (only in one: {', '.join(only[:10])})")
-    return ImageDataset("imagefolder", xtr, ytr, xte, yte, len(classes))
-
-
-def load_dataset(name: str, root: Path | None = None, image_size: int | None = None) -> ImageDataset:
-    """Load a data set by name; raises DataError naming the root when it cannot."""
+def load_dataset(name: str, root: Path | None = None) -> ImageDataset:
+    """Read a data set that comes as arrays, by name, into memory; raises DataError naming the root
+    when it cannot. (Image folders are decoded into a cache: `ssl_tune.data.cache.open_dataset`.)"""
     if name == "fashion_mnist_subset":
         return load_bundled()
     if name == "fashion_mnist":
@@ -243,6 +214,4 @@ def load_dataset(name: str, root: Path | None = None, image_size: int | None = N
         return load_cifar100(root)
     if name == "stl10":
         return load_stl10(root)
-    if name == "imagefolder":
-        return load_imagefolder(root, image_size or 64)
     raise DataError(f"unknown data set {name!r}; allowed: {', '.join(DATASET_NAMES)}")

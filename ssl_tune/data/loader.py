@@ -17,13 +17,50 @@ def _mix(*parts: int) -> int:
     return h
 
 
-class Normalizer:
-    """Per-channel standardisation with statistics of the training images."""
+def channel_histogram(images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """C x 256 counts of each uint8 value per channel, a chunk at a time (a memory-mapped data set is
+    never materialised as floats)."""
+    counts = torch.zeros(images.shape[1], 256, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        part = torch.as_tensor(images[start:start + chunk])
+        for c in range(part.shape[1]):
+            counts[c] += torch.bincount(part[:, c].reshape(-1), minlength=256).to(torch.float64)
+    return counts
 
-    def __init__(self, images: torch.Tensor) -> None:
-        x = images.float() / 255
-        self.mean = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
-        self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
+
+def stats_from_histogram(counts: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) standard deviation of the values in [0, 1], exactly, from
+    `channel_histogram`'s counts (which decoding workers can add up chunk by chunk)."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    n = counts.sum(dim=1)
+    mean = (counts * values).sum(dim=1) / n
+    var = (counts * (values - mean[:, None]) ** 2).sum(dim=1) / (n - 1).clamp_min(1)
+    return mean.tolist(), var.sqrt().tolist()
+
+
+# Statistics of larger data sets come from this many images, evenly spaced: accurate to about 1e-4,
+# and a fraction of a second instead of a pass over every image (2.3 GB for 90k images at 96 px).
+STATS_IMAGES = 10_000
+
+
+def channel_stats(images: torch.Tensor, max_images: int = STATS_IMAGES) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1], exact over the
+    images (or `max_images` of them, evenly spaced), from a histogram (about 10x faster than floats)."""
+    if len(images) > max_images:
+        images = images[torch.linspace(0, len(images) - 1, max_images).round().long()]
+    return stats_from_histogram(channel_histogram(images))
+
+
+class Normalizer:
+    """Per-channel standardisation with statistics of the training images (or given ones: a data
+    cache stores them, so a memory-mapped data set is not read whole to compute them)."""
+
+    def __init__(self, images: torch.Tensor | None = None, *,
+                 stats: tuple[list[float], list[float]] | None = None) -> None:
+        mean, std = stats if stats is not None else channel_stats(images)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).clamp_min(1e-3).view(1, -1, 1, 1)
 
     def to(self, device: torch.device) -> Normalizer:
         self.mean, self.std = self.mean.to(device), self.std.to(device)
