@@ -56,7 +56,8 @@ class ConsoleTable(Callback):
     """One row per trial event: trial, status, sampled params, epoch, objective, best so far, ETA.
 
     The ETA is an upper bound: the epochs still to run if no further trial were stopped early, at
-    the measured time between two epochs of one trial, divided over the trials running at once.
+    the measured time between two epochs of one trial, divided over the most trials seen running at
+    once (not the current count, which dips between one trial's end and the next one's start).
     Start-ups and restarts are not epochs, so a restarted trial does not inflate the estimate.
     """
 
@@ -72,10 +73,11 @@ class ConsoleTable(Callback):
         self.header_printed = False
         self.last_result_at: dict[str, float] = {}  # running trial -> when it last reported an epoch
         self.epoch_seconds: list[float] = []  # measured durations of single epochs
+        self.concurrency = 1  # the most trials seen running at once
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("epochs_settled", "best", "header_printed", "last_result_at", "epoch_seconds"):
+        for key in ("epochs_settled", "best", "header_printed", "last_result_at", "epoch_seconds", "concurrency"):
             state.pop(key)
         return state
 
@@ -103,10 +105,11 @@ class ConsoleTable(Callback):
             return "-"
         epoch_s = sum(self.epoch_seconds[-50:]) / len(self.epoch_seconds[-50:])
         remaining = self.num_samples * self.epochs - sum(self.epochs_settled.values())
-        return _duration(max(0, remaining) * epoch_s / max(1, len(self.last_result_at)))
+        return _duration(max(0, remaining) * epoch_s / self.concurrency)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.last_result_at[trial.trial_id] = math.nan  # running, no epoch measured yet
+        self.concurrency = max(self.concurrency, len(self.last_result_at))
         self._row(trial, "started", int((trial.last_result or {}).get("epoch", 0)), None)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:

@@ -446,3 +446,24 @@ def test_a_figure_that_fails_while_the_server_answers_is_dropped_not_held(tmp_pa
     err = capfd.readouterr().err
     assert "warning: figures after trial t1 not logged (ValueError: a plotting corner case)" in err
     assert "unreachable" not in err
+
+
+def test_eta_does_not_jump_when_one_of_two_trials_ends(monkeypatch):
+    from ssl_tune import console
+
+    spec = spec_from_dict({**tiny_spec_dict(training={"epochs": 4, "batch_size": 32, "seed": 0}),
+                           "search": {"num_samples": 4, "metric": "loss", "mode": "min"}})
+    table, rows, now = console.ConsoleTable(spec), [], [0.0]
+    monkeypatch.setattr(table, "_print", rows.append)
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    a, b = FakeTrial("a", {}), FakeTrial("b", {})
+    table.on_trial_start(0, [], a)
+    table.on_trial_start(0, [], b)
+    for at in (10.0, 20.0):  # two trials side by side, 10 s an epoch each
+        now[0] = at
+        table.on_trial_result(0, [], a, {"epoch": at / 10, "loss": 1.0})
+        table.on_trial_result(0, [], b, {"epoch": at / 10, "loss": 1.0})
+    before = rows[-1].split()[-1]
+    a.last_result = {"epoch": 2.0, "loss": 1.0}
+    table.on_trial_complete(0, [], a)  # stopped early: its 2 other epochs never run
+    assert before == "1m00s" and rows[-1].split()[-1] == "50s"  # (16 - 6 settled) x 10 s / 2 at once
