@@ -13,6 +13,7 @@ again with the same DIR and port brings the same store back, as after a server r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -83,10 +84,8 @@ def stop(directory: Path, name: str, kill: bool = False, timeout: float = 30.0) 
     os.killpg(pid, signal.SIGKILL if kill else signal.SIGTERM)  # the server and the workers it forked
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(ChildProcessError):  # not our child: its own parent reaps it
             os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
-        except ChildProcessError:
-            pass
         time.sleep(0.1)
     if _alive(pid):
         os.killpg(pid, signal.SIGKILL)
