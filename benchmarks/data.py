@@ -49,11 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="training batch for the throughput (the spec's)")
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_image_folder", common.REPO / "scripts" / "make_image_folder.py")
-    module = sys.modules["make_image_folder"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def image_folder_generator():
+    """`scripts/make_image_folder.py` as a module, loaded once per process (its worker function is
+    pickled by reference, so every caller must use the same module object)."""
+    if "make_image_folder" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("make_image_folder",
+                                                      common.REPO / "scripts" / "make_image_folder.py")
+        module = sys.modules["make_image_folder"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["make_image_folder"]
 
 
 def _data_section(folder: Path, size: int, cache_dir: Path):
@@ -230,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (folder / "test").is_dir():
         print(f"writing {args.images:,} JPEGs to {folder}", flush=True)
         start = time.perf_counter()
-        _generator().make_image_folder(folder, images=args.images, size=size)
+        image_folder_generator().make_image_folder(folder, images=args.images, size=size)
         generated_s = time.perf_counter() - start
     jpeg_bytes = _read_all(folder)  # into the page cache: both decoders read warm files
     work = Path(tempfile.mkdtemp(prefix="ssl-tune-bench-cache-"))

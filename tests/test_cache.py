@@ -2,7 +2,6 @@
 when two need it at once, and real folders' odd files handled; `ssl-tune prepare` and `ssl-tune train`
 on a generated ImageFolder."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.data import image_folder_generator
 from ssl_tune.cli import main
 from ssl_tune.data.cache import cache_path, open_dataset
 from ssl_tune.data.loader import channel_stats
@@ -22,9 +22,7 @@ from ssl_tune.data.datasets import DataError
 from ssl_tune.spec import spec_from_dict
 from tests.conftest import ROOT, tiny_spec_dict
 
-_spec = importlib.util.spec_from_file_location("make_image_folder", Path(ROOT) / "scripts" / "make_image_folder.py")
-make_image_folder = sys.modules["make_image_folder"] = importlib.util.module_from_spec(_spec)  # (for pickling)
-_spec.loader.exec_module(make_image_folder)
+make_image_folder = image_folder_generator()  # scripts/make_image_folder.py
 
 
 def mapped_file(tensor: torch.Tensor) -> str | None:
