@@ -408,14 +408,20 @@ def test_placement_groups_left_by_an_earlier_attempt_are_removed(tmp_path):
         ray.shutdown()
 
 
-def test_eta_counts_epochs_not_restarts(monkeypatch):
+def console_table(monkeypatch, epochs: int, num_samples: int):
+    """A ConsoleTable on a clock the test sets (`now[0]`), printing into `rows`."""
     from ssl_tune import console
 
-    spec = spec_from_dict({**tiny_spec_dict(training={"epochs": 10, "batch_size": 32, "seed": 0}),
-                           "search": {"num_samples": 1, "metric": "loss", "mode": "min"}})
+    spec = spec_from_dict({**tiny_spec_dict(training={"epochs": epochs, "batch_size": 32, "seed": 0}),
+                           "search": {"num_samples": num_samples, "metric": "loss", "mode": "min"}})
     table, rows, now = console.ConsoleTable(spec), [], [0.0]
     monkeypatch.setattr(table, "_print", rows.append)
     monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    return table, rows, now
+
+
+def test_eta_counts_epochs_not_restarts(monkeypatch):
+    table, rows, now = console_table(monkeypatch, epochs=10, num_samples=1)
     trial = FakeTrial("t1", {})
     table.on_trial_start(0, [], trial)
     for epoch, at in [(1, 30.0), (2, 40.0), (3, 50.0)]:  # 30 s to start, then 10 s an epoch
@@ -449,13 +455,7 @@ def test_a_figure_that_fails_while_the_server_answers_is_dropped_not_held(tmp_pa
 
 
 def test_eta_does_not_jump_when_one_of_two_trials_ends(monkeypatch):
-    from ssl_tune import console
-
-    spec = spec_from_dict({**tiny_spec_dict(training={"epochs": 4, "batch_size": 32, "seed": 0}),
-                           "search": {"num_samples": 4, "metric": "loss", "mode": "min"}})
-    table, rows, now = console.ConsoleTable(spec), [], [0.0]
-    monkeypatch.setattr(table, "_print", rows.append)
-    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    table, rows, now = console_table(monkeypatch, epochs=4, num_samples=4)
     a, b = FakeTrial("a", {}), FakeTrial("b", {})
     table.on_trial_start(0, [], a)
     table.on_trial_start(0, [], b)
