@@ -73,7 +73,7 @@ class CacheInfo:
                else "reused (up to date with its source)")
         skipped = f"; {self.skipped:,} corrupt file(s) skipped" if self.skipped else ""
         return (f"data cache {self.path}: {m['dataset']} {c}x{h}x{w}, {shapes} images, {m['num_classes']} classes, "
-                f"{size / 2**30:.2f} GiB; {how}{skipped}")
+                f"{f'{size / 2**30:.2f} GiB' if size >= 2**30 else f'{size / 2**20:.1f} MiB'}; {how}{skipped}")
 
 
 def source_root(data) -> Path | None:
