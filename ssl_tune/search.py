@@ -592,9 +592,7 @@ def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) 
     tracking server could point the tag elsewhere; so the directory must sit directly in the storage
     path given on the command line (`--storage-path`), by default the spec default `ssl_tune_runs` here.
     """
-    from ssl_tune.spec import SpecBase as _Spec
-
-    root = storage_path or _Spec.model_fields["storage_path"].default
+    root = storage_path or SpecBase.model_fields["storage_path"].default
     given = "--storage-path " + root if storage_path else f"the default storage path ./{root}"
 
     def normal(path: str) -> str:

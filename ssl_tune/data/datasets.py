@@ -69,7 +69,7 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape).copy()  # frombuffer is read-only
 
 
-def _find(root: Path, names: list[str], what: str) -> Path:
+def find_in_root(root: Path, names: list[str], what: str) -> Path:
     for name in names:
         if (root / name).exists():
             return root / name
@@ -104,7 +104,7 @@ def load_bundled() -> ImageDataset:
 
 def load_fashion_mnist(root: Path) -> ImageDataset:
     def part(prefix: str, kind: str) -> np.ndarray:
-        return read_idx(_find(root, [f"{prefix}-{kind}-ubyte.gz", f"{prefix}-{kind}-ubyte"], f"{prefix}-{kind}"))
+        return read_idx(find_in_root(root, [f"{prefix}-{kind}-ubyte.gz", f"{prefix}-{kind}-ubyte"], f"{prefix}-{kind}"))
 
     return _from_numpy(
         "fashion_mnist",
@@ -157,17 +157,17 @@ def _cifar_arrays(batches: list[Path], label_key: bytes) -> tuple[np.ndarray, np
 def load_cifar10(root: Path) -> ImageDataset:
     """CIFAR-10, python version (`cifar-10-batches-py/data_batch_{1..5}`, `test_batch`)."""
     base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    train = [_find(base, [f"data_batch_{i}"], f"data_batch_{i}") for i in range(1, 6)]
+    train = [find_in_root(base, [f"data_batch_{i}"], f"data_batch_{i}") for i in range(1, 6)]
     xtr, ytr = _cifar_arrays(train, b"labels")
-    xte, yte = _cifar_arrays([_find(base, ["test_batch"], "test_batch")], b"labels")
+    xte, yte = _cifar_arrays([find_in_root(base, ["test_batch"], "test_batch")], b"labels")
     return _from_numpy("cifar10", xtr, ytr, xte, yte, 10)
 
 
 def load_cifar100(root: Path) -> ImageDataset:
     """CIFAR-100, python version (`cifar-100-python/train`, `test`), fine labels."""
     base = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
-    xtr, ytr = _cifar_arrays([_find(base, ["train"], "train")], b"fine_labels")
-    xte, yte = _cifar_arrays([_find(base, ["test"], "test")], b"fine_labels")
+    xtr, ytr = _cifar_arrays([find_in_root(base, ["train"], "train")], b"fine_labels")
+    xte, yte = _cifar_arrays([find_in_root(base, ["test"], "test")], b"fine_labels")
     return _from_numpy("cifar100", xtr, ytr, xte, yte, 100)
 
 
@@ -185,10 +185,10 @@ def load_stl10(root: Path) -> ImageDataset:
     Pretraining uses train + unlabeled; kNN and probes use the labelled train/test splits.
     """
     base = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
-    xtr = _stl_images(_find(base, ["train_X.bin"], "train_X.bin"))
-    ytr = np.fromfile(_find(base, ["train_y.bin"], "train_y.bin"), dtype=np.uint8).astype(np.int64) - 1
-    xte = _stl_images(_find(base, ["test_X.bin"], "test_X.bin"))
-    yte = np.fromfile(_find(base, ["test_y.bin"], "test_y.bin"), dtype=np.uint8).astype(np.int64) - 1
+    xtr = _stl_images(find_in_root(base, ["train_X.bin"], "train_X.bin"))
+    ytr = np.fromfile(find_in_root(base, ["train_y.bin"], "train_y.bin"), dtype=np.uint8).astype(np.int64) - 1
+    xte = _stl_images(find_in_root(base, ["test_X.bin"], "test_X.bin"))
+    yte = np.fromfile(find_in_root(base, ["test_y.bin"], "test_y.bin"), dtype=np.uint8).astype(np.int64) - 1
     pretrain = None
     if (base / "unlabeled_X.bin").exists():
         pretrain = np.concatenate([xtr, _stl_images(base / "unlabeled_X.bin")])

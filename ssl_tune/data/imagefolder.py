@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_tune.data.datasets import DataError
+from ssl_tune.data.datasets import DataError, find_in_root
 
 CHANNELS = 3
 CHUNK = 256  # files per task: large enough to amortise the task, small enough for a live progress bar
@@ -60,14 +60,8 @@ def list_folder(root: Path) -> FolderListing:
     if not os.access(root, os.R_OK | os.X_OK):
         raise DataError(f"{root}: not readable")
 
-    def find(names: list[str], what: str) -> Path:
-        for name in names:
-            if (root / name).is_dir():
-                return root / name
-        raise DataError(f"{root}: no {what} found (looked for {', '.join(names)})")
-
-    classes, train = _split(find(["train"], "train/ folder"))
-    test_classes, test = _split(find(["test", "val"], "test/ or val/ folder"))
+    classes, train = _split(find_in_root(root, ["train"], "train/ folder"))
+    test_classes, test = _split(find_in_root(root, ["test", "val"], "test/ or val/ folder"))
     if classes != test_classes:
         only = sorted(set(classes) ^ set(test_classes))
         raise DataError(f"{root}: {train.directory.name}/ and {test.directory.name}/ have different classes "
