@@ -191,7 +191,7 @@ def throughput(dataset, batch_size: int, steps: int, repeats: int) -> dict[str, 
     import torch
 
     from ssl_tune.data.datasets import ImageDataset
-    from ssl_tune.spec import load_spec
+    from ssl_tune.specfile import load_spec
     from trainers.loop import Trainer
 
     spec = load_spec(common.REPO / "search_spaces" / "twist.yaml", [f"training.batch_size={batch_size}"]).resolve()

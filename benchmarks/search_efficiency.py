@@ -72,7 +72,7 @@ def _train_point(args: tuple[dict, dict[str, float]]) -> dict[str, Any]:
     spec_dict, values = args
     import torch
 
-    from ssl_tune.spec import spec_model
+    from trainers import spec_model
     from trainers.loop import Trainer
 
     torch.set_num_threads(1)  # one core per process; the pool runs one process per core
@@ -93,7 +93,7 @@ def measure_table(spec_path: str, overrides: list[str], points: int, processes: 
     """Train every grid point (resuming a partial table at `out`) and return the table."""
     import multiprocessing
 
-    from ssl_tune.spec import load_spec
+    from ssl_tune.specfile import load_spec
 
     spec = load_spec(spec_path, [*overrides, "evaluation.linear_probe=false", "evaluation.eval_every=1"])
     axes = grid_axes(spec, points)
@@ -151,7 +151,8 @@ def replay_search(table: dict[str, Any], spec, sampler: str, scheduler: str, see
 
     from ray.tune.schedulers import TrialScheduler
 
-    from ssl_tune.search import build_scheduler, build_search_algorithm, field_values
+    from ssl_tune.search import build_scheduler, build_search_algorithm
+    from ssl_tune.space import field_values
 
     spec = spec.model_copy(deep=True)
     spec.search.sampler, spec.search.scheduler, spec.search.seed = sampler, scheduler, seed
@@ -217,7 +218,7 @@ def run_efficiency(table_path: Path, seeds: int, budget_trials: int) -> dict[str
 
     import optuna
 
-    from ssl_tune.spec import load_spec
+    from ssl_tune.specfile import load_spec
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)  # NaN of a diverged trial

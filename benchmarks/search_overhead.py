@@ -27,7 +27,7 @@ SPEC = str(common.REPO / "search_spaces" / "twist.yaml")
 
 
 def _train_configs(rank: int, spec_dict: dict, configs: list[dict[str, Any]], threads: int) -> None:
-    from ssl_tune.spec import spec_model
+    from trainers import spec_model
     from trainers.loop import Trainer
 
     torch.set_num_threads(threads)
@@ -39,7 +39,7 @@ def _train_configs(rank: int, spec_dict: dict, configs: list[dict[str, Any]], th
 def measure(spec_path: str, trials: int, epochs: int, workers: int) -> dict[str, Any]:
     from ssl_tune import tracking
     from ssl_tune.search import run_search
-    from ssl_tune.spec import load_spec
+    from ssl_tune.specfile import load_spec
     from ssl_tune.testing import run_on_ranks
 
     cores = os.cpu_count() or 1

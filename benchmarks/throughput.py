@@ -29,11 +29,16 @@ from typing import Any
 import torch
 
 from benchmarks import common
-from ssl_tune.spec import load_spec
+from ssl_tune.specfile import load_spec
 from trainers.loop import Reporter, Trainer
 from trainers.optim import build_optimizers
 
-SPECS = [str(common.REPO / "search_spaces" / f"{m}.yaml") for m in ("twist", "isd", "corinfomax", "ssl_hsic")]
+def method_specs() -> list[str]:
+    """The search-space YAML of every built-in method (search_spaces/NAME.yaml), from the registry."""
+    from trainers import builtin_methods
+
+    return [str(common.REPO / "search_spaces" / f"{name}.yaml") for name in builtin_methods()]
+
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, matched against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
                    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
@@ -119,7 +124,7 @@ def compare(trainer: Trainer, repeats: int) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--specs", nargs="+", default=SPECS)
+    parser.add_argument("--specs", nargs="+", default=method_specs())
     parser.add_argument("--set", action="append", default=[], help="override a field of every spec")
     parser.add_argument("--repeats", type=int, default=8)
 
@@ -163,7 +168,7 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spec", default=SPECS[0], help="the method and its settings; the backbone becomes ResNet-18")
+    parser.add_argument("--spec", default=str(common.REPO / "search_spaces" / "twist.yaml"), help="the method and its settings; the backbone becomes ResNet-18")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--images", type=int, default=50_000, help="images per epoch (CIFAR-10's 50,000)")
     parser.add_argument("--repeats", type=int, default=8)

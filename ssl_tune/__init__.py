@@ -16,3 +16,10 @@ def load_backbone(path_or_run, *, tracking_uri=None):
     from ssl_tune.export import load_backbone as _load
 
     return _load(path_or_run, tracking_uri=tracking_uri)
+
+
+def train(spec, out_dir, **kwargs):
+    """Train one resolved spec into `out_dir` without Ray; see `ssl_tune.training.train`."""
+    from ssl_tune.training import train as _train
+
+    return _train(spec, out_dir, **kwargs)

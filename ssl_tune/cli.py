@@ -22,17 +22,23 @@ class ConsoleReporter:
     (Not a subclass, so that `ssl-tune --help` need not import torch.)
     """
 
-    def __init__(self, out_dir: Path, stream=sys.stdout) -> None:
-        self.out_dir = out_dir  # the latest checkpoint is written here after every epoch
+    def __init__(self, stream=sys.stdout, resumed_from: Path | None = None) -> None:
         self.stream = stream
         self.tty = stream.isatty()
+        self.resumed_from = resumed_from
         self.epochs = 0
 
     def on_start(self, trainer) -> None:
-        self.epochs = trainer.spec.training.epochs
+        spec = trainer.spec
+        self.epochs = spec.training.epochs
+        clear = "\r\033[K" if self.tty else ""
+        if self.resumed_from is not None:
+            print(clear, f"resumed from {self.resumed_from} at epoch {trainer.epoch}", sep="", file=self.stream)
+            clear = ""
+        print(clear, f"training {spec.method.name} on {spec.data.name} ({len(trainer.dataset.ssl_images)} images, "
+              f"{spec.training.epochs} epochs, batch {spec.training.batch_size}, {trainer.device})", sep="", file=self.stream)
         b = trainer.baseline
-        print("\r\033[K" if self.tty else "", f"random-init kNN top-1 {b['knn_top1_random_init']:.2f}% (the baseline to beat)",
-              sep="", file=self.stream, flush=True)
+        print(f"random-init kNN top-1 {b['knn_top1_random_init']:.2f}% (the baseline to beat)", file=self.stream, flush=True)
 
     def on_step(self, epoch: int, step: int, steps: int) -> None:
         if self.tty:
@@ -48,13 +54,11 @@ class ConsoleReporter:
         terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in skip and not k.startswith(("knn", "linear")))
         knn = f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
         print(
-            f"\r\033[K" if self.tty else "",
+            "\r\033[K" if self.tty else "",
             f"epoch {int(metrics['epoch'])}/{self.epochs}  loss {metrics['loss']:.4f} ({terms})  lr {metrics['lr']:.3g}  "
             f"{metrics['images_per_s']:.0f} img/s{knn}",
             sep="", file=self.stream, flush=True,
         )
-        if write_checkpoint is not None:
-            write_checkpoint(self.out_dir)
 
 
 def _summary(result, seconds: float, out_dir: Path) -> str:
@@ -85,7 +89,7 @@ def _open_data(spec, spec_path: Path):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from ssl_tune.spec import load_spec
+    from ssl_tune.specfile import load_spec
 
     spec = load_spec(args.spec, args.set)
     if spec.data.name == "fashion_mnist_subset":
@@ -96,8 +100,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ssl_tune.spec import SpecError, load_spec
-    from trainers.loop import Trainer
+    from ssl_tune.spec import SpecError
+    from ssl_tune.specfile import load_spec
+    from ssl_tune.training import train
 
     spec = load_spec(args.spec, args.set).resolve()
     out_dir = args.out or Path("ssl_tune_runs") / "train" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -105,23 +110,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset, data = _open_data(spec, args.spec)
     if dataset is None:
         return EXIT_BAD_INPUT
+    data_info = {"cache": str(data.path), "skipped": data.skipped} if data is not None else {"cache": None, "skipped": 0}
     try:
-        trainer = Trainer(spec, dataset=dataset)
+        result = train(spec, out_dir, resume=args.resume, reporter=ConsoleReporter(resumed_from=args.resume),
+                       dataset=dataset, data_info=data_info)
     except SpecError as exc:  # checks that need the data, e.g. the batch size against its size
         print(f"error: invalid spec {args.spec}:\n  {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.resume:
-        trainer.load_checkpoint(args.resume)
-        print(f"resumed from {args.resume} at epoch {trainer.epoch}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-    reporter = ConsoleReporter(out_dir)
-    print(f"training {spec.method.name} on {spec.data.name} ({len(trainer.dataset.ssl_images)} images, "
-          f"{spec.training.epochs} epochs, batch {spec.training.batch_size}, {trainer.device})")
-    result = trainer.fit(reporter)
-    data_info = {"cache": str(data.path), "skipped": data.skipped} if data is not None else {"cache": None, "skipped": 0}
-    (out_dir / "metrics.json").write_text(json.dumps({"status": result.status, "history": result.history,
-                                                      "data": data_info}, indent=2))
     print(_summary(result, time.perf_counter() - started, out_dir))
     if result.status == "diverged":
         print(f"error: training diverged: {result.message}; the last good checkpoint is in {out_dir}", file=sys.stderr)
@@ -130,9 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ssl_tune import tracking
     from ssl_tune.search import run_search
-    from ssl_tune.spec import load_spec
+    from ssl_tune.specfile import load_spec
 
     spec = load_spec(args.spec, args.set)
     outcome = run_search(spec, spec_source=str(args.spec), name=args.name, address=args.address, verbose=args.verbose)

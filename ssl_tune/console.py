@@ -13,7 +13,9 @@ from typing import Any
 
 from ray.tune import Callback
 
+from ssl_tune.space import better, field_path
 from ssl_tune.spec import SpecBase
+from ssl_tune.trial import FAILURE_KEY, error_summary
 
 
 @contextlib.contextmanager
@@ -95,7 +97,7 @@ class ConsoleTable(Callback):
             self._print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
             self.header_printed = True
         config = getattr(trial, "config", {}) or {}
-        params = [_fmt(next((v for k, v in config.items() if k.split("|")[0] == p), "-")) for p in self.params]
+        params = [_fmt(next((v for k, v in config.items() if field_path(k) == p), "-")) for p in self.params]
         cells = [trial.trial_id[-10:], status, *params, f"{epoch}/{self.epochs}", _fmt(value) if value is not None else "-",
                  _fmt(self.best), self._eta()]
         self._print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
@@ -113,15 +115,11 @@ class ConsoleTable(Callback):
         self._row(trial, "started", int((trial.last_result or {}).get("epoch", 0)), None)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        from ssl_tune.tracking import error_summary
-
         self.last_result_at[trial.trial_id] = math.nan  # the restart is not an epoch
         self._row(trial, "restart", int((trial.last_result or {}).get("epoch", 0)), None)
         self._print(f"  trial {trial.trial_id} restarts from its latest checkpoint after: {error_summary(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        from ssl_tune.tracking import FAILURE_KEY
-
         if FAILURE_KEY in result:
             return
         epoch, value, now = int(result.get("epoch", 0)), result.get(self.metric), time.monotonic()
@@ -130,14 +128,11 @@ class ConsoleTable(Callback):
             self.epoch_seconds.append(now - previous)
         self.last_result_at[trial.trial_id] = now
         self.epochs_settled[trial.trial_id] = epoch
-        if value is not None and math.isfinite(value):
-            if math.isnan(self.best) or (value > self.best if self.mode == "max" else value < self.best):
-                self.best = value
+        if value is not None and math.isfinite(value) and better(value, self.best, self.mode):
+            self.best = value
         self._row(trial, "running", epoch, value)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        from ssl_tune.tracking import FAILURE_KEY
-
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0))
         self.last_result_at.pop(trial.trial_id, None)
@@ -150,8 +145,6 @@ class ConsoleTable(Callback):
         self._row(trial, "finished" if epoch >= self.epochs else "stopped", epoch, last.get(self.metric))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        from ssl_tune.tracking import error_summary
-
         self.last_result_at.pop(trial.trial_id, None)
         self.epochs_settled[trial.trial_id] = self.epochs
         self._row(trial, "failed", int((trial.last_result or {}).get("epoch", 0)), None)

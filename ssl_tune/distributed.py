@@ -1,7 +1,7 @@
 """Global-batch helpers for DDP: losses that use batch statistics must see every rank's samples.
 
 Gradient convention: every rank computes the same global-batch loss L. Backward through the
-autograd-aware collectives sums each rank's gradient contribution (W * dL/dx for the local x),
+autograd-aware collectives (torch's functional collectives) sums each rank's gradient contribution (W * dL/dx for the local x),
 and DDP then averages parameter gradients over the W ranks, which gives exactly dL/dtheta: the
 gradient of one process on the whole batch.
 """
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+# torch's autograd-aware collectives; torch.distributed.nn.functional, their older home, is deprecated
+# in favour of this module.
+import torch.distributed._functional_collectives as collectives
 from torch import nn
 
 
@@ -25,44 +28,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's rows."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
-
-
-class _AllReduceWithGrad(torch.autograd.Function):
-    """all_reduce (sum) whose backward is the all_reduce of the gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (equally many rank-local rows) from all ranks in rank order, keeping gradients."""
+    """Concatenate `x` (equally many rank-local rows) from all ranks in rank order, keeping gradients:
+    the backward pass sums every rank's gradient for this rank's rows (torch's autograd collectives)."""
     if not is_distributed():
         return x
-    return _GatherWithGrad.apply(x)
+    return collectives.all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD)
 
 
 @torch.no_grad()
@@ -100,8 +71,11 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the global batch: statistics are all-reduced (with gradient) across ranks.
 
-    Unlike `nn.SyncBatchNorm` it runs on CPU/gloo as well as CUDA. Single-process or in eval mode
-    it is plain BatchNorm, so a model behaves the same with 1 or W ranks.
+    For CPU (gloo), where `nn.SyncBatchNorm` does not run; `convert_batchnorm` uses SyncBatchNorm on
+    CUDA. The variance is computed in two passes (the global mean first, then the mean squared
+    deviation from it), which stays accurate when the mean is large against the spread, unlike
+    E[x^2] - E[x]^2. Single-process or in eval mode it is plain BatchNorm, so a model behaves the
+    same with 1 or W ranks.
     """
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -113,12 +87,14 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
+        shape = [1, channels] + [1] * (x.dim() - 2)
         xf = x.float()
         local_count = torch.full((1,), x.numel() / channels, dtype=torch.float32, device=x.device)
-        stats = _AllReduceWithGrad.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), local_count]))
-        count = stats[-1]
-        mean = stats[:channels] / count
-        var = (stats[channels : 2 * channels] / count - mean * mean).clamp_min(0)
+        sums = collectives.all_reduce(torch.cat([xf.sum(dims), local_count]), "sum", dist.group.WORLD)
+        count = sums[-1]
+        mean = sums[:channels] / count
+        centred = xf - mean.view(shape)
+        var = collectives.all_reduce((centred * centred).sum(dims), "sum", dist.group.WORLD) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -126,15 +102,23 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
                 unbiased = var.detach() * count / (count - 1).clamp_min(1)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
 
-def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d in `module` by a GlobalBatchNorm with the same state."""
+def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Batch norm over the global batch: `nn.SyncBatchNorm` on CUDA (NCCL), `GlobalBatchNorm` elsewhere.
+
+    Both keep BatchNorm's state keys, so checkpoints load into plain torch modules either way.
+    """
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_global_batchnorm(module)
+
+
+def _to_global_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         new.load_state_dict(module.state_dict())
@@ -142,5 +126,5 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
             new_param.requires_grad_(old_param.requires_grad)  # e.g. a frozen EMA teacher stays frozen
         return new
     for name, child in module.named_children():
-        module.add_module(name, convert_batchnorm(child))
+        module.add_module(name, _to_global_batchnorm(child))
     return module

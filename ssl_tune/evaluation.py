@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,10 @@ from torch import nn
 
 from ssl_tune import distributed
 from ssl_tune.data.loader import Normalizer
+
+# Next to a run's final checkpoint: the arrays of its final evaluation (the test embedding's first
+# two principal components, the labels, the kNN confusion counts) that its figures are drawn from.
+EVALUATION_FILE = "evaluation.npz"
 
 
 @torch.no_grad()
@@ -144,3 +150,37 @@ def linear_probe(
             sched.step()
     with torch.no_grad():
         return 100.0 * (head(xte).argmax(1) == yte).float().mean().item()
+
+
+@torch.no_grad()
+def principal_components(features: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """The first `k` principal components of the L2-normalised features (N x k): the embedding's map."""
+    x = F.normalize(features.float().cpu(), dim=1)
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    return x @ v[:k].T
+
+
+def confusion_counts(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """C x C counts: row = true class, column = predicted class."""
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    counts.index_put_((labels.cpu(), predicted.cpu()), torch.ones(len(labels), dtype=torch.long), accumulate=True)
+    return counts
+
+
+def save_arrays(path: Path, arrays: dict[str, torch.Tensor]) -> None:
+    """Save named tensors as a NumPy .npz, atomically (a crash never leaves half a file)."""
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{k: v.cpu().numpy() for k, v in arrays.items()})
+    os.replace(tmp, path)
+
+
+def load_arrays(path: Path) -> dict:
+    """The arrays `save_arrays` wrote (NumPy, no pickles)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

@@ -10,7 +10,7 @@ import yaml
 from torch import nn
 
 from ssl_tune import tracking
-from ssl_tune.spec import spec_model
+from trainers import spec_model
 
 BACKBONE_FILE = "backbone.pt"
 HEAD_FILE = "head.pt"
@@ -34,12 +34,9 @@ def best_trial_run(client, experiment_or_run: str):
     if run is not None and run.data.tags.get(tracking.TAG_KIND) == "trial":
         return run
     parent = tracking.find_parent_run(client, experiment_or_run)
-    best_id = parent.data.tags.get(tracking.TAG_BEST_TRIAL_RUN)
+    best_id = tracking.best_trial_run_id(client, parent)
     if best_id is None:
-        ranked = [r for r in tracking.leaderboard(client, parent) if r["objective"] == r["objective"]]
-        if not ranked:
-            raise LookupError(f"search {parent.info.run_id} has no trial with a result yet")
-        best_id = ranked[0]["run_id"]
+        raise LookupError(f"search {parent.info.run_id} has no trial with a result yet (failed trials do not count)")
     return client.get_run(best_id)
 
 

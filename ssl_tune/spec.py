@@ -9,23 +9,21 @@ range, written as a mapping with a ``type`` key::
     output_dim: {type: int, low: 64, high: 512, step: 64}
     name: {type: choice, values: [sgd, lars]}
 
-``load_spec`` validates the file (and ``--set a.b=value`` overrides) and raises ``SpecError``
-whose message names the file, the field path and what is allowed. ``Spec.resolve`` turns a
-spec with ranges into one with fixed values, from a search's sample or the ranges' defaults.
+``SpecBase.resolve`` turns a spec with ranges into one with fixed values, from a search's sample
+or the ranges' defaults. This module knows no method: each method's config subclasses
+`MethodConfig`, `trainers.spec_model` adds the ``method`` field over every method, and
+`ssl_tune.specfile.load_spec` reads and validates files.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from ssl_tune.data.datasets import DATASET_NAMES, NEEDS_ROOT
 
@@ -275,7 +273,7 @@ class MlflowSpec(StrictModel):
 
 
 class SpecBase(StrictModel):
-    """Everything but the method; `spec_model()` adds the method union."""
+    """Everything but the method; `trainers.spec_model()` adds the method union."""
 
     name: str = Field("ssl-tune", description="experiment name")
     data: DataSpec = DataSpec()
@@ -291,7 +289,7 @@ class SpecBase(StrictModel):
 
     @model_validator(mode="after")
     def _method_fits(self) -> SpecBase:
-        method = getattr(self, "method", None)  # the field is added by spec_model()
+        method = getattr(self, "method", None)  # the field is added by trainers.spec_model()
         if method is not None:
             method.check_spec(self)
         return self
@@ -356,11 +354,11 @@ class SpecBase(StrictModel):
         chosen = {}
         for path, r in self.search_ranges().items():
             chosen[path] = values.get(path, range_default(r))
-            _set_path(raw, path.split("."), chosen[path])
+            set_path(raw, path.split("."), chosen[path])
         for (path, value), branch in self.branch_ranges().items():
             if str(chosen[path]) == value:
                 for sub_path, r in branch.items():
-                    _set_path(raw, sub_path.split("."), values.get(sub_path, range_default(r)))
+                    set_path(raw, sub_path.split("."), values.get(sub_path, range_default(r)))
         return type(self).model_validate(raw)
 
     @property
@@ -389,22 +387,11 @@ class SpecError(Exception):
     """A spec file or override that is not valid; the message is meant for the user as is."""
 
 
-@functools.cache
-def spec_model() -> type[SpecBase]:
-    """The full Spec class: SpecBase plus a `method` field over every registered method."""
-    from pydantic import create_model
-
-    from trainers import method_configs
-
-    configs = tuple(method_configs().values())
-    method_type = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="name")]
-    return create_model("Spec", __base__=SpecBase, method=(method_type, ...))
+# --- paths ---------------------------------------------------------------------------------
 
 
-# --- loading, overrides, errors ---------------------------------------------------------
-
-
-def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+def set_path(raw: dict, keys: list[str], value: Any) -> None:
+    """Set `raw[k0][k1]...` = value, creating sections on the way."""
     node = raw
     for i, key in enumerate(keys[:-1]):
         child = node.get(key)
@@ -414,157 +401,3 @@ def _set_path(raw: dict, keys: list[str], value: Any) -> None:
             raise SpecError(f"field `{'.'.join(keys[: i + 1])}` holds a value, not a section")
         node = child
     node[keys[-1]] = value
-
-
-def apply_override(raw: dict, override: str) -> None:
-    """Apply one `a.b=value` override; the value is parsed as YAML (`3`, `0.1`, `[1, 2]`, `{...}`)."""
-    path, sep, text = override.partition("=")
-    if not sep or not path.strip() or any(not k for k in path.strip().split(".")):
-        raise SpecError(f"override {override!r} must look like section.field=value")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"override {override!r}: value is not valid YAML ({exc})") from exc
-    _set_path(raw, path.strip().split("."), value)
-
-
-def _allowed_fields(raw: dict, loc: list[str]) -> list[str]:
-    """Field names allowed in the section at `loc[:-1]` (for unknown-field errors)."""
-    from trainers import method_configs
-
-    current: Any = spec_model()
-    for depth, key in enumerate(loc[:-1]):
-        field = current.model_fields.get(key) if current is not None else None
-        if field is None:
-            return []
-        if depth == 0 and key == "method":
-            name = raw.get("method", {}).get("name") if isinstance(raw.get("method"), dict) else None
-            current = method_configs().get(name)
-            continue
-        annotation = field.annotation
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return sorted(current.model_fields) if current is not None else []
-
-
-def _user_loc(loc: tuple) -> list[str]:
-    """Pydantic's error location without union branch names: the field path a user wrote."""
-    from trainers import method_configs
-
-    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _BRANCH_TAGS))]
-    if len(parts) > 1 and parts[0] == "method" and parts[1] in method_configs():
-        del parts[1]
-    return parts
-
-
-def _format_errors(exc: ValidationError, raw: dict, source: str) -> str:
-    lines = [f"invalid spec {source}:"]
-    for err in exc.errors(include_url=False):
-        loc = _user_loc(err["loc"])
-        path = ".".join(loc)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_fields(raw, loc)
-            msg = "unknown field" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
-        elif err["type"] == "union_tag_not_found":
-            msg = "a search range needs `type`: one of uniform, loguniform, int, choice"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        value = err.get("input")
-        shown = err["type"] not in ("missing", "extra_forbidden") and not isinstance(value, dict)
-        got = f" (got {value!r})" if shown else ""
-        # errors of the whole spec (cross-field checks) have no path and name their fields themselves
-        lines.append(f"  {path}: {msg}{got}" if loc else f"  {msg}")
-    return "\n".join(dict.fromkeys(lines))  # unions repeat the same line per branch
-
-
-_BRANCH_TAGS = {"fixed", "range", "uniform", "loguniform", "int", "choice"}
-
-
-def _validate(raw: Any, source: str) -> SpecBase:
-    model = spec_model()
-    if not isinstance(raw, dict):
-        raise SpecError(f"invalid spec {source}: the file must hold a mapping of sections, got {type(raw).__name__}")
-    try:
-        spec = model.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(_format_errors(exc, raw, source)) from None
-    _check_range_bounds(spec, source)
-    return spec
-
-
-def _check_range_bounds(spec: SpecBase, source: str) -> None:
-    """Every value a range can produce (bounds, default, choices) must be valid for its field."""
-    problems: list[str] = []
-    ranges = spec.search_ranges()
-    for path, r in ranges.items():
-        candidates = r.values if isinstance(r, Choice) else [r.low, r.high, range_default(r)]
-        for value in dict.fromkeys(candidates):
-            try:
-                spec.resolve({path: value})
-            except ValidationError as exc:
-                for err in exc.errors(include_url=False):
-                    loc = ".".join(_user_loc(err["loc"]))
-                    msg = err["msg"].removeprefix("Value error, ")
-                    if loc == path:
-                        problems.append(f"  {path}: the range allows {value!r}, which is not allowed here: {msg}")
-                    elif loc not in ranges:  # another range's own defaults are checked on its turn
-                        problems.append(f"  {loc + ': ' if loc else ''}with {path}={value!r}: {msg}")
-    flat = spec.flat()
-    for (path, value), branch in spec.branch_ranges().items():
-        choice_value = next(v for v in ranges[path].values if str(v) == value)
-        for sub_path, r in branch.items():
-            if sub_path not in flat or sub_path in ranges:
-                problems.append(f"  {path}.branches.{value}.{sub_path}: must name a field of the spec that holds "
-                                "a fixed value (its value when this branch is not taken)")
-                continue
-            candidates = r.values if isinstance(r, Choice) else [r.low, r.high, range_default(r)]
-            for candidate in dict.fromkeys(candidates):
-                try:
-                    spec.resolve({path: choice_value, sub_path: candidate})
-                except ValidationError as exc:
-                    for err in exc.errors(include_url=False):
-                        problems.append(f"  {path}.branches.{value}.{sub_path}: the range allows {candidate!r}: "
-                                        f"{err['msg'].removeprefix('Value error, ')}")
-    searchable = spec.searchable_paths()
-    for i, point in enumerate(spec.search.points_to_evaluate):
-        unknown = sorted(set(point) - set(searchable))
-        if unknown:
-            problems.append(f"  search.points_to_evaluate.{i}: {', '.join(unknown)} not searched in this spec; "
-                            f"searched: {', '.join(searchable) or 'nothing'}")
-            continue
-        try:
-            spec.resolve(point)
-        except ValidationError as exc:
-            for err in exc.errors(include_url=False):
-                problems.append(f"  search.points_to_evaluate.{i}: {'.'.join(_user_loc(err['loc']))}: {err['msg']}")
-    if problems:
-        raise SpecError("\n".join(dict.fromkeys([f"invalid spec {source}:"] + problems)))
-
-
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SpecBase:
-    """Read, override and validate a spec file. Raises SpecError with a user-facing message."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"invalid spec {path}: not valid YAML: {exc}") from None
-    raw = copy.deepcopy(raw) if raw is not None else {}
-    source = str(path)
-    if overrides:
-        source += " (with " + " ".join(f"--set {o}" for o in overrides) + ")"
-        if not isinstance(raw, dict):
-            raise SpecError(f"invalid spec {source}: the file must hold a mapping of sections")
-        for override in overrides:
-            try:
-                apply_override(raw, override)
-            except SpecError as exc:
-                raise SpecError(f"invalid spec {source}: {exc}") from None
-    return _validate(raw, source)
-
-
-def spec_from_dict(raw: dict, source: str = "<dict>") -> SpecBase:
-    return _validate(copy.deepcopy(raw), source)

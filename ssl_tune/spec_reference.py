@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -81,14 +80,15 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     return rows
 
 
-def reference_markdown() -> str:
-    from trainers import method_configs
+def reference_markdown(methods: dict[str, type] | None = None) -> str:
+    """The reference of the shared sections and of each method's config (default: the built-in methods)."""
+    from trainers import builtin_methods
 
     header = ["| field | type | allowed | default | meaning |", "|---|---|---|---|---|"]
     lines = ["Every field, its type (\"or range\": searchable), the allowed values and the default.", ""]
     lines += header + [r for r in _rows(SpecBase, "") if r]
-    for name, config in method_configs().items():
-        lines += ["", f"`method` with `name: {name}`:", ""] + header + _rows(config, "method.")
+    for name, method in (methods if methods is not None else builtin_methods()).items():
+        lines += ["", f"`method` with `name: {name}`:", ""] + header + _rows(method.Config, "method.")
     return "\n".join(lines)
 
 

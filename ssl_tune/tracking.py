@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +19,12 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from ssl_tune.spec import SpecBase
+from ssl_tune import figures
+from ssl_tune.evaluation import EVALUATION_FILE, load_arrays
+from ssl_tune.space import (best_trial, best_value, better, counts, field_values, param_value, ranked,
+                            study_from_trials)
+from ssl_tune.spec import SpecBase, SpecError
+from ssl_tune.trial import FAILURE_KEY, RESTORED_FROM_KEY, error_summary, error_text, last_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Keys Tune or Ray Train add to a result, and ours that are not metrics.
@@ -38,17 +43,11 @@ TAG_SEARCHED = "ssl_tune.searched_params"
 TAG_ERROR = "ssl_tune.error"
 TAG_RESTARTS = "ssl_tune.restarts"
 TAG_LAST_RESTART = "ssl_tune.last_restart_reason"
-# A result key (not a metric) that ends a trial as FAILED with its reason, without an exception:
-# divergence and bad data are deterministic, so restarting the trial (`search.max_failures`) would
-# only fail again.
-FAILURE_KEY = "failure_reason"
 # Statuses of a search's parent run that `ssl-tune resume` cannot continue (KILLED means interrupted).
 ENDED = ("FINISHED", "FAILED")
 TAG_STORAGE = "ssl_tune.storage"  # on parents: the Tune experiment directory (what `ssl-tune resume` restores)
 TAG_INTERRUPTED_AT = "ssl_tune.interrupted_at_epoch"
 TAG_EPOCHS_LOST = "ssl_tune.epochs_lost"  # completed epochs trained again after restarts
-# A result key (a metric too): the epoch of the checkpoint a restarted or resumed trial continued from.
-RESTORED_FROM_KEY = "restored_from_epoch"
 # How long the end of a search waits for held MLflow updates before giving up on them.
 FINAL_FLUSH_S = 120.0
 
@@ -74,8 +73,6 @@ def client_for(uri: str):
 
 def check_reachable(uri: str) -> None:
     """Raise `SpecError` if the tracking store cannot be reached (checked before any trial starts)."""
-    from ssl_tune.spec import SpecError
-
     if not uri.startswith(("http://", "https://")):
         return
     # One quick attempt instead of MLflow's default minutes of retries with back-off.
@@ -307,8 +304,6 @@ class MlflowTrialLogger(Callback):
             self._submit(lambda: self._open_run(trial))
 
     def _open_run(self, trial) -> None:
-        from ssl_tune.search import field_values
-
         # Find before create: a resumed search continues the trial's run, and a retried update (the
         # server went away after creating it) does not create a second one.
         existing = self.client.search_runs(
@@ -319,7 +314,7 @@ class MlflowTrialLogger(Callback):
             self.last_epoch[trial.trial_id] = int(run.data.metrics.get("epoch", 0))
             values = [m.value for m in self.client.get_metric_history(run.info.run_id, self.metric)]
             if values and TAG_BEST_CHECKPOINT in run.data.tags:  # so a worse later checkpoint does not replace it
-                self.best[trial.trial_id] = max(values) if self.mode == "max" else min(values)
+                self.best[trial.trial_id] = best_value(values, self.mode)
             self.epochs_lost[trial.trial_id] = int(run.data.tags.get(TAG_EPOCHS_LOST, 0))
             self.restarts[trial.trial_id] = int(run.data.tags.get(TAG_RESTARTS, 0))
             if run.info.status != "RUNNING":
@@ -378,7 +373,7 @@ class MlflowTrialLogger(Callback):
             return
         previous = self.best.get(trial_id)
         # Ties go to the later checkpoint, as Ray's checkpoint managers keep it.
-        if previous is None or (value >= previous if self.mode == "max" else value <= previous):
+        if not better(previous, value, self.mode):
             self.best[trial_id] = value
             self.client.set_tag(run_id, TAG_BEST_CHECKPOINT, path)
             self.client.set_tag(run_id, TAG_BEST_EPOCH, str(epoch))
@@ -423,24 +418,20 @@ class MlflowTrialLogger(Callback):
         """The trial's figures, then the search's, refreshed as each trial ends. Best effort: a
         figure that cannot be drawn is reported and skipped, never held (the search's figures are
         drawn again at the end); while the server is unreachable they wait like any update."""
-        from ssl_tune import plots
-
         def update() -> None:
-            checkpoint = self.last_checkpoint.get(trial.trial_id)
-            figure_dir = os.path.join(checkpoint, plots.FIGURE_DIR) if checkpoint else None
-            plots.log_trial_figures(self.client, self.runs[trial.trial_id], figure_dir)
-            plots.log_search_figures(self.client, self.client.get_run(self.parent_run_id), self.spec)
+            log_trial_figures(self.client, self.runs[trial.trial_id], self.last_checkpoint.get(trial.trial_id))
+            log_search_figures(self.client, self.client.get_run(self.parent_run_id), self.spec)
 
         self.writer.submit(update, best_effort=f"figures after trial {trial.trial_id}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id not in self.runs:
             return
-        traceback_text = _error_text(trial)
+        traceback_text = error_text(trial)
 
         def update() -> None:
             run_id = self.runs[trial.trial_id]
-            self.client.set_tag(run_id, TAG_ERROR, _last_line(traceback_text))
+            self.client.set_tag(run_id, TAG_ERROR, last_line(traceback_text))
             if traceback_text:
                 self.client.log_text(run_id, traceback_text, "error.txt")
             self.client.set_terminated(run_id, "FAILED")
@@ -449,25 +440,146 @@ class MlflowTrialLogger(Callback):
         self._submit_figures(trial)
 
 
-def _error_text(trial) -> str:
-    """The trial's error as Tune wrote it, the exception with its traceback, without colour codes."""
-    path = getattr(trial, "error_file", None)
+# --- figures -----------------------------------------------------------------------------------
+
+
+def log_figure(client, run_id: str, fig, name: str) -> None:
+    client.log_figure(run_id, fig, f"{figures.FIGURE_DIR}/{name}.png")
+    figures.close(fig)
+
+
+def log_trial_figures(client, run_id: str, checkpoint_dir: str | None) -> None:
+    """A trial's loss-term curves from its metric history, and the figures of the final evaluation
+    arrays the trainer saved next to its final checkpoint (if that directory is on this machine)."""
+    run = client.get_run(run_id)
+    names = figures.loss_term_names(list(run.data.metrics))
+    histories = {n: [(m.step, m.value) for m in client.get_metric_history(run_id, n)] for n in names}
+    if histories:
+        log_figure(client, run_id, figures.loss_terms_figure(histories), "loss_terms")
+    arrays = Path(checkpoint_dir) / EVALUATION_FILE if checkpoint_dir else None
+    if arrays is not None and arrays.is_file():
+        for name, fig in figures.evaluation_figures(load_arrays(arrays)).items():
+            log_figure(client, run_id, fig, name)
+
+
+def log_search_figures(client, parent, spec: SpecBase) -> dict[str, float]:
+    """Refresh a search's figures and parameter importances from its trials' runs; returns the importances.
+
+    The Optuna plots use a study rebuilt from the runs (each trial that did not fail with the value
+    of its last epoch, as the search's own study received it), so they are the same during a search,
+    after it and after `ssl-tune resume`.
+    """
+    import optuna
+
+    metric, mode = spec.search.metric, spec.search.mode
+    runs = child_runs(client, parent)
+    run_id = parent.info.run_id
+    if runs:
+        curves = [([(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric)], run.info.status)
+                  for run in runs]
+        log_figure(client, run_id, figures.learning_curves_figure(curves, metric, spec.training.epochs), "learning_curves")
+    finished = [(run.data.params, run.data.metrics[metric]) for run in runs
+                if counts(run.data.metrics.get(metric)) and run.info.status != "FAILED"]
+    if not finished:
+        return {}
+    study = study_from_trials(spec, finished, mode)
+    varied = [p for p in spec.search_ranges() if len({t.params.get(p) for t in study.trials}) > 1]
+    importances: dict[str, float] = {}
+    if len(study.trials) >= 2 and varied:
+        importances = optuna.importance.get_param_importances(study, params=varied)
+    for name, fig in figures.study_figures(study, varied).items():
+        log_figure(client, run_id, fig, name)
+    if importances:
+        log_metrics(client, run_id, {f"importance.{p}": v for p, v in importances.items()}, step=len(study.trials))
+    return importances
+
+
+# --- the search's parent run --------------------------------------------------------------------
+
+
+def open_search_run(client, experiment: str, run_name: str, spec: SpecBase, *, spec_source: str, ray_address: str,
+                    experiment_dir: str, max_concurrent: int, data: Any = None) -> str:
+    """Create a search's parent run: tags (what `resume`, `results` and `export` read back), the spec as
+    `spec.yaml`, the search's settings and the data cache as params. Returns its run id."""
+    import yaml
+
+    from ssl_tune import __version__
+
+    parent = client.create_run(experiment, run_name=run_name, tags={
+        TAG_KIND: "search",
+        "ssl_tune.spec_hash": spec.digest(),
+        "ssl_tune.spec_source": spec_source,
+        "ssl_tune.git_commit": _git_commit(),
+        "ssl_tune.ray_address": ray_address,
+        "ssl_tune.version": __version__,
+        TAG_STORAGE: experiment_dir,
+        TAG_METRIC: spec.search.metric,
+        TAG_MODE: spec.search.mode,
+        TAG_SEARCHED: ",".join(spec.searchable_paths()),
+    })
+    parent_id = parent.info.run_id
+    client.log_text(parent_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec.yaml")
+    log_params(client, parent_id, {"num_samples": spec.search.num_samples, "max_concurrent": max_concurrent,
+                                   "scheduler": spec.search.scheduler, "metric": spec.search.metric})
+    if data is not None:  # the driver's node's cache; every node builds or reuses its own
+        log_params(client, parent_id, {"data.cache": data.path, "data.train_images": data.manifest["splits"]["train"]["shape"][0]})
+        log_metrics(client, parent_id, {"data_skipped_corrupt": data.skipped}, step=0)
+    return parent_id
+
+
+def reopen_search_run(client, parent) -> None:
+    """Mark an interrupted search's parent run as running again, counting the resumes."""
+    client.update_run(parent.info.run_id, status="RUNNING")
+    client.set_tag(parent.info.run_id, "ssl_tune.resumed", str(int(parent.data.tags.get("ssl_tune.resumed", "0")) + 1))
+
+
+def close_search_run(client, parent_id: str, *, interrupted: bool, spec: SpecBase | None = None,
+                     trials_ok: int = 0) -> tuple[list[dict[str, Any]], str | None]:
+    """End a search's MLflow record; returns the leaderboard and the best trial's run id.
+
+    Interrupted: every unfinished trial's run and the parent end KILLED, ready for `ssl-tune resume`.
+    Finished: the best trial (`space.best_trial`) is recorded on the parent (tag, `best.*` params and
+    `best_*` metrics) with the leaderboard and the search's figures, and the parent ends FINISHED, or
+    FAILED when no trial came through.
+    """
+    parent = client.get_run(parent_id)
+    # Runs still RUNNING belong to trials stopped by Ctrl-C/SIGTERM, or to a driver that died before.
+    close_unfinished(client, parent)
+    if interrupted:
+        client.set_terminated(parent_id, "KILLED")
+        return (leaderboard(client, parent) if spec is not None else []), None
+    rows = leaderboard(client, parent)
+    best = best_trial(rows, spec.search.mode)
+    if best is not None:
+        best_run = client.get_run(best["run_id"])
+        client.set_tag(parent_id, TAG_BEST_TRIAL_RUN, best["run_id"])
+        log_params(client, parent_id, {f"best.{p}": best_run.data.params.get(p) for p in spec.searchable_paths()})
+        log_metrics(client, parent_id, {f"best_{k}": v for k, v in best_run.data.metrics.items()}, step=0)
+    client.log_text(parent_id, format_table(rows), "trials.txt")
     try:
-        text = Path(path).read_text() if path else ""
-    except OSError:
+        log_search_figures(client, client.get_run(parent_id), spec)
+    except Exception as exc:  # figures are a view of the results: never lose the finished search over one
+        print(f"warning: the search's figures were not logged ({type(exc).__name__}: {exc})", file=sys.__stderr__)
+    # A search in which no trial came through did not find anything: FAILED, and a non-zero exit.
+    client.set_terminated(parent_id, "FINISHED" if trials_ok else "FAILED")
+    return rows, best["run_id"] if best else None
+
+
+def close_unfinished(client, parent) -> None:
+    for child in child_runs(client, parent):
+        if child.info.status == "RUNNING":
+            client.set_tag(child.info.run_id, TAG_INTERRUPTED_AT, str(int(child.data.metrics.get("epoch", 0))))
+            client.set_terminated(child.info.run_id, "KILLED")
+
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
         return ""
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
-
-def error_summary(trial) -> str:
-    """One line saying why a trial failed or is being restarted."""
-    return _last_line(_error_text(trial))[:300]
-
-
-def _last_line(text: str) -> str:
-    """The exception line of a traceback, for the run's tag."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "trial failed")[:5000]
 
 
 # --- reading a search back ---------------------------------------------------------------
@@ -535,6 +647,16 @@ def child_runs(client, parent) -> list:
                               max_results=10000)
 
 
+def best_trial_run_id(client, parent) -> str | None:
+    """The best trial's run id of a search: as recorded when it finished, else (running or
+    interrupted) by `space.best_trial` over its trials so far."""
+    recorded = parent.data.tags.get(TAG_BEST_TRIAL_RUN)
+    if recorded:
+        return recorded
+    best = best_trial(leaderboard(client, parent), parent.data.tags.get(TAG_MODE, "max"))
+    return best["run_id"] if best else None
+
+
 def leaderboard(client, parent) -> list[dict[str, Any]]:
     """One row per trial, best objective first: rank, params, objective, status, epochs, duration."""
     metric = parent.data.tags.get(TAG_METRIC, "knn_top1")
@@ -547,27 +669,14 @@ def leaderboard(client, parent) -> list[dict[str, Any]]:
         rows.append({
             "trial_id": run.data.tags.get(TAG_TRIAL_ID, ""),
             "run_id": run.info.run_id,
-            **{p: _param_value(run.data.params.get(p)) for p in searched},
+            **{p: param_value(run.data.params.get(p)) for p in searched},
             "objective": m.get(metric, math.nan),
             "status": run.info.status,
             "epochs": int(m.get("epoch", 0)),
             "duration_s": round((end - run.info.start_time) / 1000, 1),
         })
-    sign = -1 if mode == "max" else 1
-    rows.sort(key=lambda r: (math.isnan(r["objective"]), sign * (0 if math.isnan(r["objective"]) else r["objective"])))
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
-    return [{"rank": r.pop("rank"), **r} for r in rows]
-
-
-def _param_value(text: str | None) -> Any:
-    """MLflow stores params as text; give numbers back as numbers."""
-    if text is None:
-        return None
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        return text
+    rows = ranked(rows, mode)
+    return [{"rank": rank, **row} for rank, row in enumerate(rows, 1)]
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

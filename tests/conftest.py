@@ -1,8 +1,16 @@
+"""Shared fixtures and helpers: tiny specs and data, the method registry's test specs, and running
+the `ssl-tune` console script. Test modules import helpers from here, never from one another."""
+
 import os
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 # Data caches the tests build go to a fresh directory, never to the user's ~/.cache/ssl-tune (inherited
 # by every process the tests start).
@@ -11,6 +19,7 @@ os.environ["SSL_TUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ssl-tune-test-cache-
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SSL_TUNE = str(Path(sys.executable).parent / "ssl-tune")
 
 
 @pytest.fixture
@@ -31,3 +40,120 @@ def tiny_spec_dict(**sections):
     }
     raw.update(sections)
     return raw
+
+
+def write_spec(directory: Path, raw: dict, name: str = "spec.yaml") -> Path:
+    path = Path(directory) / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def tiny_dataset(n=96, size=12, seed=0):
+    from ssl_tune.data.datasets import ImageDataset
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % 4
+    return ImageDataset("tiny", images, labels, images[:32].clone(), labels[:32].clone(), 4)
+
+
+# --- every registered method -------------------------------------------------------------------
+
+# Settings the shared suites exercise beyond a method's search-space defaults: SSL-HSIC's learned
+# bandwidth has its own optimizer (resumed exactly, and its gradient must match under DDP).
+SUITE_METHOD_SETTINGS = {"ssl_hsic": {"learn_bandwidth": True, "bandwidth_lr": 0.05, "num_rff_features": 64}}
+
+
+def method_names():
+    """Every method the registry finds (the shared suites are parametrized over these)."""
+    from trainers import methods
+
+    return list(methods())
+
+
+def method_spec_file(name: str) -> Path:
+    """A method's search-space YAML: search_spaces/NAME.yaml, or NAME.yaml next to a method module
+    found through $SSL_TUNE_METHOD_PATH."""
+    from trainers import method_path
+
+    for directory in (Path(ROOT) / "search_spaces", *method_path()):
+        if (directory / f"{name}.yaml").is_file():
+            return directory / f"{name}.yaml"
+    raise FileNotFoundError(f"no search-space YAML for method {name!r}")
+
+
+def method_spec_dict(name: str, **sections) -> dict:
+    """A tiny resolved spec of method `name`: its YAML's method settings at their defaults, with the
+    tiny shared sections of `tiny_spec_dict`."""
+    from ssl_tune.specfile import load_spec
+
+    method = load_spec(method_spec_file(name)).resolve().model_dump(mode="json")["method"]
+    method.update(SUITE_METHOD_SETTINGS.get(name, {}))
+    return {**tiny_spec_dict(**sections), "method": method}
+
+
+# --- the console script ------------------------------------------------------------------------
+
+SEARCH_EPOCHS = 2
+
+
+def search_spec(**search):
+    """A 3-trial TWIST search of 2 epochs; ASHA stops trial 2 (its loss is much higher at epoch 1)."""
+    raw = tiny_spec_dict(training={"epochs": SEARCH_EPOCHS, "batch_size": 500, "seed": 0})
+    raw["name"] = "search-test"
+    raw["method"].update(lam2={"type": "uniform", "low": 0.5, "high": 2.0},
+                         tau={"type": "loguniform", "low": 0.5, "high": 2.0})
+    raw["search"] = {"num_samples": 3, "metric": "loss", "mode": "min", "grace_period": 1, "max_concurrent": 1,
+                     "points_to_evaluate": [{"method.lam2": 2.0, "method.tau": 1.0},
+                                            {"method.lam2": 0.5, "method.tau": 1.0}], **search}
+    return raw
+
+
+def cli_env():
+    return {**os.environ, "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
+
+
+def run_cli(args, cwd, timeout=600):
+    return subprocess.run([SSL_TUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env())
+
+
+def start_cli(args, cwd):
+    """`ssl-tune ARGS` in its own process group, output to a file (Ray's output would fill a pipe)."""
+    log = open(Path(cwd) / f"cli-{time.time_ns()}.log", "w+")
+    proc = subprocess.Popen([SSL_TUNE, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True, env=cli_env(),
+                            start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def output(proc) -> str:
+    proc.log.flush()
+    return Path(proc.log.name).read_text()
+
+
+def wait_for(condition, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}: " + output(proc)[-4000:])
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def runs_of(work: Path, experiment: str = "search-test"):
+    """(client, parent runs, trial runs) of an experiment in WORK's sqlite store."""
+    from ssl_tune import tracking
+
+    client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
+    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    return client, parents, children
+
+
+def epoch_steps(client, run) -> list[int]:
+    return [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]

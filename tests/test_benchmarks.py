@@ -9,7 +9,7 @@ import yaml
 
 from benchmarks import __main__ as harness
 from benchmarks import search_efficiency as se
-from ssl_tune.spec import load_spec
+from ssl_tune.specfile import load_spec
 from tests.conftest import tiny_spec_dict
 
 EPOCHS = 8  # search_spaces/twist.yaml
@@ -108,6 +108,7 @@ def test_tpe_with_early_stopping_finds_the_synthetic_optimum_sooner_than_random(
     assert se.compute_to_reach(list(mean["tpe"]), target, "max") < budget
 
 
+@pytest.mark.slow
 def test_efficiency_end_to_end_writes_json_figure_and_report(tmp_path):
     results, report = tmp_path / "results", tmp_path / "benchmarks.md"
     results.mkdir()
@@ -128,6 +129,7 @@ def test_efficiency_end_to_end_writes_json_figure_and_report(tmp_path):
     assert "Not measured yet. Command: `python -m benchmarks gpu-throughput`" in text
 
 
+@pytest.mark.slow
 def test_throughput_and_loss_scaling_through_the_harness(tmp_path):
     spec_file = tmp_path / "tiny.yaml"
     spec_file.write_text(yaml.safe_dump(tiny_spec_dict(data={"name": "fashion_mnist_subset"})))
@@ -144,6 +146,7 @@ def test_throughput_and_loss_scaling_through_the_harness(tmp_path):
     assert "| twist | 512 |" in text and "**CorInfoMax** (batch 256)" in text and "| 16 |" in text
 
 
+@pytest.mark.slow
 def test_data_benchmark_through_the_harness(tmp_path):
     results, report = tmp_path / "results", tmp_path / "benchmarks.md"
     harness.main(["--results", str(results), "--report", str(report), "data", "--images", "300", "--size", "32",

@@ -19,7 +19,7 @@ from ssl_tune.cli import main
 from ssl_tune.data.cache import cache_path, open_dataset
 from ssl_tune.data.loader import channel_stats
 from ssl_tune.data.datasets import DataError
-from ssl_tune.spec import spec_from_dict
+from ssl_tune.specfile import spec_from_dict
 from tests.conftest import ROOT, tiny_spec_dict
 
 make_image_folder = image_folder_generator()  # scripts/make_image_folder.py
@@ -93,7 +93,7 @@ def test_two_processes_needing_the_cache_at_once_build_it_once(folder, tmp_path)
     code = f"""
 import sys, json
 from ssl_tune.data.cache import open_dataset
-from ssl_tune.spec import spec_from_dict
+from ssl_tune.specfile import spec_from_dict
 from tests.conftest import tiny_spec_dict
 data = spec_from_dict(tiny_spec_dict(data={{"name": "imagefolder", "root": {str(folder)!r}, "image_size": 16,
                                           "cache_dir": {str(cache)!r}}})).data
@@ -177,6 +177,7 @@ def test_channel_stats_match_torch_on_the_whole_tensor():
     assert np.allclose(std, x.std(dim=(0, 2, 3)).tolist(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_prepare_then_train_on_a_generated_folder(folder, tmp_path, capsys):
     raw = tiny_spec_dict(data={"name": "imagefolder", "root": str(folder), "image_size": 16,
                                "cache_dir": str(tmp_path / "cache")},

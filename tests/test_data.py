@@ -11,9 +11,9 @@ from ssl_tune.cli import main
 from ssl_tune.data.augment import ViewAugmentation, augment_batch, preset_views
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
-from ssl_tune.spec import spec_from_dict
+from ssl_tune.specfile import spec_from_dict
 from ssl_tune.data.loader import Normalizer, ViewLoader
-from tests.test_spec import tiny_spec_dict, write
+from tests.conftest import tiny_spec_dict, write_spec
 
 
 def test_bundled_subset_is_stratified_uint8():
@@ -94,7 +94,7 @@ def test_malformed_root_is_a_clear_error(tmp_path, name):
 
 
 def test_malformed_root_from_cli_exits_2(tmp_path, capsys):
-    spec_file = write(tmp_path, tiny_spec_dict(data={"name": "cifar10", "root": str(tmp_path)}))
+    spec_file = write_spec(tmp_path, tiny_spec_dict(data={"name": "cifar10", "root": str(tmp_path)}))
     assert main(["train", str(spec_file)]) == 2
     err = capsys.readouterr().err
     assert "data.root" in err and "data_batch_1" in err and "Traceback" not in err

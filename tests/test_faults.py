@@ -14,43 +14,12 @@ import pytest
 import yaml
 
 from ssl_tune import tracking
-from ssl_tune.search import check_cluster_paths, check_resources
-from ssl_tune.spec import SpecError, spec_from_dict
-from tests.conftest import tiny_spec_dict
-from tests.test_search import run_cli, runs_of, search_spec
+from ssl_tune.cluster import check_cluster_paths, check_resources
+from ssl_tune.spec import SpecError
+from ssl_tune.specfile import spec_from_dict
+from ssl_tune.trial import RESTORED_FROM_KEY
+from tests.conftest import epoch_steps, output, run_cli, runs_of, search_spec, start_cli, tiny_spec_dict, wait_for
 
-SSL_TUNE = str(Path(sys.executable).parent / "ssl-tune")
-
-
-def epoch_steps(client, run) -> list[int]:
-    return [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
-
-
-def wait_for(condition, timeout: float, what: str, proc=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}: " + output(proc)[-4000:])
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def start_cli(args, cwd):
-    """`ssl-tune ARGS` in its own process group, output to a file (Ray's output would fill a pipe)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
-    log = open(Path(cwd) / f"cli-{time.time_ns()}.log", "w+")
-    proc = subprocess.Popen([SSL_TUNE, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    proc.log = log
-    return proc
-
-
-def output(proc) -> str:
-    proc.log.flush()
-    return Path(proc.log.name).read_text()
 
 
 def slow_search_spec(num_samples, epochs, **search):
@@ -62,6 +31,7 @@ def slow_search_spec(num_samples, epochs, **search):
 # --- before any trial -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_exits_2_before_any_trial(tmp_path):
     raw = search_spec()
     raw["mlflow"] = {"tracking_uri": "http://127.0.0.1:9"}  # the discard port: nothing listens
@@ -99,6 +69,7 @@ def test_a_file_tracking_store_is_refused_behind_a_ray_client(tmp_path):
 # --- a worker dies -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(slow_search_spec(num_samples=1, epochs=4)))
     proc = start_cli(["run", "spec.yaml", "--name", "w"], cwd=tmp_path)
@@ -124,6 +95,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
 # --- the driver stops -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_interrupted_and_killed_driver_then_resume_finishes_every_trial_once(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(slow_search_spec(num_samples=4, epochs=3)))
 
@@ -175,6 +147,7 @@ def test_interrupted_and_killed_driver_then_resume_finishes_every_trial_once(tmp
 # --- a multi-node cluster ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_worker_trial_spreads_over_two_nodes_of_a_cluster(tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -252,6 +225,7 @@ def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_retu
     assert child.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothing(tmp_path):
     """A real `mlflow server`, SIGKILLed for 40 s in the middle of a trial, then started again on the
     same store. MLflow's own client would block the Tune loop (and so the trial) for about 247 s per
@@ -317,6 +291,7 @@ def placement_groups_and_cpus(address: str) -> tuple[dict[str, str], float, floa
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow
 def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_path, monkeypatch):
     """The issue's scenario: two 1-CPU nodes, a 2-worker SPREAD trial, the second node's raylet
     SIGKILLed mid-trial. The trial cannot be placed on what is left, says so and waits (each attempt
@@ -370,8 +345,8 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     assert epoch_steps(client, child) == [1, 2, 3, 4, 5, 6]  # every epoch logged once
     results = [json.loads(line) for line in
                next((tmp_path / "ssl_tune_runs" / "n").glob("run_trial_*/result.json")).read_text().splitlines()]
-    first_after = next(i for i, r in enumerate(results) if tracking.RESTORED_FROM_KEY in r)
-    restored, reached = results[first_after][tracking.RESTORED_FROM_KEY], max(r["epoch"] for r in results[:first_after])
+    first_after = next(i for i, r in enumerate(results) if RESTORED_FROM_KEY in r)
+    restored, reached = results[first_after][RESTORED_FROM_KEY], max(r["epoch"] for r in results[:first_after])
     assert restored >= 2  # continued from a checkpoint, not from scratch
     assert int(child.data.tags[tracking.TAG_EPOCHS_LOST]) == reached - restored  # epochs trained twice, counted
     print(f"node lost at epoch {reached:.0f}, restored from epoch {restored:.0f}")
@@ -380,11 +355,12 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     assert total - available == pytest.approx(0.01 + 2 * 0.9, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_placement_groups_left_by_an_earlier_attempt_are_removed(tmp_path):
     import ray
     from ray.util.placement_group import placement_group
 
-    from ssl_tune.search import record_placement_group, remove_leftover_placement_groups
+    from ssl_tune.trial import record_placement_group, remove_leftover_placement_groups
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ssl_tune.spec import SpecError, spec_from_dict
+from ssl_tune.spec import SpecError
+from ssl_tune.specfile import spec_from_dict
 from tests.conftest import tiny_spec_dict
 from trainers.isd import isd_loss
 from trainers.loop import build_method

@@ -15,10 +15,9 @@ from ssl_tune import tracking
 from ssl_tune.cli import main
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
-from ssl_tune.spec import spec_from_dict
+from ssl_tune.specfile import spec_from_dict
 from ssl_tune.search import trusted_experiment_dir
-from tests.conftest import tiny_spec_dict
-from tests.test_search import run_cli, runs_of, search_spec
+from tests.conftest import run_cli, runs_of, search_spec, tiny_spec_dict
 
 
 class RunsAShellCommand:
@@ -40,6 +39,7 @@ def free_port() -> int:
 # --- a cluster address where nothing listens ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dead_ray_address_exits_2_within_seconds(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(search_spec()))
     port = free_port()  # closed again: nothing listens there
@@ -80,6 +80,7 @@ def imagefolder_spec(tmp_path: Path, root: Path, **search) -> Path:
     return tmp_path / "spec.yaml"
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_named_by_train_and_by_run_before_any_trial(tmp_path, capsys):
     root = image_folder(tmp_path / "images")
     truncate(root / "train" / "b" / "1.jpg")
@@ -143,6 +144,7 @@ def test_cifar_reader_takes_numpy_arrays_of_every_pickle_protocol(tmp_path, prot
     assert d.train_labels.tolist() == [5, 99] and int(d.train_images[1, 0, 0, 0]) == 3072 % 256
 
 
+@pytest.mark.slow
 def test_resume_refuses_tune_state_outside_the_storage_path_the_user_named(tmp_path):
     """Anyone who can write tags on a shared tracking server could point a search's storage tag at
     a crafted tuner.pkl; resume must not unpickle it."""

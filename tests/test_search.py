@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,37 +13,9 @@ from ssl_tune import load_backbone, tracking
 from ssl_tune.data.datasets import load_dataset
 from ssl_tune.data.loader import Normalizer
 from ssl_tune.evaluation import extract_features, knn_accuracy
-from tests.conftest import tiny_spec_dict
+from tests.conftest import SEARCH_EPOCHS, SSL_TUNE, output, run_cli, runs_of, search_spec, start_cli, wait_for
 
-SSL_TUNE = str(Path(sys.executable).parent / "ssl-tune")
-EPOCHS = 2
-
-
-def search_spec(**search):
-    raw = tiny_spec_dict(training={"epochs": EPOCHS, "batch_size": 500, "seed": 0})
-    raw["name"] = "search-test"
-    raw["method"].update(lam2={"type": "uniform", "low": 0.5, "high": 2.0},
-                         tau={"type": "loguniform", "low": 0.5, "high": 2.0})
-    # Trial 1 has a much lower loss than trial 2 at epoch 1 (lam2 scales -he), so ASHA stops trial 2.
-    raw["search"] = {"num_samples": 3, "metric": "loss", "mode": "min", "grace_period": 1, "max_concurrent": 1,
-                     "points_to_evaluate": [{"method.lam2": 2.0, "method.tau": 1.0},
-                                            {"method.lam2": 0.5, "method.tau": 1.0}], **search}
-    return raw
-
-
-def run_cli(args, cwd, timeout=600):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
-    return subprocess.run([SSL_TUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def runs_of(work: Path, experiment: str = "search-test"):
-    """(client, parent runs, trial runs) of an experiment in WORK's sqlite store."""
-    client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id]) if found else []
-    parents = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
-    children = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
-    return client, parents, children
+EPOCHS = SEARCH_EPOCHS
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +28,7 @@ def finished_search(tmp_path_factory):
     return work, client, proc
 
 
+@pytest.mark.slow
 def test_mlflow_holds_one_parent_with_nested_trials(finished_search):
     work, client, _ = finished_search
     experiment = client.get_experiment_by_name("search-test")
@@ -101,6 +73,7 @@ def test_mlflow_holds_one_parent_with_nested_trials(finished_search):
             assert "linear_top1" not in child.data.metrics
 
 
+@pytest.mark.slow
 def test_console_shows_the_trial_table_and_no_ray_output(finished_search):
     work, _, proc = finished_search
     lines = proc.stdout.splitlines()
@@ -111,6 +84,7 @@ def test_console_shows_the_trial_table_and_no_ray_output(finished_search):
         assert marker not in proc.stdout and marker not in proc.stderr, marker
 
 
+@pytest.mark.slow
 def test_results_leaderboard_and_parquet(finished_search):
     import pyarrow.parquet as pq
 
@@ -126,6 +100,7 @@ def test_results_leaderboard_and_parquet(finished_search):
     assert table[0]["method.lam2"] == 2.0
 
 
+@pytest.mark.slow
 def test_export_reloads_the_backbone_and_reproduces_logged_knn(finished_search):
     work, client, _ = finished_search
     out = run_cli(["export", "search-test", "--out", "exported", "--register", "test-backbone"], cwd=work)
@@ -152,6 +127,7 @@ def test_export_reloads_the_backbone_and_reproduces_logged_knn(finished_search):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.slow
 def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
     raw["training"]["epochs"] = 1
@@ -165,6 +141,7 @@ def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     assert torch.load(checkpoint / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_infeasible_trial_resources_fail_fast(tmp_path):
     raw = search_spec()
     raw["resources"] = {"num_workers": 64, "cpus_per_worker": 1}
@@ -175,6 +152,7 @@ def test_infeasible_trial_resources_fail_fast(tmp_path):
     assert "resources" in proc.stderr and "64 worker(s)" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_path):
     raw = search_spec(num_samples=2, scheduler="none",
                       points_to_evaluate=[{"optimizer.lr": 1e12}, {"optimizer.lr": 0.3}])
@@ -191,6 +169,7 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_pat
     assert parent.info.status == "FINISHED" and parent.data.tags[tracking.TAG_BEST_TRIAL_RUN] == healthy.info.run_id
 
 
+@pytest.mark.slow
 def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
     raw["training"]["batch_size"] = 20000  # more than the bundled data
@@ -201,9 +180,8 @@ def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path):
     assert not (tmp_path / "ssl_tune_runs").exists()
 
 
+@pytest.mark.slow
 def test_trial_that_errors_is_failed_with_its_error(tmp_path):
-    from tests.test_faults import output, start_cli, wait_for
-
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=0)
     raw["training"]["epochs"] = 3
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
@@ -258,6 +236,7 @@ def browse(url: str, *, screenshot: Path | None = None) -> str:
     return re.sub(r"\s+", " ", text) + ("\nPLOTLY-CHART" if "plotly" in dom else "")
 
 
+@pytest.mark.slow
 def test_mlflow_ui_in_a_browser_shows_the_search_its_trials_and_their_knn_curves(finished_search, tmp_path):
     import socket
     import time

@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from ssl_tune.search import SearchSpace, build_scheduler, build_search_algorithm, field_values, startup_trials
-from ssl_tune.spec import spec_from_dict
+from ssl_tune.search import build_scheduler, build_search_algorithm, startup_trials
+from ssl_tune.space import SearchSpace, field_values
+from ssl_tune.specfile import spec_from_dict
 from tests.conftest import tiny_spec_dict
 
 TRIALS = 40

@@ -4,17 +4,11 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from ssl_tune.cli import main
-from ssl_tune.spec import Choice, LogUniform, SpecError, load_spec
-from tests.conftest import tiny_spec_dict
-
-
-def write(tmp_path, raw, name="spec.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
+from ssl_tune.spec import Choice, LogUniform, SpecError
+from ssl_tune.specfile import load_spec
+from tests.conftest import method_names, tiny_spec_dict, write_spec
 
 
 def test_shipped_twist_spec_is_valid_and_searches_the_entropy_weights_tau_and_lr(twist_spec_path):
@@ -30,7 +24,7 @@ def test_resolve_uses_given_values_defaults_and_centres(tmp_path):
     raw["method"]["tau"] = {"type": "loguniform", "low": 0.25, "high": 4.0}
     raw["optimizer"]["name"] = {"type": "choice", "values": ["sgd", "adamw"]}
     raw["projector"]["output_dim"] = {"type": "int", "low": 8, "high": 64, "step": 8}
-    spec = load_spec(write(tmp_path, raw))
+    spec = load_spec(write_spec(tmp_path, raw))
     assert isinstance(spec.search_ranges()["optimizer.name"], Choice)
     centre = spec.resolve()
     assert centre.method.tau == pytest.approx(1.0)  # geometric centre
@@ -40,7 +34,7 @@ def test_resolve_uses_given_values_defaults_and_centres(tmp_path):
 
 
 def test_override_sets_nested_fields_with_yaml_values(tmp_path):
-    spec = load_spec(write(tmp_path, tiny_spec_dict()),
+    spec = load_spec(write_spec(tmp_path, tiny_spec_dict()),
                      ["training.epochs=7", "method.tau={type: uniform, low: 0.5, high: 1.5}"])
     assert spec.training.epochs == 7
     assert spec.search_ranges()["method.tau"].high == 1.5
@@ -79,7 +73,7 @@ def test_bad_input_exits_2_with_a_message_naming_file_field_and_allowed(tmp_path
     raw = tiny_spec_dict()
     if modify:
         modify(raw)
-    spec_file = write(tmp_path, raw)
+    spec_file = write_spec(tmp_path, raw)
     args = ["train", str(spec_file)] + [a for o in overrides for a in ("--set", o)]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -104,7 +98,7 @@ def test_unreadable_and_non_mapping_files(tmp_path, capsys):
 
 
 def test_console_script_reports_bad_spec_without_traceback(tmp_path):
-    spec_file = write(tmp_path, tiny_spec_dict(training={"batch_size": 1}))
+    spec_file = write_spec(tmp_path, tiny_spec_dict(training={"batch_size": 1}))
     proc = subprocess.run([sys.executable, "-m", "ssl_tune.cli", "train", str(spec_file)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "training.batch_size" in proc.stderr and str(spec_file) in proc.stderr
@@ -121,3 +115,23 @@ def test_readme_spec_reference_is_the_generated_one():
 
     assert readme_section(README.read_text()) == reference_markdown(), (
         "README's spec reference is stale: run python -m ssl_tune.spec_reference --write")
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_spec_reference_documents_every_field_of_every_method(method):
+    from ssl_tune.spec_reference import reference_markdown
+    from trainers import methods
+
+    reference = reference_markdown(methods())
+    assert f"`method` with `name: {method}`:" in reference
+    for field in methods()[method].Config.model_fields:
+        assert f"| `method.{field}` |" in reference, field
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_search_space_loads_and_resolves_to_its_defaults(method):
+    from tests.conftest import method_spec_file
+
+    spec = load_spec(method_spec_file(method))
+    assert spec.method.name == method and spec.search_ranges()
+    assert spec.resolve().is_resolved

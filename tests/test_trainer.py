@@ -1,21 +1,13 @@
-"""The shared loop: exact resume, divergence, and DDP global-batch equality."""
+"""The shared loop, for every registered method: exact resume, divergence, and DDP global-batch equality."""
 
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_tune.data.datasets import ImageDataset
-from ssl_tune.spec import spec_from_dict
+from ssl_tune.specfile import spec_from_dict
 from ssl_tune.testing import run_on_ranks
-from tests.conftest import tiny_spec_dict
+from tests.conftest import method_names, method_spec_dict, tiny_dataset, tiny_spec_dict
 from trainers.loop import CHECKPOINT_FILE, Reporter, Trainer, build_method
-
-
-def tiny_dataset(n=96, size=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
-    labels = torch.arange(n) % 4
-    return ImageDataset("tiny", images, labels, images[:32].clone(), labels[:32].clone(), 4)
 
 
 class Recorder(Reporter):
@@ -28,26 +20,12 @@ class Recorder(Reporter):
             write_checkpoint(self.checkpoint_dir / f"epoch{int(metrics['epoch'])}")
 
 
-def method_spec(name, **sections):
-    raw = tiny_spec_dict(**sections)
-    if name == "isd":
-        raw["method"] = {"name": "isd", "t_teacher": 0.1, "t_student": 0.5, "momentum": 0.9, "bank_size": 64}
-    if name == "corinfomax":
-        # la_R 0.5 keeps the covariance of an 8-row batch in 8 dimensions well conditioned.
-        raw["method"] = {"name": "corinfomax", "alpha": 50.0, "eps": 1e-6, "la_R": 0.5, "la_mu": 0.5}
-    if name == "ssl_hsic":
-        # A learned bandwidth exercises the auxiliary optimizer (resume) and its DDP gradient.
-        raw["method"] = {"name": "ssl_hsic", "gamma": 2.0, "bandwidth": 0.8, "learn_bandwidth": True,
-                         "bandwidth_lr": 0.05, "num_rff_features": 64}
-    return raw
-
-
-METHODS = ["twist", "isd", "corinfomax", "ssl_hsic"]
+METHODS = method_names()  # every method the registry finds, a researcher's own included
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_continues_exactly(tmp_path, method):
-    spec = spec_from_dict(method_spec(method, training={"epochs": 3, "batch_size": 32, "seed": 3}))
+    spec = spec_from_dict(method_spec_dict(method, training={"epochs": 3, "batch_size": 32, "seed": 3}))
     straight = Recorder(tmp_path)
     first = Trainer(spec, dataset=tiny_dataset())
     first.fit(straight)
@@ -78,7 +56,7 @@ def test_console_shows_the_evaluation_steps_on_a_terminal(tmp_path):
 
     stream = Terminal()
     spec = spec_from_dict(tiny_spec_dict(training={"epochs": 1, "batch_size": 32, "seed": 0}))
-    Trainer(spec, dataset=tiny_dataset()).fit(ConsoleReporter(tmp_path, stream=stream))
+    Trainer(spec, dataset=tiny_dataset()).fit(ConsoleReporter(stream=stream))
     out = stream.getvalue()
     steps = ["(the baseline) ...", "random-init kNN top-1", "epoch 1/1 [", "epoch 1: features and kNN ...",
              "epoch 1: linear probe(s) ...", "epoch 1/1  loss"]
@@ -97,7 +75,7 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_non_finite_loss_stops_as_diverged_without_a_checkpoint(tmp_path, method):
-    raw = method_spec(method, training={"epochs": 3, "batch_size": 32})
+    raw = method_spec_dict(method, training={"epochs": 3, "batch_size": 32})
     raw["optimizer"] = {"name": "sgd", "lr": 1e12, "momentum": 0.0, "warmup_epochs": 0}
     recorder = Recorder(tmp_path)
     result = Trainer(spec_from_dict(raw), dataset=tiny_dataset()).fit(recorder)
@@ -135,7 +113,7 @@ def _ddp_step(rank, raw):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_two_rank_step_equals_one_process_on_the_whole_batch(method):
-    raw = method_spec(method)
+    raw = method_spec_dict(method)
     method = build_method(spec_from_dict(raw), in_channels=1)
     loss = _step(method, _views())
     results = run_on_ranks(_ddp_step, 2, raw)
@@ -144,6 +122,9 @@ def test_two_rank_step_equals_one_process_on_the_whole_batch(method):
         trainable = {n: p for n, p in method.named_parameters() if p.requires_grad}
         assert grads.keys() == trainable.keys()
         for name, p in trainable.items():
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+            # float32 sums in another order: errors scale with the tensor's largest entries (sharp
+            # temperatures, e.g. ISD's 0.02, give gradients of order 1 next to entries near 0)
+            atol = max(1e-6, 1e-5 * p.grad.abs().max().item())
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=atol, msg=name)
         for name, b in method.named_buffers():
             torch.testing.assert_close(buffers[name], b, rtol=1e-4, atol=1e-6, msg=name)

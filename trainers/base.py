@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import abc
 import copy
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 from ssl_tune.data.augment import ViewAugmentation, preset_views
+from ssl_tune.spec import AugmentationSpec, MethodConfig, ProjectorSpec
 
 
 class Diverged(RuntimeError):
@@ -45,26 +46,28 @@ class Method(nn.Module, abc.ABC):
     """Base of every SSL method.
 
     Subclasses set ``name`` and ``Config`` (a `ssl_tune.spec.MethodConfig` subclass), build their
-    heads in ``__init__`` from the resolved spec, and implement ``forward(views) -> StepOutput``
-    for this rank's rows of the global batch. Losses that use batch statistics gather the global
-    batch with `ssl_tune.distributed.gather_with_grad`. State that must survive a resume (memory
-    banks, running covariances, EMA teachers) lives in buffers or sub-modules, so it is part of
+    heads in ``__init__`` and implement ``forward(views) -> StepOutput`` for this rank's rows of the
+    global batch. A method sees its own config, the backbone, the shape of the shared projector
+    section and the run's seed, never the whole spec: data, optimisation and evaluation belong to
+    the shared loop. Losses that use batch statistics gather the global batch with
+    `ssl_tune.distributed.gather_with_grad`. State that must survive a resume (memory banks,
+    running covariances, EMA teachers) lives in buffers or sub-modules, so it is part of
     ``state_dict`` and of every checkpoint.
     """
 
     name: ClassVar[str]
-    Config: ClassVar[type]
+    Config: ClassVar[type[MethodConfig]]
     num_views: ClassVar[int] = 2
 
-    def __init__(self, spec: Any, backbone: nn.Module) -> None:
+    def __init__(self, config: MethodConfig, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
         super().__init__()
-        self.spec = spec
-        self.config = spec.method
+        self.config = config
         self.backbone = backbone
+        self.seed = seed
 
-    def view_augmentations(self) -> list[ViewAugmentation]:
-        aug = self.spec.data.augmentation
-        return preset_views(aug.preset, tuple(aug.crop_scale), self.num_views)
+    def view_augmentations(self, augmentation: AugmentationSpec) -> list[ViewAugmentation]:
+        """One augmentation per view, from the spec's `data.augmentation`."""
+        return preset_views(augmentation.preset, tuple(augmentation.crop_scale), self.num_views)
 
     @abc.abstractmethod
     def forward(self, views: list[torch.Tensor]) -> StepOutput:

@@ -32,7 +32,7 @@ from torch import nn
 from ssl_tune.distributed import gather_with_grad
 from ssl_tune.evaluation import effective_rank
 from ssl_tune.models import mlp
-from ssl_tune.spec import MethodConfig, Searchable
+from ssl_tune.spec import MethodConfig, ProjectorSpec, Searchable
 from trainers.base import Diverged, Method, StepOutput
 
 
@@ -103,9 +103,9 @@ class CorInfoMax(Method):
     name = "corinfomax"
     Config = CorInfoMaxConfig
 
-    def __init__(self, spec, backbone: nn.Module) -> None:
-        super().__init__(spec, backbone)
-        p, c = spec.projector, self.config
+    def __init__(self, config: CorInfoMaxConfig, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
+        super().__init__(config, backbone, projector, seed)
+        p, c = projector, self.config
         self.projector = mlp(backbone.output_dim, p.hidden_dim, p.output_dim, p.num_layers,
                              batch_norm=c.projector_batch_norm, last_bias=False)
         self.criterion = CorInfoMaxLoss(p.output_dim, alpha=c.alpha, eps=c.eps, la_R=c.la_R, la_mu=c.la_mu, R_ini=c.R_ini)

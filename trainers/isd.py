@@ -27,7 +27,7 @@ from torch import nn
 from ssl_tune.data.augment import preset_views
 from ssl_tune.distributed import gather, gather_with_grad
 from ssl_tune.models import mlp
-from ssl_tune.spec import MethodConfig, Searchable
+from ssl_tune.spec import AugmentationSpec, MethodConfig, ProjectorSpec, Searchable
 from trainers.base import Method, StepOutput, ema_update, frozen_copy
 
 
@@ -74,18 +74,17 @@ class ISD(Method):
     name = "isd"
     Config = ISDConfig
 
-    def __init__(self, spec, backbone: nn.Module) -> None:
-        super().__init__(spec, backbone)
-        p = spec.projector
+    def __init__(self, config: ISDConfig, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
+        super().__init__(config, backbone, projector, seed)
+        p = projector
         self.projector = mlp(backbone.output_dim, p.hidden_dim, p.output_dim, p.num_layers)
         self.predictor = mlp(p.output_dim, p.hidden_dim, p.output_dim, 2)
         self.teacher = frozen_copy(self.backbone, self.projector)
         self.register_buffer("bank", F.normalize(torch.randn(self.config.bank_size, p.output_dim), dim=1))
         self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
 
-    def view_augmentations(self):
+    def view_augmentations(self, aug: AugmentationSpec):
         """View 0 (student): the preset's first view; view 1 (teacher): weak, or the preset's second."""
-        aug = self.spec.data.augmentation
         strong = preset_views(aug.preset, tuple(aug.crop_scale))
         weak = preset_views("weak", tuple(aug.crop_scale))
         return [strong[0], weak[1] if self.config.teacher_view == "weak" else strong[1]]

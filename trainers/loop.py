@@ -23,7 +23,8 @@ from ssl_tune import distributed
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
-from ssl_tune.evaluation import extract_features, knn_ranking, linear_probe, ranking_accuracy, stratified_subset
+from ssl_tune.evaluation import (EVALUATION_FILE, confusion_counts, extract_features, knn_ranking, linear_probe, principal_components,
+                                 ranking_accuracy, save_arrays, stratified_subset)
 from ssl_tune.models import build_backbone
 from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
@@ -31,7 +32,6 @@ from trainers.base import Diverged, Method
 from trainers.optim import build_optimizers, warmup_cosine
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FIGURE_DIR = "figures"
 CHECKPOINT_FORMAT = 1
 
 CheckpointWriter = Callable[[Path], None]
@@ -72,12 +72,14 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_method(spec: SpecBase, in_channels: int) -> Method:
-    """The method's model for a resolved spec, initialised from the spec's seed."""
+def build_method(spec: SpecBase, in_channels: int, device: torch.device | None = None) -> Method:
+    """The method's model for a resolved spec, initialised from the spec's seed, with batch norm
+    over the global batch (`distributed.convert_batchnorm`) for `device`."""
     torch.manual_seed(spec.training.seed)
     b = spec.backbone
     backbone = build_backbone(b.name, in_channels, width=b.width, cifar_stem=b.cifar_stem)
-    return distributed.convert_batchnorm(methods()[spec.method.name](spec, backbone))
+    method = methods()[spec.method.name](spec.method, backbone, spec.projector, spec.training.seed)
+    return distributed.convert_batchnorm(method, device or torch.device("cpu"))
 
 
 class Trainer:
@@ -95,7 +97,7 @@ class Trainer:
                             f"({len(self.dataset.ssl_images)} images)")
         d = self.dataset
         self.normalizer = Normalizer(d.train_images, stats=d.channel_stats).to(self.device)
-        self.method = build_method(spec, self.dataset.channels).to(self.device)
+        self.method = build_method(spec, self.dataset.channels, self.device).to(self.device)
         cuda = self.device.type == "cuda"
         precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -108,7 +110,7 @@ class Trainer:
             self.model = DistributedDataParallel(self.method, device_ids=[self.device.index] if cuda else None)
         self.loader = ViewLoader(
             self.dataset.ssl_images.to(self.device),
-            self.method.view_augmentations(),
+            self.method.view_augmentations(spec.data.augmentation),
             self.normalizer,
             global_batch_size=t.batch_size,
             seed=t.seed,
@@ -124,9 +126,9 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.baseline: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        # After the last epoch: the test features and their kNN predictions, drawn into figures
-        # next to the final checkpoint (`FIGURE_DIR`).
-        self.final_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        # After the last epoch: the arrays of the final evaluation, saved next to the final
+        # checkpoint (`EVALUATION_FILE`) for the figures.
+        self.final_outputs: dict[str, torch.Tensor] | None = None
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -153,18 +155,8 @@ class Trainer:
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
         if self.final_outputs is not None:
-            self.write_figures(directory / FIGURE_DIR)
+            save_arrays(directory / EVALUATION_FILE, self.final_outputs)
         return path
-
-    def write_figures(self, directory: Path) -> None:
-        """The final test embedding (PCA, coloured by label) and the kNN confusion matrix, as PNGs."""
-        from ssl_tune import plots
-
-        directory.mkdir(parents=True, exist_ok=True)
-        features, predicted = self.final_outputs
-        labels = self.dataset.test_labels
-        plots.save_figure(plots.embedding_figure(features, labels), directory / "embedding.png")
-        plots.save_figure(plots.confusion_figure(predicted, labels, self.dataset.num_classes), directory / "knn_confusion.png")
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `write_checkpoint` saved; `path` is the file or its directory."""
@@ -278,8 +270,12 @@ class Trainer:
                 if last:
                     reporter.on_phase(f"epoch {self.epoch}: linear probe(s)")
                     metrics.update(self.final_evaluation(train_features, test_features))
-                    self.final_outputs = (test_features.cpu(), ranked[:, 0].cpu())
+                    d = self.dataset
+                    self.final_outputs = {
+                        "embedding_2d": principal_components(test_features), "labels": d.test_labels.cpu(),
+                        "confusion": confusion_counts(ranked[:, 0], d.test_labels, d.num_classes)}
             metrics = {"epoch": float(self.epoch), **metrics, **self.baseline}
             self.history.append(metrics)
             reporter.on_epoch(metrics, self.write_checkpoint if distributed.rank() == 0 else None)
         return TrainResult("finished", self.epoch, self.history[-1] if self.history else {}, self.history)
+

@@ -40,7 +40,7 @@ from torch import nn
 
 from ssl_tune.distributed import gather_with_grad
 from ssl_tune.models import mlp
-from ssl_tune.spec import MethodConfig, Searchable
+from ssl_tune.spec import MethodConfig, ProjectorSpec, Searchable
 from trainers.base import Method, StepOutput, ema_update, frozen_copy
 
 RandomFeatures = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -152,9 +152,9 @@ class SSLHSIC(Method):
     name = "ssl_hsic"
     Config = SSLHSICConfig
 
-    def __init__(self, spec, backbone: nn.Module) -> None:
-        super().__init__(spec, backbone)
-        p, c = spec.projector, self.config
+    def __init__(self, config: SSLHSICConfig, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
+        super().__init__(config, backbone, projector, seed)
+        p, c = projector, self.config
         self.projector = mlp(backbone.output_dim, p.hidden_dim, p.output_dim, p.num_layers)
         self.predictor = mlp(p.output_dim, p.hidden_dim, p.output_dim, 2)
         self.target: nn.Module | None = None
@@ -175,7 +175,7 @@ class SSLHSIC(Method):
         return torch.optim.Adam([self.bandwidth], lr=self.config.bandwidth_lr, betas=(0.9, 0.999), eps=1e-8)
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        seed = self.spec.training.seed * 1_000_003 + int(self.draws)
+        seed = self.seed * 1_000_003 + int(self.draws)
         return torch.Generator(device=device).manual_seed(seed)
 
     def forward(self, views: list[torch.Tensor]) -> StepOutput:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ssl_tune.distributed import gather_with_grad
 from ssl_tune.models import mlp
-from ssl_tune.spec import MethodConfig, Searchable
+from ssl_tune.spec import MethodConfig, ProjectorSpec, Searchable
 from trainers.base import Method, StepOutput
 
 
@@ -78,9 +78,9 @@ class Twist(Method):
     name = "twist"
     Config = TwistConfig
 
-    def __init__(self, spec, backbone: nn.Module) -> None:
-        super().__init__(spec, backbone)
-        p = spec.projector
+    def __init__(self, config: TwistConfig, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
+        super().__init__(config, backbone, projector, seed)
+        p = projector
         self.head = nn.Sequential(
             mlp(backbone.output_dim, p.hidden_dim, p.output_dim, p.num_layers),
             nn.BatchNorm1d(p.output_dim, affine=False),

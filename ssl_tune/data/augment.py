@@ -62,7 +62,14 @@ def _resized_crop_and_flip(x: torch.Tensor, aug: ViewAugmentation, g: torch.Gene
     cx = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - h)
     flip = torch.where(torch.rand(n, generator=g, device=device) < aug.flip_p, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=device)
+    return crop_and_flip(x, w, h, cx, cy, flip)
+
+
+def crop_and_flip(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+                  flip: torch.Tensor) -> torch.Tensor:
+    """Per sample: the box of width `w` and height `h` (fractions of the image) centred at (cx, cy)
+    (in [-1, 1]), resized bilinearly to the image's size, mirrored where `flip` is -1."""
+    theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
     theta[:, 0, 0] = w * flip
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
@@ -79,14 +86,32 @@ def _color_jitter(x: torch.Tensor, aug: ViewAugmentation, g: torch.Generator) ->
     """Brightness and contrast always; saturation and hue only for colour images."""
     n, device = x.shape[0], x.device
     apply = (torch.rand(n, generator=g, device=device) < aug.jitter_p).view(n, 1, 1, 1)
-    y = x * _uniform(n, 1 - aug.brightness, 1 + aug.brightness, g, device).view(n, 1, 1, 1)
-    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-    y = (y - mean) * _uniform(n, 1 - aug.contrast, 1 + aug.contrast, g, device).view(n, 1, 1, 1) + mean
+    y = adjust_brightness(x, _uniform(n, 1 - aug.brightness, 1 + aug.brightness, g, device))
+    y = adjust_contrast(y, _uniform(n, 1 - aug.contrast, 1 + aug.contrast, g, device))
     if x.shape[1] == 3:
-        gray = _gray(y)
-        y = (y - gray) * _uniform(n, 1 - aug.saturation, 1 + aug.saturation, g, device).view(n, 1, 1, 1) + gray
+        y = adjust_saturation(y, _uniform(n, 1 - aug.saturation, 1 + aug.saturation, g, device))
         y = _rotate_hue(y, _uniform(n, -aug.hue, aug.hue, g, device) * 2 * math.pi)
     return torch.where(apply, y.clamp(0, 1), x)
+
+
+# Per-sample colour operations (one factor per image), torchvision's formulas without the clamp
+# after each step: the jitter clamps once at its end.
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return x * factor.view(-1, 1, 1, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the image's mean grey level."""
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * factor.view(-1, 1, 1, 1) + mean
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the image's grey version (colour images)."""
+    gray = _gray(x)
+    return (x - gray) * factor.view(-1, 1, 1, 1) + gray
 
 
 def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:

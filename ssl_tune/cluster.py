@@ -1,0 +1,163 @@
+"""Connecting to Ray, and the checks before any trial starts: does the data load, does a trial fit
+on the cluster's nodes, can every node write where trials write, does the address answer.
+
+A failed check is the user's to fix: it raises `SpecError` (exit 2) naming the field or flag.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ssl_tune.spec import SpecBase, SpecError
+
+# The Tune trial that drives a multi-worker Train run needs a little CPU of its own (0 is refused).
+TRAIN_DRIVER_CPU = 0.01
+
+def tune_trial_resources(spec: SpecBase) -> dict[str, float]:
+    """What the Tune trial itself reserves: the whole work for one worker, else only the Train driver
+    (Ray Train's workers reserve their own resources)."""
+    r = spec.resources
+    if r.num_workers == 1:
+        return {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+    return {"CPU": TRAIN_DRIVER_CPU, "GPU": 0.0}
+
+def node_resources() -> list[dict[str, Any]]:
+    """The alive nodes of the connected Ray cluster: id, address, CPU and GPU."""
+    import ray
+
+    return [{"id": n["NodeID"], "address": n["NodeManagerAddress"], "CPU": float(n["Resources"].get("CPU", 0)),
+             "GPU": float(n["Resources"].get("GPU", 0))} for n in ray.nodes() if n["Alive"]]
+
+def check_resources(spec: SpecBase, nodes: list[dict[str, Any]]) -> int:
+    """Fail before any trial when one trial cannot be placed on the nodes; return how many trials fit at once.
+
+    Each worker must fit on a single node (Ray places a worker's CPUs and GPUs together); a
+    multi-worker trial also needs a little CPU for its Ray Train driver.
+    """
+    r = spec.resources
+
+    def workers_on(node: dict[str, Any]) -> int:
+        fits = [node["CPU"] / r.cpus_per_worker] + ([node["GPU"] / r.gpus_per_worker] if r.gpus_per_worker else [])
+        return math.floor(min(fits) + 1e-9)
+
+    slots = sum(workers_on(n) for n in nodes)
+    if r.num_workers == 1:
+        trials = slots
+    else:
+        per_trial_cpu = r.num_workers * r.cpus_per_worker + TRAIN_DRIVER_CPU
+        trials = min(slots // r.num_workers, math.floor(sum(n["CPU"] for n in nodes) / per_trial_cpu + 1e-9))
+    if trials < 1:
+        offered = "; ".join(f"{n['address']}: {n['CPU']:g} CPU, {n['GPU']:g} GPU" for n in nodes) or "no alive nodes"
+        driver = f" plus {TRAIN_DRIVER_CPU:g} CPU for its Ray Train driver" if r.num_workers > 1 else ""
+        raise SpecError(
+            f"resources: one trial asks for {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU, "
+            f"{r.gpus_per_worker:g} GPU), each worker on one node{driver}, but the Ray cluster's nodes offer "
+            f"{offered}; lower resources.num_workers, cpus_per_worker or gpus_per_worker, or add nodes"
+        )
+    return trials
+
+def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[dict[str, Any]]) -> None:
+    """On a cluster, trials write checkpoints from every node and the driver may not run here:
+    the storage path must be visible on all nodes, and a file-based MLflow store only works
+    when the driver runs on this machine (not through a ray:// client)."""
+    if ray_address.startswith("ray://") and not uri.startswith(("http://", "https://", "databricks")):
+        raise SpecError(
+            f"mlflow.tracking_uri: {uri} is a file on this machine, but with a Ray Client address ({ray_address}) "
+            "the search's driver runs on the cluster's head node; run `mlflow server --backend-store-uri "
+            "sqlite:///mlflow.db --host 0.0.0.0` where both can reach it and set mlflow.tracking_uri to its http:// URL")
+    if "://" in storage or (ray_address == "local" and len(nodes) <= 1):
+        return  # a URI (s3://, gs://, ...) or one machine: nothing to check
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def exists(path: str) -> bool:
+        return os.path.exists(path)
+
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    marker = Path(storage) / f".ssl-tune-visible-{uuid.uuid4().hex}"
+    marker.write_text("written by the ssl-tune driver to check that every node sees this directory\n")
+    try:
+        seen = [(n, exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False))
+                 .remote(str(marker))) for n in nodes]
+        blind = [f"{n['address']} ({n['id'][:8]})" for n, ref in seen if not ray.get(ref, timeout=120)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise SpecError(
+            f"storage_path: {storage} is not visible from node(s) {', '.join(blind)}, where trials would write their "
+            "checkpoints; use a directory on a file system shared by all nodes (e.g. NFS) or a URI such as "
+            "s3://bucket/path")
+
+# How long `--address HOST:PORT` may take to accept a TCP connection before the search gives up.
+ADDRESS_PROBE_TIMEOUT_S = 5.0
+
+def check_address_answers(address: str, timeout: float = ADDRESS_PROBE_TIMEOUT_S) -> None:
+    """Raise `SpecError` within `timeout` s if nothing listens at a Ray address ("host:port" or
+    "ray://host:port"). Ray itself retries a dead address for many minutes before it gives up."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"--address {address}: not a Ray address; use HOST:PORT (the head's GCS port, "
+                        "usually 6379), ray://HOST:10001 (Ray Client) or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        what = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise SpecError(
+            f"--address {address}: no Ray cluster answers there ({what} within {timeout:g} s); start one with "
+            "`ray start --head --port 6379` on the head node, check the host, port and firewall "
+            f"({'10001 for ray://' if address.startswith('ray://') else 'the GCS port, 6379 by default'}), or leave "
+            "--address and RAY_ADDRESS unset to run on a local Ray instance") from None
+
+def init_ray(address: str | None, *, log_to_driver: bool = True) -> str:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            check_address_answers(address)
+            try:
+                ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
+            except ConnectionError as exc:  # e.g. "auto" with no cluster on this machine
+                raise SpecError(f"--address {address}: {str(exc).splitlines()[0]}") from None
+        else:
+            # "local": a new instance even if a `ray start` cluster runs on this machine.
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+                     log_to_driver=log_to_driver)
+    return address or "local"
+
+def check_data(spec: SpecBase):
+    """Build or check the spec's data cache on this node once, before any trial: a missing root, an
+    empty class folder or a file that does not decode is the user's to fix (exit 2), not a trial
+    failure to retry. Returns the cache's `CacheInfo` (None for the bundled data set)."""
+    from ssl_tune.data.cache import open_dataset
+    from ssl_tune.data.datasets import DataError
+
+    try:
+        dataset, info = open_dataset(spec.data)
+    except DataError as exc:
+        raise SpecError(f"data: {spec.data.name} (data.root {spec.data.root}): {exc}") from None
+    if info is not None:
+        print(info.summary(), flush=True)
+    if spec.training.batch_size > len(dataset.ssl_images):
+        raise SpecError(f"training.batch_size ({spec.training.batch_size}) is larger than data set "
+                        f"{spec.data.name!r} ({len(dataset.ssl_images)} images)")
+    return info
+
+
+def prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None, verbose: bool) -> tuple[str, int]:
+    """Connect to Ray and check, before any trial, that the trials fit and can write where they must."""
+    ray_address = init_ray(address, log_to_driver=verbose)
+    nodes = node_resources()
+    fits = check_resources(spec, nodes)
+    check_cluster_paths(storage, uri, ray_address, nodes)
+    return ray_address, fits

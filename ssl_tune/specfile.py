@@ -1,0 +1,168 @@
+"""Reading specs: YAML (and ``--set a.b=value`` overrides) -> a validated spec of `trainers.spec_model`.
+
+``load_spec`` raises `SpecError` whose message names the file, the field path and what is allowed.
+This sits above the method registry (`trainers`), which sits above the schema (`ssl_tune.spec`):
+the schema knows no method, the methods know the schema, and only loading needs both.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ssl_tune.spec import Choice, SpecBase, SpecError, set_path, range_default
+from trainers import methods, spec_model
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `a.b=value` override; the value is parsed as YAML (`3`, `0.1`, `[1, 2]`, `{...}`)."""
+    path, sep, text = override.partition("=")
+    if not sep or not path.strip() or any(not k for k in path.strip().split(".")):
+        raise SpecError(f"override {override!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"override {override!r}: value is not valid YAML ({exc})") from exc
+    set_path(raw, path.strip().split("."), value)
+
+
+def _allowed_fields(raw: dict, loc: list[str]) -> list[str]:
+    """Field names allowed in the section at `loc[:-1]` (for unknown-field errors)."""
+    current: Any = spec_model()
+    for depth, key in enumerate(loc[:-1]):
+        field = current.model_fields.get(key) if current is not None else None
+        if field is None:
+            return []
+        if depth == 0 and key == "method":
+            name = raw.get("method", {}).get("name") if isinstance(raw.get("method"), dict) else None
+            current = (methods()[name].Config if name in methods() else None)
+            continue
+        annotation = field.annotation
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return sorted(current.model_fields) if current is not None else []
+
+
+def _user_loc(loc: tuple) -> list[str]:
+    """Pydantic's error location without union branch names: the field path a user wrote."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _BRANCH_TAGS))]
+    if len(parts) > 1 and parts[0] == "method" and parts[1] in methods():
+        del parts[1]
+    return parts
+
+
+def _format_errors(exc: ValidationError, raw: dict, source: str) -> str:
+    lines = [f"invalid spec {source}:"]
+    for err in exc.errors(include_url=False):
+        loc = _user_loc(err["loc"])
+        path = ".".join(loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(raw, loc)
+            msg = "unknown field" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        elif err["type"] == "union_tag_not_found":
+            msg = "a search range needs `type`: one of uniform, loguniform, int, choice"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        value = err.get("input")
+        shown = err["type"] not in ("missing", "extra_forbidden") and not isinstance(value, dict)
+        got = f" (got {value!r})" if shown else ""
+        # errors of the whole spec (cross-field checks) have no path and name their fields themselves
+        lines.append(f"  {path}: {msg}{got}" if loc else f"  {msg}")
+    return "\n".join(dict.fromkeys(lines))  # unions repeat the same line per branch
+
+
+_BRANCH_TAGS = {"fixed", "range", "uniform", "loguniform", "int", "choice"}
+
+
+def _validate(raw: Any, source: str) -> SpecBase:
+    model = spec_model()
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid spec {source}: the file must hold a mapping of sections, got {type(raw).__name__}")
+    try:
+        spec = model.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc, raw, source)) from None
+    _check_range_bounds(spec, source)
+    return spec
+
+
+def _check_range_bounds(spec: SpecBase, source: str) -> None:
+    """Every value a range can produce (bounds, default, choices) must be valid for its field."""
+    problems: list[str] = []
+    ranges = spec.search_ranges()
+    for path, r in ranges.items():
+        candidates = r.values if isinstance(r, Choice) else [r.low, r.high, range_default(r)]
+        for value in dict.fromkeys(candidates):
+            try:
+                spec.resolve({path: value})
+            except ValidationError as exc:
+                for err in exc.errors(include_url=False):
+                    loc = ".".join(_user_loc(err["loc"]))
+                    msg = err["msg"].removeprefix("Value error, ")
+                    if loc == path:
+                        problems.append(f"  {path}: the range allows {value!r}, which is not allowed here: {msg}")
+                    elif loc not in ranges:  # another range's own defaults are checked on its turn
+                        problems.append(f"  {loc + ': ' if loc else ''}with {path}={value!r}: {msg}")
+    flat = spec.flat()
+    for (path, value), branch in spec.branch_ranges().items():
+        choice_value = next(v for v in ranges[path].values if str(v) == value)
+        for sub_path, r in branch.items():
+            if sub_path not in flat or sub_path in ranges:
+                problems.append(f"  {path}.branches.{value}.{sub_path}: must name a field of the spec that holds "
+                                "a fixed value (its value when this branch is not taken)")
+                continue
+            candidates = r.values if isinstance(r, Choice) else [r.low, r.high, range_default(r)]
+            for candidate in dict.fromkeys(candidates):
+                try:
+                    spec.resolve({path: choice_value, sub_path: candidate})
+                except ValidationError as exc:
+                    for err in exc.errors(include_url=False):
+                        problems.append(f"  {path}.branches.{value}.{sub_path}: the range allows {candidate!r}: "
+                                        f"{err['msg'].removeprefix('Value error, ')}")
+    searchable = spec.searchable_paths()
+    for i, point in enumerate(spec.search.points_to_evaluate):
+        unknown = sorted(set(point) - set(searchable))
+        if unknown:
+            problems.append(f"  search.points_to_evaluate.{i}: {', '.join(unknown)} not searched in this spec; "
+                            f"searched: {', '.join(searchable) or 'nothing'}")
+            continue
+        try:
+            spec.resolve(point)
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                problems.append(f"  search.points_to_evaluate.{i}: {'.'.join(_user_loc(err['loc']))}: {err['msg']}")
+    if problems:
+        raise SpecError("\n".join(dict.fromkeys([f"invalid spec {source}:"] + problems)))
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SpecBase:
+    """Read, override and validate a spec file. Raises SpecError with a user-facing message."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"invalid spec {path}: not valid YAML: {exc}") from None
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    source = str(path)
+    if overrides:
+        source += " (with " + " ".join(f"--set {o}" for o in overrides) + ")"
+        if not isinstance(raw, dict):
+            raise SpecError(f"invalid spec {source}: the file must hold a mapping of sections")
+        for override in overrides:
+            try:
+                apply_override(raw, override)
+            except SpecError as exc:
+                raise SpecError(f"invalid spec {source}: {exc}") from None
+    return _validate(raw, source)
+
+
+def spec_from_dict(raw: dict, source: str = "<dict>") -> SpecBase:
+    return _validate(copy.deepcopy(raw), source)

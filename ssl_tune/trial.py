@@ -1,0 +1,208 @@
+"""One trial: train one resolved spec inside a Tune trial, or as a Ray Train run of DDP workers.
+
+Each trial trains one resolved spec with the shared loop (`trainers.loop.Trainer`):
+
+* ``resources.num_workers > 1``: the trial launches a Ray Train `TorchTrainer`; its DDP workers run
+  the loop and report through Ray Train (`TuneReportCallback` forwards rank 0's all-reduced metrics).
+* ``resources.num_workers == 1``: the loop runs inside the Tune trial itself and reports through
+  Tune. Starting a Train run (controller, worker group, process group) costs about 20 s on a
+  2-core machine, as much as a short trial's work; running in place costs nothing and is the same
+  code, with the same metrics and checkpoints.
+
+What a trial reports beyond the trainer's metrics (`FAILURE_KEY`, `RESTORED_FROM_KEY`) is read by
+the tracking and console callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ssl_tune.space import field_values
+from ssl_tune.spec import SpecBase
+from trainers import spec_model
+from trainers.loop import Reporter
+
+# A result key (not a metric) that ends a trial as FAILED with its reason, without an exception:
+# divergence and bad data are deterministic, so restarting the trial (`search.max_failures`) would
+# only fail again.
+FAILURE_KEY = "failure_reason"
+# A result key (a metric too): the epoch of the checkpoint a restarted or resumed trial continued from.
+RESTORED_FROM_KEY = "restored_from_epoch"
+
+class RayReporter(Reporter):
+    """Sends each epoch's metrics and checkpoint to Tune or Ray Train: `report` and `checkpoint_class`
+    are `ray.tune.report` and `ray.tune.Checkpoint`, or their `ray.train` counterparts."""
+
+    def __init__(self, report: Callable[..., None], checkpoint_class: type, extra: dict[str, float] | None = None) -> None:
+        self.report, self.checkpoint_class, self.extra = report, checkpoint_class, extra or {}
+        self.once: dict[str, float] = {}  # sent with the next result only
+
+    def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
+        with tempfile.TemporaryDirectory(prefix="ssl-tune-ckpt-") as tmp:
+            checkpoint = None
+            if write_checkpoint is not None:
+                write_checkpoint(Path(tmp))
+                checkpoint = self.checkpoint_class.from_directory(tmp)
+            self.report({**metrics, **self.extra, **self.once}, checkpoint=checkpoint)
+            self.once = {}
+
+# A multi-worker trial's Ray Train run records its placement group here (in the run's directory),
+# so that the trial can remove it if the run dies in a way Ray Train does not clean up after.
+PLACEMENT_GROUPS_FILE = ".placement_groups"
+
+def record_placement_group(run_dir: Path) -> None:
+    import ray
+
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / PLACEMENT_GROUPS_FILE, "a") as f:
+            f.write(group.id.hex() + "\n")
+
+def remove_leftover_placement_groups(run_dir: Path) -> list[str]:
+    """Remove the placement groups earlier attempts of this Ray Train run recorded and that still
+    hold resources. A node lost under a run can leave its group RESCHEDULING with the surviving
+    bundles reserved, so the restarted trial (or any other) could not be placed."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        recorded = (run_dir / PLACEMENT_GROUPS_FILE).read_text().split()
+    except OSError:
+        return []
+    removed = []
+    for group_id in dict.fromkeys(recorded):
+        group = PlacementGroup(PlacementGroupID.from_hex(group_id))
+        if ray.util.placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
+            removed.append(group_id)
+    return removed
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Train one resolved spec; runs in a Tune trial (`via` "tune") or a Ray Train worker ("train")."""
+    import ray.train
+    import ray.tune
+    import torch
+
+    from ssl_tune.data.cache import open_dataset
+    from ssl_tune.data.datasets import DataError
+    from trainers.loop import Trainer, default_device
+
+    spec = spec_model().model_validate(config["spec"])
+    torch.set_num_threads(max(1, math.ceil(spec.resources.cpus_per_worker)))
+    extra = {}
+    if config["via"] == "train":
+        import ray.train.torch
+        import torch.distributed as dist
+
+        api, device = ray.train, ray.train.torch.get_device()
+        nodes: list[str] = [""] * dist.get_world_size()
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        extra["worker_nodes"] = float(len(set(nodes)))  # how many Ray nodes this trial's workers sit on
+        if dist.get_rank() == 0:
+            record_placement_group(Path(config["run_dir"]))
+    else:
+        api, device = ray.tune, default_device()
+    checkpoint = api.get_checkpoint()
+    report = RayReporter(api.report, api.Checkpoint, extra)
+
+    def fail(epoch: int, reason: str) -> None:
+        # Deterministic failures end the trial without an exception, so Tune does not retry them. A NaN
+        # objective: Optuna records the trial as failed, ASHA ignores the value.
+        api.report({"epoch": float(epoch), spec.search.metric: math.nan, FAILURE_KEY: reason})
+
+    try:
+        # This node's copy of the cache, built here (once per node, under a lock) if it has none.
+        dataset, _ = open_dataset(spec.data, expected=config.get("data_fingerprint"))
+        trainer = Trainer(spec, dataset=dataset, device=device)
+    except DataError as exc:  # the driver checked the data; this node sees something else
+        fail(0, f"data: {exc}")
+        return
+    if checkpoint is not None:  # a restarted or resumed trial
+        with checkpoint.as_directory() as directory:
+            trainer.load_checkpoint(Path(directory))
+        report.once[RESTORED_FROM_KEY] = float(trainer.epoch)
+    result = trainer.fit(report)
+    if result.status == "diverged":
+        fail(result.epochs_completed, f"diverged: {result.message}")
+
+def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprint: str | None = None) -> None:
+    """Tune function trainable: `config` holds the sampled values by dotted path."""
+    import ray.tune
+
+    spec = spec_model().model_validate(base_spec).resolve(field_values(config))
+    payload = {"spec": spec.model_dump(mode="json"), "data_fingerprint": data_fingerprint}
+    r = spec.resources
+    if r.num_workers == 1:
+        train_worker({**payload, "via": "tune"})
+        return
+    context = ray.tune.get_context()
+    storage_path, name = str(Path(context.get_trial_dir()).parent), f"train-{context.get_trial_id()}"
+    run_dir = Path(storage_path) / name
+    if remove_leftover_placement_groups(run_dir):  # left by an attempt that died with its node
+        print(f"removed placement groups left behind by an earlier attempt of trial {context.get_trial_id()}")
+    try:
+        _fit_train_run(spec, payload, storage_path, name, run_dir)
+    finally:
+        remove_leftover_placement_groups(run_dir)
+
+def _fit_train_run(spec: SpecBase, payload: dict[str, Any], storage_path: str, name: str, run_dir: Path) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    r = spec.resources
+    TorchTrainer(
+        train_worker,
+        train_loop_config={**payload, "via": "train", "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, placement_strategy=r.placement_strategy,
+            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,  # fixed per trial: a retried trial finds its checkpoints
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=checkpoint_config(spec, train=True),
+            # A dead worker or node, or workers that cannot be placed within the worker-group start
+            # timeout: the run fails at once and Tune restarts the trial (search.max_failures) from
+            # the latest checkpoint, the same way as a single-worker trial. The restart is then
+            # visible (console, MLflow), and leftover placement groups are removed in between.
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
+        ),
+    ).fit()
+
+def checkpoint_config(spec: SpecBase, *, train: bool):
+    """Keep the best checkpoint by the objective; Ray's managers also keep the latest."""
+    import ray.train
+    import ray.tune
+
+    cls = ray.train.CheckpointConfig if train else ray.tune.CheckpointConfig
+    return cls(num_to_keep=1, checkpoint_score_attribute=spec.search.metric, checkpoint_score_order=spec.search.mode)
+
+
+def error_text(trial) -> str:
+    """The trial's error as Tune wrote it, the exception with its traceback, without colour codes."""
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        return ""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def error_summary(trial) -> str:
+    """One line saying why a trial failed or is being restarted."""
+    return last_line(error_text(trial))[:300]
+
+
+def last_line(text: str) -> str:
+    """The exception line of a traceback, for the run's tag."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "trial failed")[:5000]

@@ -1,0 +1,102 @@
+"""The package's imports point one way: no module imports, directly or through others, a module
+that imports it back (function-level imports count too; they only hide a circle).
+
+Layers, bottom up: the schema, data, models and evaluation; the methods and the shared loop
+(`trainers`, whose registry builds the full spec model); loading specs, one trial, tracking and
+figures; the search; the command line."""
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PACKAGES = ("ssl_tune", "trainers")
+
+
+def module_files() -> dict[str, Path]:
+    files = {}
+    for package in PACKAGES:
+        for path in (Path(ROOT) / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules `name` imports anywhere in its file (a `from a import b` names a.b when
+    that is a module, else a)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # `import a.b.c` of a non-module attribute: its module
+                target = target.rpartition(".")[0]
+            # A module's own packages are initialised before it whatever it imports: not an edge.
+            if target and target != name and not name.startswith(target + "."):
+                found.add(target)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {name: imports_of(name, path, set(files)) for name, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path):
+    (tmp_path / "a.py").write_text("from b import x\n")
+    (tmp_path / "b.py").write_text("def x():\n    from c import y\n")
+    (tmp_path / "c.py").write_text("import a\n")
+    graph = {name: imports_of(name, tmp_path / f"{name}.py", {"a", "b", "c"}) for name in "abc"}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+
+
+def test_layers_point_down():
+    """The schema knows no method; figures know neither the trainer nor tracking; methods know no
+    search; the trainer draws nothing."""
+    graph = import_graph()
+    assert not {m for m in graph["ssl_tune.spec"] if m.startswith("trainers")}
+    assert not graph["ssl_tune.figures"] & {"ssl_tune.tracking", "trainers.loop", "ssl_tune.search"}
+    for method in (m for m in graph if m.startswith("trainers.") and m not in ("trainers.loop", "trainers.optim")):
+        assert not {m for m in graph[method] if m in ("ssl_tune.search", "ssl_tune.tracking", "trainers.loop")}, method
+    assert "ssl_tune.figures" not in graph["trainers.loop"]
