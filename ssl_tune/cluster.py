@@ -13,8 +13,10 @@ from typing import Any
 
 from ssl_tune.spec import SpecBase, SpecError
 
+
 # The Tune trial that drives a multi-worker Train run needs a little CPU of its own (0 is refused).
 TRAIN_DRIVER_CPU = 0.01
+
 
 def tune_trial_resources(spec: SpecBase) -> dict[str, float]:
     """What the Tune trial itself reserves: the whole work for one worker, else only the Train driver
@@ -24,12 +26,14 @@ def tune_trial_resources(spec: SpecBase) -> dict[str, float]:
         return {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
     return {"CPU": TRAIN_DRIVER_CPU, "GPU": 0.0}
 
+
 def node_resources() -> list[dict[str, Any]]:
     """The alive nodes of the connected Ray cluster: id, address, CPU and GPU."""
     import ray
 
     return [{"id": n["NodeID"], "address": n["NodeManagerAddress"], "CPU": float(n["Resources"].get("CPU", 0)),
              "GPU": float(n["Resources"].get("GPU", 0))} for n in ray.nodes() if n["Alive"]]
+
 
 def check_resources(spec: SpecBase, nodes: list[dict[str, Any]]) -> int:
     """Fail before any trial when one trial cannot be placed on the nodes; return how many trials fit at once.
@@ -58,6 +62,7 @@ def check_resources(spec: SpecBase, nodes: list[dict[str, Any]]) -> int:
             f"{offered}; lower resources.num_workers, cpus_per_worker or gpus_per_worker, or add nodes"
         )
     return trials
+
 
 def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[dict[str, Any]]) -> None:
     """On a cluster, trials write checkpoints from every node and the driver may not run here:
@@ -94,8 +99,10 @@ def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[di
             "checkpoints; use a directory on a file system shared by all nodes (e.g. NFS) or a URI such as "
             "s3://bucket/path")
 
+
 # How long `--address HOST:PORT` may take to accept a TCP connection before the search gives up.
 ADDRESS_PROBE_TIMEOUT_S = 5.0
+
 
 def check_address_answers(address: str, timeout: float = ADDRESS_PROBE_TIMEOUT_S) -> None:
     """Raise `SpecError` within `timeout` s if nothing listens at a Ray address ("host:port" or
@@ -118,6 +125,7 @@ def check_address_answers(address: str, timeout: float = ADDRESS_PROBE_TIMEOUT_S
             f"({'10001 for ray://' if address.startswith('ray://') else 'the GCS port, 6379 by default'}), or leave "
             "--address and RAY_ADDRESS unset to run on a local Ray instance") from None
 
+
 def init_ray(address: str | None, *, log_to_driver: bool = True) -> str:
     import ray
 
@@ -134,6 +142,7 @@ def init_ray(address: str | None, *, log_to_driver: bool = True) -> str:
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
                      log_to_driver=log_to_driver)
     return address or "local"
+
 
 def check_data(spec: SpecBase):
     """Build or check the spec's data cache on this node once, before any trial: a missing root, an

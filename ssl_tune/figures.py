@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+
 # The folder of figures next to a run's files and among its MLflow artifacts.
 FIGURE_DIR = "figures"
 # The loop's bookkeeping metrics: not the loss or its terms.

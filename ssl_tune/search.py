@@ -23,6 +23,7 @@ from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.trial import FAILURE_KEY, checkpoint_config, run_trial
 from trainers import spec_model
 
+
 def startup_trials(spec: SpecBase) -> int:
     """Trials TPE samples at random before modelling: `search.startup_trials`, else 2 per searched
     parameter, at most Optuna's default of 10.
@@ -32,6 +33,7 @@ def startup_trials(spec: SpecBase) -> int:
     search's compute to reach random search's result, TPE + ASHA 0.52; with 2 per parameter, 0.67 and 0.31.
     """
     return spec.search.startup_trials or min(10, 2 * len(spec.searchable_paths()))
+
 
 def build_search_algorithm(spec: SpecBase, max_concurrent: int):
     """OptunaSearch with the spec's seeded sampler (TPE or random), limited to `max_concurrent` open trials.
@@ -56,6 +58,7 @@ def build_search_algorithm(spec: SpecBase, max_concurrent: int):
     )
     return ConcurrencyLimiter(algorithm, max_concurrent=max_concurrent)
 
+
 def build_scheduler(spec: SpecBase):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -65,6 +68,7 @@ def build_scheduler(spec: SpecBase):
     # The trainer's own `epoch`, not Tune's training_iteration, which restarts after a trial restore.
     return ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.training.epochs,
                          grace_period=min(s.grace_period, spec.training.epochs), reduction_factor=s.reduction_factor)
+
 
 @contextlib.contextmanager
 def _console(log_path: Path, verbose: bool):
@@ -80,9 +84,11 @@ def _console(log_path: Path, verbose: bool):
     with ray_output_to(log_path):
         yield
 
+
 def _driver_log(storage: str, run_name: str) -> Path:
     base = Path(storage) if "://" not in storage else Path("ssl_tune_runs")
     return base / f"{run_name}.log"
+
 
 @dataclass
 class SearchOutcome:
@@ -100,6 +106,7 @@ class SearchOutcome:
     def all_failed(self) -> bool:
         return not self.interrupted and self.trials_ok == 0
 
+
 def _trainable(spec: SpecBase, data):
     """The Tune trainable; trials map the data cache whose source fingerprint the driver checked (`data`)."""
     from ray import tune
@@ -107,6 +114,7 @@ def _trainable(spec: SpecBase, data):
     fingerprint = data.manifest["fingerprint"] if data is not None else None
     return tune.with_resources(tune.with_parameters(run_trial, base_spec=spec.model_dump(mode="json"),
                                                     data_fingerprint=fingerprint), cluster.tune_trial_resources(spec))
+
 
 @contextlib.contextmanager
 def _sigterm_stops_like_ctrl_c():
@@ -124,6 +132,7 @@ def _sigterm_stops_like_ctrl_c():
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+
 def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, address: str | None = None,
                verbose: bool = False) -> SearchOutcome:
     """Run the whole search of `spec` and record it in MLflow; returns the leaderboard."""
@@ -137,6 +146,7 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
     with _console(_driver_log(storage, run_name), verbose):
         return _start_search(spec, spec_source, run_name, uri, storage, address, verbose, data)
+
 
 def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, storage: str, address: str | None,
                   verbose: bool, data) -> SearchOutcome:
@@ -172,6 +182,7 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
     )
     return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri, storage)
 
+
 def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) -> str:
     """The Tune experiment directory a search's parent run names, if the user vouches for it.
 
@@ -192,6 +203,7 @@ def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) 
             "resuming unpickles that state (tuner.pkl), so ssl-tune reads it only from a storage path you name. If you "
             f"trust that directory: ssl-tune resume {run_ref} --storage-path {parent or 'DIR'}")
     return normal(tagged)
+
 
 def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, address: str | None = None,
                   verbose: bool = False, storage_path: str | None = None) -> SearchOutcome:
@@ -222,6 +234,7 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     with _console(_driver_log(str(Path(storage).parent), Path(storage).name), verbose):
         cluster.prepare_cluster(spec, str(Path(storage).parent), uri, address, verbose)
         return _resume(spec, storage, client, parent, uri, data)
+
 
 def _resume(spec: SpecBase, storage: str, client, parent, uri: str, data) -> SearchOutcome:
     from ray import tune

@@ -20,6 +20,7 @@ from typing import Any
 
 from ssl_tune.spec import Choice, IntRange, LogUniform, SpecBase, Uniform, range_default
 
+
 # Optuna names a branch's sub-range "field.path|value", so each branch has its own distribution.
 BRANCH_SEPARATOR = "|"
 

@@ -26,6 +26,7 @@ from ssl_tune.space import (best_trial, best_value, better, counts, field_values
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.trial import FAILURE_KEY, RESTORED_FROM_KEY, error_summary, error_text, last_line
 
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Keys Tune or Ray Train add to a result, and ours that are not metrics.
 NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_id", "experiment_tag", "checkpoint_path",

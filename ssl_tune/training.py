@@ -16,6 +16,7 @@ from ssl_tune.evaluation import EVALUATION_FILE, load_arrays
 from ssl_tune.spec import SpecBase
 from trainers.loop import Reporter, TrainResult, Trainer
 
+
 SPEC_FILE = "spec.json"
 METRICS_FILE = "metrics.json"
 

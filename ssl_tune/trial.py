@@ -27,12 +27,14 @@ from ssl_tune.spec import SpecBase
 from trainers import spec_model
 from trainers.loop import Reporter
 
+
 # A result key (not a metric) that ends a trial as FAILED with its reason, without an exception:
 # divergence and bad data are deterministic, so restarting the trial (`search.max_failures`) would
 # only fail again.
 FAILURE_KEY = "failure_reason"
 # A result key (a metric too): the epoch of the checkpoint a restarted or resumed trial continued from.
 RESTORED_FROM_KEY = "restored_from_epoch"
+
 
 class RayReporter(Reporter):
     """Sends each epoch's metrics and checkpoint to Tune or Ray Train: `report` and `checkpoint_class`
@@ -51,9 +53,11 @@ class RayReporter(Reporter):
             self.report({**metrics, **self.extra, **self.once}, checkpoint=checkpoint)
             self.once = {}
 
+
 # A multi-worker trial's Ray Train run records its placement group here (in the run's directory),
 # so that the trial can remove it if the run dies in a way Ray Train does not clean up after.
 PLACEMENT_GROUPS_FILE = ".placement_groups"
+
 
 def record_placement_group(run_dir: Path) -> None:
     import ray
@@ -63,6 +67,7 @@ def record_placement_group(run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / PLACEMENT_GROUPS_FILE, "a") as f:
             f.write(group.id.hex() + "\n")
+
 
 def remove_leftover_placement_groups(run_dir: Path) -> list[str]:
     """Remove the placement groups earlier attempts of this Ray Train run recorded and that still
@@ -83,6 +88,7 @@ def remove_leftover_placement_groups(run_dir: Path) -> list[str]:
             remove_placement_group(group)
             removed.append(group_id)
     return removed
+
 
 def train_worker(config: dict[str, Any]) -> None:
     """Train one resolved spec; runs in a Tune trial (`via` "tune") or a Ray Train worker ("train")."""
@@ -132,6 +138,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if result.status == "diverged":
         fail(result.epochs_completed, f"diverged: {result.message}")
 
+
 def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprint: str | None = None) -> None:
     """Tune function trainable: `config` holds the sampled values by dotted path."""
     import ray.tune
@@ -151,6 +158,7 @@ def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprin
         _fit_train_run(spec, payload, storage_path, name, run_dir)
     finally:
         remove_leftover_placement_groups(run_dir)
+
 
 def _fit_train_run(spec: SpecBase, payload: dict[str, Any], storage_path: str, name: str, run_dir: Path) -> None:
     import ray.train
@@ -177,6 +185,7 @@ def _fit_train_run(spec: SpecBase, payload: dict[str, Any], storage_path: str, n
             failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
         ),
     ).fit()
+
 
 def checkpoint_config(spec: SpecBase, *, train: bool):
     """Keep the best checkpoint by the objective; Ray's managers also keep the latest."""

@@ -2,6 +2,7 @@
 
 import gzip
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.data.loader import Normalizer, ViewLoader
-from tests.conftest import tiny_spec_dict, write_spec
+from tests.conftest import publish_release, tiny_spec_dict, write_spec
 
 
 def test_bundled_subset_is_stratified_uint8():
@@ -40,25 +41,43 @@ def test_fashion_mnist_reads_idx_files(tmp_path):
     assert d.train_images.shape == (6, 1, 28, 28) and d.test_labels.shape == (4,)
 
 
-def test_cifar10_and_cifar100_python_format(tmp_path):
+def write_cifar(folder: Path, batches: dict, meta_name: str, meta_key: str, protocol: int = 4) -> None:
+    """Batches in the python version's layout (str keys, as Python 2 pickles read with latin1)."""
+    folder.mkdir(parents=True)
+    for name, batch in {**batches, meta_name: {meta_key: ["a", "b"]}}.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+
+
+def test_cifar10_and_cifar100_are_read_by_torchvision_after_their_checksums(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10, CIFAR100
+
     rng = np.random.default_rng(0)
     base = tmp_path / "cifar-10-batches-py"
-    base.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(base / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [0, 1, 2]}, f)
-    d = load_dataset("cifar10", tmp_path)
-    assert d.train_images.shape == (15, 3, 32, 32) and d.test_images.shape == (3, 3, 32, 32)
-    c100 = tmp_path / "c100"
-    c100.mkdir()
-    for name in ("train", "test"):
-        with open(c100 / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"fine_labels": [5, 99]}, f)
-    d = load_dataset("cifar100", c100)
+    batches = {name: {"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), "labels": [0, 1, 2]}
+               for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    write_cifar(base, batches, "batches.meta", "label_names")
+    with pytest.raises(DataError, match=r"data_batch_1: not the file of the official CIFAR-10 release"):
+        load_dataset("cifar10", tmp_path)  # the real release's checksums
+    publish_release(monkeypatch, CIFAR10, base)
+    for root in (tmp_path, base):  # the folder holding the release's folder, or that folder
+        d = load_dataset("cifar10", root)
+        assert d.train_images.shape == (15, 3, 32, 32) and d.test_images.shape == (3, 3, 32, 32)
+        assert torch.equal(d.train_images[0].flatten(), torch.from_numpy(batches["data_batch_1"]["data"][0]))
+    c100 = tmp_path / "c100" / "cifar-100-python"
+    write_cifar(c100, {name: {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "fine_labels": [5, 99]}
+                       for name in ("train", "test")}, "meta", "fine_label_names")
+    publish_release(monkeypatch, CIFAR100, c100)
+    d = load_dataset("cifar100", c100.parent)
     assert d.num_classes == 100 and d.train_labels.tolist() == [5, 99]
+    (c100 / "test").unlink()
+    with pytest.raises(DataError, match=r"cifar-100-python/test: missing; CIFAR-100 is read from its official release"):
+        load_dataset("cifar100", c100.parent)
 
 
-def test_stl10_binary_format_is_column_major(tmp_path):
+def test_stl10_binary_format_is_column_major(tmp_path, monkeypatch):
+    from torchvision.datasets import STL10
+
     base = tmp_path / "stl10_binary"
     base.mkdir()
     image = np.arange(3 * 96 * 96, dtype=np.uint32).astype(np.uint8).reshape(3, 96, 96)
@@ -67,6 +86,7 @@ def test_stl10_binary_format_is_column_major(tmp_path):
         np.stack([image, image]).transpose(0, 1, 3, 2).tofile(base / f"{split}_X.bin")
     for split in ("train", "test"):
         np.array([1, 10], dtype=np.uint8).tofile(base / f"{split}_y.bin")
+    publish_release(monkeypatch, STL10, base)
     d = load_dataset("stl10", tmp_path)
     assert torch.equal(d.train_images[0], torch.from_numpy(image))
     assert d.train_labels.tolist() == [0, 9]

@@ -1,14 +1,14 @@
 """Image data sets: every split is a uint8 tensor N x C x H x W plus int64 labels.
 
 Nothing is downloaded. The default data set is a Fashion-MNIST subset shipped inside the
-package; the others are read from a root the user gives, in their official on-disk formats, and
-kept in a decoded cache (`ssl_tune.data.cache`) that trials memory-map.
+package; the others are read from a root the user gives, in their official on-disk formats (CIFAR
+and STL-10 through torchvision's readers, which check the published checksums first), and kept in a
+decoded cache (`ssl_tune.data.cache`) that trials memory-map.
 """
 
 from __future__ import annotations
 
 import gzip
-import pickle
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -113,88 +113,60 @@ def load_fashion_mnist(root: Path) -> ImageDataset:
     )
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles only what a CIFAR python-version batch holds: dicts, lists, bytes, str, numbers and
-    numpy arrays. A plain `pickle.load` would run whatever code a crafted file in `data.root` names."""
+def _official(cls, root: Path, what: str, **kwargs):
+    """torchvision's reader `cls` of an official release in `root` (the folder that holds the release's
+    own folder, e.g. `cifar-10-batches-py/`, or that folder itself), without downloading.
 
-    # How numpy (1.x and 2.x, every pickle protocol) rebuilds an array; `_codecs.encode` is how
-    # protocol 2 writes bytes. None of these runs anything but array or bytes construction.
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    }
+    torchvision checks every file against the release's MD5 before it reads any: the CIFAR batches
+    are pickles, and only the published ones get unpickled. A missing or different file is a
+    DataError naming it.
+    """
+    from torchvision.datasets.utils import check_integrity
 
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds only arrays, "
-                                         "lists and strings")
-        return super().find_class(module, name)
-
-
-def _unpickle(path: Path) -> dict:
+    base = root.parent if root.name == cls.base_folder and not (root / cls.base_folder).is_dir() else root
+    files = [*cls.train_list, *cls.test_list] + ([[cls.meta["filename"], cls.meta["md5"]]] if hasattr(cls, "meta") else [])
+    for name, md5 in files:
+        path = base / cls.base_folder / name
+        if not path.is_file():
+            raise DataError(f"{path}: missing; {what} is read from its official release, nothing is downloaded")
+        if not check_integrity(str(path), md5):
+            raise DataError(f"{path}: not the file of the official {what} release (its MD5 differs from "
+                            f"{md5}, which torchvision checks before reading it)")
     try:
-        with open(path, "rb") as f:
-            entry = _CifarUnpickler(f, encoding="bytes").load()
-    except Exception as exc:  # any unreadable file is a malformed root
-        raise DataError(f"{path}: not a CIFAR python-version batch ({exc})") from exc
-    if not isinstance(entry, dict):
-        raise DataError(f"{path}: not a CIFAR python-version batch (holds a {type(entry).__name__}, not a dict)")
-    return entry
-
-
-def _cifar_arrays(batches: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for path in batches:
-        entry = _unpickle(path)
-        if b"data" not in entry or label_key not in entry:
-            raise DataError(f"{path}: missing b'data' or {label_key!r}")
-        xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(entry[label_key]))
-    return np.concatenate(xs), np.concatenate(ys)
+        return cls(str(base), download=False, **kwargs)
+    except Exception as exc:  # the checksums passed, so this is unexpected: name the folder
+        raise DataError(f"{base / cls.base_folder}: {what} could not be read ({type(exc).__name__}: {exc})") from exc
 
 
 def load_cifar10(root: Path) -> ImageDataset:
-    """CIFAR-10, python version (`cifar-10-batches-py/data_batch_{1..5}`, `test_batch`)."""
-    base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    train = [find_in_root(base, [f"data_batch_{i}"], f"data_batch_{i}") for i in range(1, 6)]
-    xtr, ytr = _cifar_arrays(train, b"labels")
-    xte, yte = _cifar_arrays([find_in_root(base, ["test_batch"], "test_batch")], b"labels")
-    return _from_numpy("cifar10", xtr, ytr, xte, yte, 10)
+    """CIFAR-10, python version (`cifar-10-batches-py/`), through torchvision's reader."""
+    from torchvision.datasets import CIFAR10
+
+    train, test = (_official(CIFAR10, root, "CIFAR-10", train=split) for split in (True, False))
+    return _from_numpy("cifar10", train.data.transpose(0, 3, 1, 2), np.asarray(train.targets),
+                       test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), 10)
 
 
 def load_cifar100(root: Path) -> ImageDataset:
-    """CIFAR-100, python version (`cifar-100-python/train`, `test`), fine labels."""
-    base = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
-    xtr, ytr = _cifar_arrays([find_in_root(base, ["train"], "train")], b"fine_labels")
-    xte, yte = _cifar_arrays([find_in_root(base, ["test"], "test")], b"fine_labels")
-    return _from_numpy("cifar100", xtr, ytr, xte, yte, 100)
+    """CIFAR-100, python version (`cifar-100-python/`), fine labels, through torchvision's reader."""
+    from torchvision.datasets import CIFAR100
 
-
-def _stl_images(path: Path) -> np.ndarray:
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size % (3 * 96 * 96):
-        raise DataError(f"{path}: size is not a multiple of one 3x96x96 image")
-    # The binary files are column-major: swap to rows-first.
-    return raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+    train, test = (_official(CIFAR100, root, "CIFAR-100", train=split) for split in (True, False))
+    return _from_numpy("cifar100", train.data.transpose(0, 3, 1, 2), np.asarray(train.targets),
+                       test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), 100)
 
 
 def load_stl10(root: Path) -> ImageDataset:
-    """STL-10 binary version (`stl10_binary/{train,test,unlabeled}_X.bin`, `*_y.bin`).
+    """STL-10 binary version (`stl10_binary/`), through torchvision's reader.
 
     Pretraining uses train + unlabeled; kNN and probes use the labelled train/test splits.
     """
-    base = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
-    xtr = _stl_images(find_in_root(base, ["train_X.bin"], "train_X.bin"))
-    ytr = np.fromfile(find_in_root(base, ["train_y.bin"], "train_y.bin"), dtype=np.uint8).astype(np.int64) - 1
-    xte = _stl_images(find_in_root(base, ["test_X.bin"], "test_X.bin"))
-    yte = np.fromfile(find_in_root(base, ["test_y.bin"], "test_y.bin"), dtype=np.uint8).astype(np.int64) - 1
-    pretrain = None
-    if (base / "unlabeled_X.bin").exists():
-        pretrain = np.concatenate([xtr, _stl_images(base / "unlabeled_X.bin")])
-    if len(xtr) != len(ytr) or len(xte) != len(yte):
-        raise DataError(f"{base}: image and label counts differ")
-    return _from_numpy("stl10", xtr, ytr, xte, yte, 10, pretrain)
+    from torchvision.datasets import STL10
+
+    pretrain, test = _official(STL10, root, "STL-10", split="train+unlabeled"), _official(STL10, root, "STL-10", split="test")
+    labelled = int((pretrain.labels >= 0).sum())  # train comes first, then the unlabeled images (label -1)
+    return _from_numpy("stl10", pretrain.data[:labelled], pretrain.labels[:labelled].astype(np.int64),
+                       test.data, test.labels.astype(np.int64), 10, pretrain.data)
 
 
 def load_dataset(name: str, root: Path | None = None) -> ImageDataset:
