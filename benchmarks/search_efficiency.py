@@ -195,20 +195,23 @@ def best_so_far(results: list[tuple[int, int, float]], mode: str) -> list[float]
     """Best objective among the trials' latest values, after each epoch of compute.
 
     A trial's latest value is what the search's leaderboard ranks it by."""
+    from ssl_tune.space import best_value
+
     latest: dict[int, float] = {}
     curve = []
-    sign = 1 if mode == "max" else -1
     for index, _, value in results:
         latest[index] = value
-        finite = [sign * v for v in latest.values() if not math.isnan(v)]
-        curve.append(sign * max(finite) if finite else math.nan)
+        best = best_value(latest.values(), mode)
+        curve.append(math.nan if best is None else best)
     return curve
 
 
 def compute_to_reach(curve: list[float], target: float, mode: str) -> float:
     """Epochs after which `curve` first reaches `target` (inf if it never does)."""
+    from ssl_tune.space import better, counts
+
     for spent, value in enumerate(curve, 1):
-        if not math.isnan(value) and (value >= target if mode == "max" else value <= target):
+        if counts(value) and not better(target, value, mode):  # value at least as good as target
             return float(spent)
     return math.inf
 

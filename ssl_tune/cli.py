@@ -36,7 +36,8 @@ class ConsoleReporter:
             print(clear, f"resumed from {self.resumed_from} at epoch {trainer.epoch}", sep="", file=self.stream)
             clear = ""
         print(clear, f"training {spec.method.name} on {spec.data.name} ({len(trainer.dataset.ssl_images)} images, "
-              f"{spec.training.epochs} epochs, batch {spec.training.batch_size}, {trainer.device})", sep="", file=self.stream)
+              f"{spec.training.epochs} epochs, batch {spec.training.batch_size}, {trainer.device})",
+              sep="", file=self.stream)
         b = trainer.baseline
         print(f"random-init kNN top-1 {b['knn_top1_random_init']:.2f}% (the baseline to beat)", file=self.stream, flush=True)
 

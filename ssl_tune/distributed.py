@@ -1,8 +1,8 @@
 """Global-batch helpers for DDP: losses that use batch statistics must see every rank's samples.
 
-Gradient convention: every rank computes the same global-batch loss L. Backward through the
-autograd-aware collectives (torch's functional collectives) sums each rank's gradient contribution (W * dL/dx for the local x),
-and DDP then averages parameter gradients over the W ranks, which gives exactly dL/dtheta: the
+Gradient convention: every rank computes the same global-batch loss L. Backward through torch's
+autograd-aware functional collectives sums each rank's gradient contribution (W * dL/dx for the
+local x), and DDP then averages parameter gradients over the W ranks, which gives exactly dL/dtheta: the
 gradient of one process on the whole batch.
 """
 

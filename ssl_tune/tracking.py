@@ -523,7 +523,8 @@ def open_search_run(client, experiment: str, run_name: str, spec: SpecBase, *, s
     log_params(client, parent_id, {"num_samples": spec.search.num_samples, "max_concurrent": max_concurrent,
                                    "scheduler": spec.search.scheduler, "metric": spec.search.metric})
     if data is not None:  # the driver's node's cache; every node builds or reuses its own
-        log_params(client, parent_id, {"data.cache": data.path, "data.train_images": data.manifest["splits"]["train"]["shape"][0]})
+        log_params(client, parent_id, {"data.cache": data.path,
+                                       "data.train_images": data.manifest["splits"]["train"]["shape"][0]})
         log_metrics(client, parent_id, {"data_skipped_corrupt": data.skipped}, step=0)
     return parent_id
 

@@ -23,8 +23,8 @@ from ssl_tune import distributed
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
-from ssl_tune.evaluation import (EVALUATION_FILE, confusion_counts, extract_features, knn_ranking, linear_probe, principal_components,
-                                 ranking_accuracy, save_arrays, stratified_subset)
+from ssl_tune.evaluation import (EVALUATION_FILE, confusion_counts, extract_features, knn_ranking, linear_probe,
+                                 principal_components, ranking_accuracy, save_arrays, stratified_subset)
 from ssl_tune.models import build_backbone
 from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
