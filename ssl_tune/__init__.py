@@ -1,6 +1,14 @@
 """ssl-tune: hyperparameter search for self-supervised learning on Ray Tune, Optuna and MLflow."""
 
+from __future__ import annotations
+
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the package imports nothing heavy until a function is called
+    from ssl_tune.spec import SpecBase
+    from trainers.loop import TrainResult
 
 try:
     __version__ = version("ssl-tune")
@@ -18,7 +26,7 @@ def load_backbone(path_or_run, *, tracking_uri=None):
     return _load(path_or_run, tracking_uri=tracking_uri)
 
 
-def train(spec, out_dir, **kwargs):
+def train(spec: SpecBase, out_dir: str | Path, **kwargs: Any) -> TrainResult:
     """Train one resolved spec into `out_dir` without Ray; see `ssl_tune.training.train`."""
     from ssl_tune.training import train as _train
 

@@ -143,3 +143,17 @@ def test_points_to_evaluate_must_name_searched_fields():
     raw["search"] = {"points_to_evaluate": [{"method.lam1": 0.1}]}
     with pytest.raises(SpecError, match=r"search.points_to_evaluate.0: method.lam1 not searched"):
         spec_from_dict(raw)
+
+
+def test_one_best_trial_rule_skips_failed_trials_and_nan_and_follows_the_mode():
+    from ssl_tune.space import best_trial, better, ranked
+
+    rows = [{"run_id": "nan", "objective": float("nan"), "status": "KILLED"},
+            {"run_id": "failed", "objective": 99.0, "status": "FAILED"},
+            {"run_id": "low", "objective": 70.0, "status": "FINISHED"},
+            {"run_id": "high", "objective": 80.0, "status": "KILLED"}]
+    assert best_trial(rows, "max")["run_id"] == "high"
+    assert best_trial(rows, "min")["run_id"] == "low"
+    assert [r["run_id"] for r in ranked(rows, "max")] == ["failed", "high", "low", "nan"]
+    assert best_trial(rows[:2], "max") is None
+    assert better(1.0, float("nan"), "max") and not better(float("nan"), 1.0, "max") and not better(1.0, 1.0, "min")
