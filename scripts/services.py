@@ -51,7 +51,8 @@ def start_mlflow(directory: Path, port: int | None = None, timeout: float = 90.0
     mlflow = str(Path(sys.executable).parent / "mlflow")
     command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-               "--default-artifact-root", str(directory / "artifacts")]
+               # artifacts through the server (mlflow-artifacts:/): clients on other machines read and write them
+               "--serve-artifacts", "--artifacts-destination", str(directory / "artifacts")]
     log = open(directory / "mlflow.log", "a")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

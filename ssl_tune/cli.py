@@ -130,7 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ssl_tune.specfile import load_spec
 
     spec = load_spec(args.spec, args.set)
-    outcome = run_search(spec, spec_source=str(args.spec), name=args.name, address=args.address, verbose=args.verbose)
+    outcome = run_search(spec, spec_source=str(args.spec), name=args.name, address=args.address, verbose=args.verbose,
+                         tracking_uri=args.tracking_uri)
     return _report_outcome(outcome, spec)
 
 
@@ -168,6 +169,11 @@ def _report_outcome(outcome, spec) -> int:
     return 0
 
 
+def _naming_store(exc: Exception, uri: str) -> str:
+    """An error of a read-only command, with the tracking store it looked in."""
+    return str(exc) if uri in str(exc) else f"{exc} (tracking store {uri})"
+
+
 def _leaderboard_columns(rows: list[dict]) -> list[str]:
     return [c for c in (rows[0] if rows else {}) if c not in ("run_id", "trial_id")]
 
@@ -175,11 +181,12 @@ def _leaderboard_columns(rows: list[dict]) -> list[str]:
 def cmd_results(args: argparse.Namespace) -> int:
     from ssl_tune import tracking
 
-    client = tracking.client_for(tracking.resolve_uri(args.tracking_uri))
+    uri = tracking.resolve_uri(args.tracking_uri)
     try:
+        client = tracking.existing_store_client(uri)
         parent = tracking.find_parent_run(client, args.experiment)
     except LookupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_naming_store(exc, uri)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     rows = tracking.leaderboard(client, parent)
     print(tracking.format_table(rows, _leaderboard_columns(rows)))
@@ -197,14 +204,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ssl_tune.export import export_run
 
     out = args.out or Path("exports") / args.experiment_or_run
+    uri = tracking.resolve_uri(args.tracking_uri)
     try:
-        export_run(tracking.resolve_uri(args.tracking_uri), args.experiment_or_run, out, register=args.register)
+        export_run(uri, args.experiment_or_run, out, register=args.register)
     except LookupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_naming_store(exc, uri)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"exported run {metrics['run_id']} (epoch {metrics['epoch']}) to {out}: backbone.pt, head.pt, spec.yaml, metrics.json")
     print(f"load it with:  ssl_tune.load_backbone({str(out)!r})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from ssl_tune import tracking
+
+    uri = tracking.resolve_uri(args.tracking_uri)
+    try:
+        rows = tracking.list_searches(tracking.existing_store_client(uri))
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"searches in {uri}:")
+    print(tracking.format_table(rows, [c for c in (rows[0] if rows else {}) if c != "run_id"]) if rows else "(none)")
     return 0
 
 
@@ -260,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default $RAY_ADDRESS, "
                      "else a local Ray instance sized to this machine")
     run.add_argument("--verbose", action="store_true", help="show Ray's own output instead of the compact trial table")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI; default the spec's mlflow.tracking_uri, else "
+                     "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     run.set_defaults(func=cmd_run)
 
     def uri_arg(p: argparse.ArgumentParser) -> None:
@@ -295,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--register", metavar="MODEL_NAME", help="also log the backbone to MLflow and register it")
     uri_arg(export)
     export.set_defaults(func=cmd_export)
+
+    listing = sub.add_parser("list", help="the searches in the tracking store: name, start, method, trials, best, status",
+                             description="List every ssl-tune search in the tracking store, newest first.")
+    uri_arg(listing)
+    listing.set_defaults(func=cmd_list)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the tracking store",
                         description="Start the MLflow UI on 127.0.0.1 against the same tracking URI as `ssl-tune run`.")

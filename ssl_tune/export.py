@@ -47,12 +47,11 @@ def export_run(uri: str, experiment_or_run: str, out: Path, register: str | None
     """
     from trainers.loop import build_method
 
-    client = tracking.client_for(uri)
+    client = tracking.existing_store_client(uri)
     run = best_trial_run(client, experiment_or_run)
-    checkpoint = run.data.tags.get(tracking.TAG_BEST_CHECKPOINT)
-    if not checkpoint or not Path(checkpoint).exists():
-        raise LookupError(f"trial run {run.info.run_id} has no checkpoint on this machine ({checkpoint or 'none logged'})")
-    state = _checkpoint_state(Path(checkpoint))
+    with tracking.best_checkpoint_of(client, run) as directory:
+        state = _checkpoint_state(directory)
+        checkpoint = run.data.tags.get(tracking.TAG_BEST_CHECKPOINT) or str(directory)
     spec = spec_model().model_validate(state["spec"])
     method = build_method(spec, in_channels=_in_channels(state["model"]))
     method.load_state_dict(state["model"])
@@ -81,22 +80,31 @@ def _in_channels(state: dict, prefix: str = "backbone.") -> int:
 
 
 def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -> nn.Module:
-    """The pretrained backbone, in eval mode, from an export directory, a checkpoint or an MLflow run.
+    """The pretrained backbone, in eval mode, from an export directory, a checkpoint, an MLflow run or
+    a registered model.
 
     `path_or_run` is a directory written by `ssl-tune export`, a `checkpoint.pt` (or its directory),
-    or an MLflow run id / experiment name (the best trial is loaded from its checkpoint).
+    an MLflow run id / search name / experiment name (the best trial's checkpoint, from Ray's storage
+    when this machine sees it, else from the run's artifacts), or `models:/NAME/VERSION`.
     """
     from ssl_tune.models import build_backbone
 
+    if str(path_or_run).startswith("models:/"):  # a version registered by `ssl-tune export --register`
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking.resolve_uri(tracking_uri))
+        return mlflow.pytorch.load_model(str(path_or_run), map_location="cpu").eval()
     path = Path(path_or_run)
     if (path / BACKBONE_FILE).exists():
         spec = spec_model().model_validate(yaml.safe_load((path / SPEC_FILE).read_text()))
         weights = torch.load(path / BACKBONE_FILE, map_location="cpu", weights_only=True)
     else:
-        if not path.exists():
-            client = tracking.client_for(tracking.resolve_uri(tracking_uri))
-            path = Path(best_trial_run(client, str(path_or_run)).data.tags[tracking.TAG_BEST_CHECKPOINT])
-        state = _checkpoint_state(path)
+        if path.exists():
+            state = _checkpoint_state(path)
+        else:  # a run id or experiment: the best checkpoint, from Ray's storage or the run's artifacts
+            client = tracking.existing_store_client(tracking.resolve_uri(tracking_uri))
+            with tracking.best_checkpoint_of(client, best_trial_run(client, str(path_or_run))) as directory:
+                state = _checkpoint_state(directory)
         spec = spec_model().model_validate(state["spec"])
         weights = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
     b = spec.backbone

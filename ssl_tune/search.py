@@ -134,12 +134,13 @@ def _sigterm_stops_like_ctrl_c():
 
 
 def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, address: str | None = None,
-               verbose: bool = False) -> SearchOutcome:
-    """Run the whole search of `spec` and record it in MLflow; returns the leaderboard."""
+               verbose: bool = False, tracking_uri: str | None = None) -> SearchOutcome:
+    """Run the whole search of `spec` and record it in MLflow (at `tracking_uri`, else the spec's
+    `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db); returns the leaderboard."""
     if spec.is_resolved:
         raise SpecError(f"invalid spec {spec_source}: it has no search ranges; use `ssl-tune train` for one configuration")
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    uri = tracking.tracking_uri(spec)
+    uri = tracking.resolve_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
     tracking.bound_http_retries()
     data = cluster.check_data(spec)

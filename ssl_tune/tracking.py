@@ -7,6 +7,7 @@ go in one `log_batch` call per epoch; Tune's bookkeeping keys are never logged.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import subprocess
@@ -49,6 +50,10 @@ ENDED = ("FINISHED", "FAILED")
 TAG_STORAGE = "ssl_tune.storage"  # on parents: the Tune experiment directory (what `ssl-tune resume` restores)
 TAG_INTERRUPTED_AT = "ssl_tune.interrupted_at_epoch"
 TAG_EPOCHS_LOST = "ssl_tune.epochs_lost"  # completed epochs trained again after restarts
+# On trials: the artifact folder holding a copy of the best checkpoint (what export reads from any machine).
+TAG_CHECKPOINT_ARTIFACT = "ssl_tune.checkpoint_artifact"
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+TAG_METHOD = "ssl_tune.method"  # on parents: the method searched
 # How long the end of a search waits for held MLflow updates before giving up on them.
 FINAL_FLUSH_S = 120.0
 
@@ -61,15 +66,23 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri
 
 
-def tracking_uri(spec: SpecBase) -> str:
-    return resolve_uri(spec.mlflow.tracking_uri)
-
-
 def client_for(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def existing_store_client(uri: str):
+    """A client for a tracking store that must already exist (read-only commands: results, list,
+    export). MLflow would create an empty store for a missing sqlite file or local directory, and then
+    report "no experiment"; this raises LookupError naming the store instead."""
+    local = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else (
+        uri.removeprefix("file://") if uri.startswith("file://") or "://" not in uri else None)
+    if local is not None and not Path(local).exists():
+        raise LookupError(f"no MLflow tracking store at {uri} ({local} does not exist); run this where the search "
+                          "ran, or name the store with --tracking-uri or MLFLOW_TRACKING_URI")
+    return client_for(uri)
 
 
 def check_reachable(uri: str) -> None:
@@ -264,12 +277,14 @@ class MlflowTrialLogger(Callback):
         self.epochs_lost: dict[str, int] = {}
         self.failed: dict[str, str] = {}  # trial id -> reason (diverged, bad data)
         self.last_checkpoint: dict[str, str] = {}  # trial id -> directory of its latest checkpoint
+        self.best_checkpoint: dict[str, str] = {}  # trial id -> directory of its best checkpoint
         self._writer: MlflowWriter | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into Tune's experiment state: a resumed search rebuilds the rest from MLflow.
         state = self.__dict__.copy()
-        for key in ("runs", "best", "last_epoch", "restarts", "epochs_lost", "failed", "last_checkpoint", "_writer"):
+        for key in ("runs", "best", "last_epoch", "restarts", "epochs_lost", "failed", "last_checkpoint", "best_checkpoint",
+                    "_writer"):
             state.pop(key)
         return state
 
@@ -316,6 +331,7 @@ class MlflowTrialLogger(Callback):
             values = [m.value for m in self.client.get_metric_history(run.info.run_id, self.metric)]
             if values and TAG_BEST_CHECKPOINT in run.data.tags:  # so a worse later checkpoint does not replace it
                 self.best[trial.trial_id] = best_value(values, self.mode)
+                self.best_checkpoint[trial.trial_id] = run.data.tags[TAG_BEST_CHECKPOINT]
             self.epochs_lost[trial.trial_id] = int(run.data.tags.get(TAG_EPOCHS_LOST, 0))
             self.restarts[trial.trial_id] = int(run.data.tags.get(TAG_RESTARTS, 0))
             if run.info.status != "RUNNING":
@@ -376,6 +392,7 @@ class MlflowTrialLogger(Callback):
         # Ties go to the later checkpoint, as Ray's checkpoint managers keep it.
         if not better(previous, value, self.mode):
             self.best[trial_id] = value
+            self.best_checkpoint[trial_id] = path
             self.client.set_tag(run_id, TAG_BEST_CHECKPOINT, path)
             self.client.set_tag(run_id, TAG_BEST_EPOCH, str(epoch))
 
@@ -400,6 +417,8 @@ class MlflowTrialLogger(Callback):
         if trial.trial_id not in self.runs:
             return
         reason = self.failed.get(trial.trial_id)
+        if reason is None:
+            self._submit(lambda: self._upload_best_checkpoint(trial.trial_id))
 
         def update() -> None:
             run_id, reached = self.runs[trial.trial_id], self.last_epoch.get(trial.trial_id, 0)
@@ -414,6 +433,21 @@ class MlflowTrialLogger(Callback):
 
         self._submit(update)
         self._submit_figures(trial)
+
+    def _upload_best_checkpoint(self, trial_id: str) -> None:
+        """Copy the trial's best checkpoint into its run's artifacts (`checkpoint/`), so that export and
+        `load_backbone` work from any machine that reaches the tracking server. Retried like every
+        update while the server is away; the checkpoint in Ray's storage is never touched."""
+        run_id, source = self.runs[trial_id], self.best_checkpoint.get(trial_id)
+        if not source:
+            return
+        with checkpoint_on_disk(source) as directory:
+            if directory is None:
+                print(f"warning: trial {trial_id}'s best checkpoint {source} is gone; it is not copied to MLflow",
+                      file=sys.__stderr__)
+                return
+            self.client.log_artifacts(run_id, str(directory), CHECKPOINT_ARTIFACT_DIR)
+        self.client.set_tag(run_id, TAG_CHECKPOINT_ARTIFACT, CHECKPOINT_ARTIFACT_DIR)
 
     def _submit_figures(self, trial) -> None:
         """The trial's figures, then the search's, refreshed as each trial ends. Best effort: a
@@ -439,6 +473,48 @@ class MlflowTrialLogger(Callback):
 
         self._submit(update)
         self._submit_figures(trial)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def checkpoint_on_disk(path: str):
+    """A checkpoint directory as a local path: itself, or for a URI (s3://, gs://, ...) a temporary
+    copy made with pyarrow's file systems (which Ray's storage uses); None if it does not exist."""
+    if "://" not in path:
+        yield Path(path) if Path(path).is_dir() else None
+        return
+    import tempfile
+
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    if filesystem.get_file_info(inner).type != pyarrow.fs.FileType.Directory:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="ssl-tune-checkpoint-") as tmp:
+        pyarrow.fs.copy_files(inner, tmp, source_filesystem=filesystem)
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def best_checkpoint_of(client, run):
+    """The local directory of a trial run's best checkpoint: Ray's copy when this machine sees it,
+    else the copy in the run's MLflow artifacts (downloaded to a temporary directory)."""
+    import tempfile
+
+    tagged = run.data.tags.get(TAG_BEST_CHECKPOINT)
+    with checkpoint_on_disk(tagged) if tagged else contextlib.nullcontext() as local:
+        if local is not None:
+            yield local
+            return
+    artifact = run.data.tags.get(TAG_CHECKPOINT_ARTIFACT)
+    if not artifact:
+        raise LookupError(f"trial run {run.info.run_id} has no checkpoint on this machine ({tagged or 'none logged'}) "
+                          "and none among its MLflow artifacts (it ended before its checkpoint was copied there)")
+    with tempfile.TemporaryDirectory(prefix="ssl-tune-checkpoint-") as tmp:
+        yield Path(client.download_artifacts(run.info.run_id, artifact, tmp))
 
 
 # --- figures -----------------------------------------------------------------------------------
@@ -517,6 +593,7 @@ def open_search_run(client, experiment: str, run_name: str, spec: SpecBase, *, s
         TAG_METRIC: spec.search.metric,
         TAG_MODE: spec.search.mode,
         TAG_SEARCHED: ",".join(spec.searchable_paths()),
+        TAG_METHOD: spec.method.name,
     })
     parent_id = parent.info.run_id
     client.log_text(parent_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec.yaml")
@@ -647,6 +724,31 @@ def child_runs(client, parent) -> list:
     return client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                               max_results=10000)
+
+
+def list_searches(client) -> list[dict[str, Any]]:
+    """One row per search in the store, newest first: name, experiment, start, method, trials, best
+    objective (by `space.best_trial`), the objective's name and the parent run's status."""
+    experiments = {e.experiment_id: e.name for e in client.search_experiments(max_results=50000)}
+    if not experiments:
+        return []
+    searches = client.search_runs(list(experiments), filter_string=f"tags.`{TAG_KIND}` = 'search'",
+                                  order_by=["attributes.start_time DESC"], max_results=1000)
+    trials: dict[str, list] = collections.defaultdict(list)
+    for run in client.search_runs(list(experiments), filter_string=f"tags.`{TAG_KIND}` = 'trial'", max_results=50000):
+        trials[run.data.tags.get("mlflow.parentRunId", "")].append(run)
+    rows = []
+    for search in searches:
+        metric, mode = search.data.tags.get(TAG_METRIC, "knn_top1"), search.data.tags.get(TAG_MODE, "max")
+        children = trials[search.info.run_id]
+        best = best_trial([{"objective": c.data.metrics.get(metric, math.nan), "status": c.info.status} for c in children],
+                          mode)
+        rows.append({"search": search.info.run_name, "experiment": experiments[search.info.experiment_id],
+                     "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(search.info.start_time / 1000)),
+                     "method": search.data.tags.get(TAG_METHOD, "-"), "trials": len(children),
+                     "best": best["objective"] if best else math.nan, "metric": f"{metric} ({mode})",
+                     "status": search.info.status, "run_id": search.info.run_id})
+    return rows
 
 
 def best_trial_run_id(client, parent) -> str | None:

@@ -4,6 +4,7 @@ either; the tracking-outage test wraps a real client."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,6 +259,13 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
         experiment = client.get_experiment_by_name("search-test")
         runs = client.search_runs([experiment.experiment_id])
         steps = epoch_steps(client, next(r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"))
+        # The winner's checkpoint went to the server's artifact store after the outage: export it from
+        # another directory, with Ray's storage gone.
+        epoch_results = results()
+        shutil.rmtree(tmp_path / "ssl_tune_runs")
+        (tmp_path / "elsewhere").mkdir()
+        exported = run_cli(["export", "search-test", "--tracking-uri", started["url"], "--out", "best"],
+                           cwd=tmp_path / "elsewhere")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -266,7 +274,7 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
     assert proc.returncode == 0, out[-4000:]
     assert out.count("is unreachable") == 1 and "reachable again" in out, out[-3000:]
     # Training went on at its pace while the server was down.
-    epoch_s = [r["time_this_iter_s"] for r in results()[1:]]
+    epoch_s = [r["time_this_iter_s"] for r in epoch_results[1:]]
     typical = sorted(epoch_s)[len(epoch_s) // 2]
     print(f"tracking outage of {outage_s} s: {during_outage} epochs trained meanwhile; epoch {typical:.1f} s typical, "
           f"{max(epoch_s):.1f} s slowest")
@@ -276,6 +284,8 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
     (parent,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
     (child,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
     assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "elsewhere" / "best" / "backbone.pt").is_file()
     assert steps == list(range(1, 31))
 
 

@@ -128,6 +128,45 @@ def test_export_reloads_the_backbone_and_reproduces_logged_knn(finished_search):
 
 
 @pytest.mark.slow
+def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_search, tmp_path):
+    """Every trial that came through has its best checkpoint among its run's artifacts, so the winner
+    is exported from anywhere that reaches the tracking store, without Ray's storage."""
+    work, client, _ = finished_search
+    uri = f"sqlite:///{work}/mlflow.db"
+    _, _, children = runs_of(work)
+    came_through = [c for c in children if c.info.status in ("FINISHED", "KILLED")]
+    assert came_through and all(c.data.tags.get(tracking.TAG_CHECKPOINT_ARTIFACT) == "checkpoint" for c in came_through)
+    local = load_backbone("search-test", tracking_uri=uri)  # from Ray's storage
+    (work / "ssl_tune_runs").rename(work / "ssl_tune_runs.moved")
+    try:
+        proc = run_cli(["export", "search-test", "--tracking-uri", uri, "--out", str(tmp_path / "out")], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert not (tmp_path / "mlflow.db").exists()
+        exported, from_artifacts = load_backbone(tmp_path / "out"), load_backbone("search-test", tracking_uri=uri)
+        for a, b, c in zip(local.state_dict().values(), exported.state_dict().values(), from_artifacts.state_dict().values()):
+            assert torch.equal(a, b) and torch.equal(a, c)
+    finally:
+        (work / "ssl_tune_runs.moved").rename(work / "ssl_tune_runs")
+
+
+def test_read_only_commands_name_the_store_and_never_create_one(tmp_path):
+    for args in (["results", "search-test"], ["export", "search-test"], ["list"]):
+        proc = run_cli(args, cwd=tmp_path)
+        assert proc.returncode == 2 and f"no MLflow tracking store at sqlite:///{tmp_path}/mlflow.db" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_list_shows_the_search(finished_search):
+    work, _, _ = finished_search
+    proc = run_cli(["list"], cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    header, row = proc.stdout.splitlines()[1:3]
+    assert header.split()[:5] == ["search", "experiment", "started", "method", "trials"]
+    assert row.split()[0] == "s1" and row.split()[4] == "twist" and row.split()[5] == "3" and "FINISHED" in row
+
+
+@pytest.mark.slow
 def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
     raw["training"]["epochs"] = 1
