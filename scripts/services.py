@@ -1,9 +1,18 @@
 #!/usr/bin/env python3
 """Start and stop the services a team runs beside ssl-tune, on loopback, for tests and for trying
-things out: today an `mlflow server` over a sqlite store and a local artifact directory.
+things out: PostgreSQL (MLflow's backend store), an S3-compatible endpoint (moto's server: artifacts
+and Ray storage) and `mlflow server` over them (or over sqlite and a local directory).
 
-    python scripts/services.py mlflow start --dir /tmp/mlflow-srv [--port 5001]   # prints JSON: pid, url
-    python scripts/services.py mlflow stop --dir /tmp/mlflow-srv [--kill]         # SIGTERM (or SIGKILL) by PID
+    python scripts/services.py postgres start --dir /tmp/svc/pg                   # prints JSON: pid, uri
+    python scripts/services.py s3 start --dir /tmp/svc/s3 [--bucket ssl-tune]    # prints JSON: pid, endpoint, bucket
+    python scripts/services.py mlflow start --dir /tmp/svc/mlflow [--port 5001] \
+        [--backend-store-uri postgresql://...] [--artifacts-destination s3://BUCKET/mlflow --s3-endpoint URL]
+    python scripts/services.py NAME stop --dir DIR [--kill]                        # SIGTERM (or SIGKILL) by PID
+
+PostgreSQL comes from Debian's package (`apt-get install postgresql`); as root it runs as `nobody`,
+since it refuses root. moto's S3 keeps its objects in memory: they last as long as its process.
+Clients reach S3 through the usual settings (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...;
+`MLFLOW_S3_ENDPOINT_URL` for MLflow); `mlflow server` serves artifacts itself, so clients need none.
 
 Each service runs in its own process session, its PID in DIR/NAME.pid and its output in DIR/NAME.log,
 so it is stopped by PID (never by name: other users' servers on the machine are left alone). Starting
@@ -43,18 +52,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_mlflow(directory: Path, port: int | None = None, timeout: float = 90.0) -> dict:
-    """Start `mlflow server` on 127.0.0.1 with its store in `directory`; wait until it answers."""
+# Credentials of the loopback S3 endpoint (moto accepts any).
+S3_ENV = {"AWS_ACCESS_KEY_ID": "ssl-tune", "AWS_SECRET_ACCESS_KEY": "ssl-tune-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_mlflow(directory: Path, port: int | None = None, timeout: float = 90.0, backend_store_uri: str | None = None,
+                 artifacts_destination: str | None = None, s3_endpoint: str | None = None) -> dict:
+    """Start `mlflow server` on 127.0.0.1 (by default with a sqlite store and artifacts in `directory`);
+    wait until it answers."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     mlflow = str(Path(sys.executable).parent / "mlflow")
     command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+               "--backend-store-uri", backend_store_uri or f"sqlite:///{directory / 'mlflow.db'}",
                # artifacts through the server (mlflow-artifacts:/): clients on other machines read and write them
-               "--serve-artifacts", "--artifacts-destination", str(directory / "artifacts")]
+               "--serve-artifacts", "--artifacts-destination", artifacts_destination or str(directory / "artifacts")]
     log = open(directory / "mlflow.log", "a")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    if s3_endpoint:
+        env.update(S3_ENV, MLFLOW_S3_ENDPOINT_URL=s3_endpoint)
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     _pid_file(directory, "mlflow").write_text(str(proc.pid))
     url = f"http://127.0.0.1:{port}"
@@ -70,6 +87,95 @@ def start_mlflow(directory: Path, port: int | None = None, timeout: float = 90.0
             time.sleep(0.3)
     stop(directory, "mlflow", kill=True)
     raise RuntimeError(f"mlflow server did not answer at {url} within {timeout:g} s; see {directory / 'mlflow.log'}")
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}); see {log}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:g} s; see {log}")
+
+
+def start_postgres(directory: Path, port: int | None = None, timeout: float = 60.0) -> dict:
+    """Start PostgreSQL on 127.0.0.1 with a database `mlflow` (trust authentication, loopback only).
+
+    Its data directory is recorded in `directory/postgres.json`, so starting again with the same
+    `directory` brings the same data back. As root, the server runs as `nobody` with its data in a
+    directory of its own under /tmp (test directories are often closed to other users).
+    """
+    import shutil
+
+    initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+    if initdb is None:
+        raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
+    bin_dir = Path(initdb).resolve().parent
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    state_file = directory / "postgres.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    as_nobody = os.geteuid() == 0
+    ids = {"user": 65534, "group": 65534} if as_nobody else {}
+    if "data" not in state:
+        import tempfile
+
+        base = Path(tempfile.mkdtemp(prefix="ssl-tune-pg-")) if as_nobody else directory
+        data = base / "pgdata"
+        if as_nobody:
+            os.chown(base, 65534, 65534)
+        subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True, **ids)
+        state = {"data": str(data)}
+    port = port or state.get("port") or free_port()
+    state["port"] = port
+    state_file.write_text(json.dumps(state))
+    log = directory / "postgres.log"
+    data = Path(state["data"])
+    proc = subprocess.Popen([str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port),
+                             "-k", str(data)], stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+                            **ids)
+    _pid_file(directory, "postgres").write_text(str(proc.pid))
+    _wait_for_port(port, proc, "postgres", log, timeout)
+    import psycopg2
+
+    for _ in range(50):  # listening comes a moment before accepting logins
+        try:
+            connection = psycopg2.connect(host="127.0.0.1", port=port, user="mlflow", dbname="postgres")
+            break
+        except psycopg2.OperationalError:
+            time.sleep(0.2)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = 'mlflow'")
+        if cursor.fetchone() is None:
+            cursor.execute("CREATE DATABASE mlflow")
+    connection.close()
+    return {"pid": proc.pid, "uri": f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow", "port": port, "log": str(log)}
+
+
+def start_s3(directory: Path, port: int | None = None, bucket: str = "ssl-tune", timeout: float = 60.0) -> dict:
+    """Start moto's S3-compatible server on 127.0.0.1 and create `bucket`."""
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log = directory / "s3.log"
+    moto = str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    _pid_file(directory, "s3").write_text(str(proc.pid))
+    _wait_for_port(port, proc, "moto_server", log, timeout)
+    import boto3
+
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"], region_name=S3_ENV["AWS_DEFAULT_REGION"])
+    client.create_bucket(Bucket=bucket)
+    return {"pid": proc.pid, "endpoint": endpoint, "bucket": bucket, "port": port, "log": str(log), "env": S3_ENV}
 
 
 def stop(directory: Path, name: str, kill: bool = False, timeout: float = 30.0) -> bool:
@@ -96,16 +202,34 @@ def stop(directory: Path, name: str, kill: bool = False, timeout: float = 30.0) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("service", choices=["mlflow"])
+    parser.add_argument("service", choices=["mlflow", "postgres", "s3"])
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--dir", type=Path, required=True, help="where the service keeps its data, PID and log")
     parser.add_argument("--port", type=int, help="start: the port (default: a free one)")
     parser.add_argument("--kill", action="store_true", help="stop: SIGKILL instead of SIGTERM, like a crash")
+    parser.add_argument("--backend-store-uri", help="mlflow: e.g. the postgresql:// URI `postgres start` printed")
+    parser.add_argument("--artifacts-destination", help="mlflow: e.g. s3://BUCKET/mlflow (with --s3-endpoint)")
+    parser.add_argument("--s3-endpoint", help="mlflow: the S3 endpoint `s3 start` printed")
+    parser.add_argument("--bucket", default="ssl-tune", help="s3: the bucket to create")
+    parser.add_argument("--purge", action="store_true", help="postgres stop: also delete its data directory")
     args = parser.parse_args(argv)
-    if args.action == "start":
-        print(json.dumps(start_mlflow(args.dir, args.port)), flush=True)
+    if args.action == "start" and args.service == "postgres":
+        print(json.dumps(start_postgres(args.dir, args.port)), flush=True)
+    elif args.action == "start" and args.service == "s3":
+        print(json.dumps(start_s3(args.dir, args.port, args.bucket)), flush=True)
+    elif args.action == "start":
+        print(json.dumps(start_mlflow(args.dir, args.port, backend_store_uri=args.backend_store_uri,
+                                      artifacts_destination=args.artifacts_destination, s3_endpoint=args.s3_endpoint)),
+              flush=True)
     else:
         print("stopped" if stop(args.dir, args.service, kill=args.kill) else "not running")
+        state = args.dir / "postgres.json"
+        if args.service == "postgres" and args.purge and state.exists():
+            import shutil
+
+            data = Path(json.loads(state.read_text())["data"])
+            shutil.rmtree(data.parent if data.parent.name.startswith("ssl-tune-pg-") else data, ignore_errors=True)
+            state.unlink()
     return 0
 
 

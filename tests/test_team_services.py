@@ -1,0 +1,92 @@
+"""A team's services, for real: `mlflow server` on PostgreSQL with its artifacts in an S3-compatible
+store (moto's server), all started on loopback by scripts/services.py and stopped by PID."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_tune import tracking
+from tests.conftest import ROOT, run_cli, search_spec
+
+SERVICES = [sys.executable, str(Path(ROOT) / "scripts" / "services.py")]
+
+
+def postgres_installed() -> bool:
+    return bool(shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb")))
+
+
+@pytest.fixture
+def team_server(tmp_path):
+    """PostgreSQL, the S3 endpoint and `mlflow server` over both; stopped (by PID) afterwards."""
+    if not postgres_installed():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is missing on CI: .ci/run installs it (apt-get install postgresql)")
+        pytest.skip("needs PostgreSQL: apt-get install postgresql")
+
+    def start(*args):
+        return json.loads(subprocess.run([*SERVICES, *args], capture_output=True, text=True, check=True, timeout=180).stdout)
+
+    started = []
+    try:
+        postgres = start("postgres", "start", "--dir", str(tmp_path / "pg"))
+        started.append(("postgres", tmp_path / "pg"))
+        s3 = start("s3", "start", "--dir", str(tmp_path / "s3"))
+        started.append(("s3", tmp_path / "s3"))
+        mlflow = start("mlflow", "start", "--dir", str(tmp_path / "mlflow"), "--backend-store-uri", postgres["uri"],
+                       "--artifacts-destination", f"s3://{s3['bucket']}/mlflow", "--s3-endpoint", s3["endpoint"])
+        started.append(("mlflow", tmp_path / "mlflow"))
+        yield {"postgres": postgres, "s3": s3, "mlflow": mlflow}
+    finally:
+        for name, directory in reversed(started):
+            subprocess.run([*SERVICES, name, "stop", "--dir", str(directory), *(["--purge"] if name == "postgres" else [])],
+                           timeout=60)
+
+
+@pytest.mark.slow
+def test_search_on_postgres_and_s3_exports_from_anywhere_without_rays_storage(team_server, tmp_path):
+    url = team_server["mlflow"]["url"]
+    raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[])
+    raw["training"]["epochs"] = 1
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_cli(["run", "spec.yaml", "--name", "team", "--tracking-uri", url], cwd=tmp_path / "work")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "work" / "mlflow.db").exists()
+
+    # The runs are rows of PostgreSQL, the checkpoints objects in S3.
+    import boto3
+    import psycopg2
+
+    with psycopg2.connect(team_server["postgres"]["uri"].replace("+psycopg2", "")) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM runs")
+            assert cursor.fetchone()[0] == 3  # the search and its two trials
+    s3 = team_server["s3"]
+    objects = boto3.client("s3", endpoint_url=s3["endpoint"], **{k.lower(): v for k, v in s3["env"].items()
+                                                                  if k != "AWS_DEFAULT_REGION"},
+                           region_name=s3["env"]["AWS_DEFAULT_REGION"]).list_objects_v2(Bucket=s3["bucket"])
+    keys = [o["Key"] for o in objects.get("Contents", [])]
+    assert sum(k.endswith("/checkpoint/checkpoint.pt") for k in keys) == 2, keys
+
+    # From another directory, with Ray's storage gone: only the server is needed.
+    shutil.rmtree(tmp_path / "work" / "ssl_tune_runs")
+    (tmp_path / "elsewhere").mkdir()
+    listed = run_cli(["list", "--tracking-uri", url], cwd=tmp_path / "elsewhere")
+    assert listed.returncode == 0 and "team" in listed.stdout and "FINISHED" in listed.stdout, listed.stderr
+    exported = run_cli(["export", "team", "--tracking-uri", url, "--out", "best"], cwd=tmp_path / "elsewhere")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    from ssl_tune import load_backbone
+
+    backbone = load_backbone(tmp_path / "elsewhere" / "best")
+    direct = load_backbone("team", tracking_uri=url)
+    assert all((a == b).all() for a, b in zip(backbone.state_dict().values(), direct.state_dict().values()))
+    client = tracking.client_for(url)
+    (parent,) = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
+                                   filter_string=f"tags.`{tracking.TAG_KIND}` = 'search'")
+    assert parent.info.status == "FINISHED"
