@@ -73,8 +73,11 @@ def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[di
             f"mlflow.tracking_uri: {uri} is a file on this machine, but with a Ray Client address ({ray_address}) "
             "the search's driver runs on the cluster's head node; run `mlflow server --backend-store-uri "
             "sqlite:///mlflow.db --host 0.0.0.0` where both can reach it and set mlflow.tracking_uri to its http:// URL")
-    if "://" in storage or (ray_address == "local" and len(nodes) <= 1):
-        return  # a URI (s3://, gs://, ...) or one machine: nothing to check
+    if "://" in storage:
+        check_object_storage(storage, nodes, ray_address)
+        return
+    if ray_address == "local" and len(nodes) <= 1:
+        return  # one machine: nothing to check
     import uuid
 
     import ray
@@ -170,3 +173,44 @@ def prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None,
     fits = check_resources(spec, nodes)
     check_cluster_paths(storage, uri, ray_address, nodes)
     return ray_address, fits
+
+
+def check_object_storage(storage: str, nodes: list[dict[str, Any]], ray_address: str) -> None:
+    """A storage URI (s3://, gs://, ...) must take a write from the driver and be read back from every
+    node, through pyarrow's file systems as Ray uses them; else `SpecError` naming what failed."""
+    import uuid
+
+    import pyarrow.fs
+
+    marker = f"{storage.rstrip('/')}/.ssl-tune-visible-{uuid.uuid4().hex}"
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(marker)
+        filesystem.create_dir(path.rpartition("/")[0], recursive=True)
+        with filesystem.open_output_stream(path) as f:
+            f.write(b"written by the ssl-tune driver to check that every node reaches this storage\n")
+    except Exception as exc:  # bucket, credentials, endpoint: pyarrow says which
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise SpecError(f"storage_path: {storage} cannot be written from the driver ({first}); check the bucket, the "
+                        "credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the endpoint (AWS_ENDPOINT_URL)") from None
+    try:
+        if ray_address == "local" and len(nodes) <= 1:
+            return
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        @ray.remote(num_cpus=0)
+        def reads(uri: str) -> str:
+            try:
+                fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
+                return "" if fs.get_file_info(inner).type == pyarrow.fs.FileType.File else "not found"
+            except Exception as exc:
+                return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+        seen = [(n, reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False)).remote(marker))
+                for n in nodes]
+        blind = [f"{n['address']} ({ray.get(ref, timeout=120)})" for n, ref in seen if ray.get(ref, timeout=120)]
+        if blind:
+            raise SpecError(f"storage_path: {storage} is not reachable from node(s) {', '.join(blind)}, where trials "
+                            "would write their checkpoints; give every node the same credentials and endpoint")
+    finally:
+        filesystem.delete_file(path)

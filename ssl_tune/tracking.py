@@ -355,7 +355,7 @@ class MlflowTrialLogger(Callback):
             return
         metrics = result_metrics(result)
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
-        checkpoint_path = result.get("checkpoint_path")
+        checkpoint_path = self._with_scheme(result.get("checkpoint_path"))
         timestamp = int(time.time() * 1000)  # fixed here: a retried write repeats the same rows, which MLflow ignores
         restored_from = result.get(RESTORED_FROM_KEY)
         lost: list[int] = []  # computed once, even if the update is retried
@@ -380,9 +380,15 @@ class MlflowTrialLogger(Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         # Single-worker trials report through Tune: the checkpoint belongs to the last result.
         last = trial.last_result or {}
-        path, value, epoch = checkpoint.path, last.get(self.metric), int(last.get("epoch", 0))
+        path, value, epoch = self._with_scheme(checkpoint.path), last.get(self.metric), int(last.get("epoch", 0))
         self.last_checkpoint[trial.trial_id] = path
         self._submit(lambda: self._checkpoint(trial.trial_id, path, value, epoch))
+
+    def _with_scheme(self, path: str | None) -> str | None:
+        """Ray names a checkpoint on object storage by its path inside the bucket; give it back its
+        scheme (s3://, gs://) so the tag is a URI that export can open."""
+        scheme, sep, _ = self.spec.storage_path.partition("://")
+        return f"{scheme}://{path}" if path and sep and "://" not in path else path
 
     def _checkpoint(self, trial_id: str, path: str, value: float | None, epoch: int) -> None:
         run_id = self.runs.get(trial_id)

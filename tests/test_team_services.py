@@ -90,3 +90,41 @@ def test_search_on_postgres_and_s3_exports_from_anywhere_without_rays_storage(te
     (parent,) = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
                                    filter_string=f"tags.`{tracking.TAG_KIND}` = 'search'")
     assert parent.info.status == "FINISHED"
+
+
+@pytest.fixture
+def s3_endpoint(tmp_path):
+    started = json.loads(subprocess.run([*SERVICES, "s3", "start", "--dir", str(tmp_path / "s3")], capture_output=True,
+                                        text=True, check=True, timeout=180).stdout)
+    try:
+        yield started
+    finally:
+        subprocess.run([*SERVICES, "s3", "stop", "--dir", str(tmp_path / "s3")], timeout=60)
+
+
+@pytest.mark.slow
+def test_ray_storage_on_s3_holds_the_checkpoints_and_an_unwritable_bucket_is_refused(s3_endpoint, tmp_path, monkeypatch):
+    for key, value in {**s3_endpoint["env"], "AWS_ENDPOINT_URL": s3_endpoint["endpoint"]}.items():
+        monkeypatch.setenv(key, value)  # what every node's environment holds for the object store
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
+    raw["training"]["epochs"] = 1
+    raw["storage_path"] = "s3://no-such-bucket/runs"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    refused = run_cli(["run", "spec.yaml", "--name", "nobucket"], cwd=tmp_path)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "storage_path: s3://no-such-bucket/runs cannot be written from the driver" in refused.stderr
+    assert "started" not in refused.stdout  # no trial ran
+
+    raw["storage_path"] = f"s3://{s3_endpoint['bucket']}/runs"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_cli(["run", "spec.yaml", "--name", "on-s3"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "ssl_tune_runs" / "on-s3").exists()
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    (trial,) = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
+                                  filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
+    assert trial.data.tags[tracking.TAG_BEST_CHECKPOINT].startswith(f"s3://{s3_endpoint['bucket']}/runs/on-s3/")
+    assert trial.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "checkpoint"  # copied from S3 into the run
+    from ssl_tune import load_backbone
+
+    load_backbone("on-s3", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # reads the checkpoint from S3
