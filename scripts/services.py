@@ -52,14 +52,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# The basic-auth app's administrator (`mlflow start --auth`), for tests on loopback only.
+AUTH_ADMIN = ("admin", "ssl-tune-admin-password")
 # Credentials of the loopback S3 endpoint (moto accepts any).
 S3_ENV = {"AWS_ACCESS_KEY_ID": "ssl-tune", "AWS_SECRET_ACCESS_KEY": "ssl-tune-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def start_mlflow(directory: Path, port: int | None = None, timeout: float = 90.0, backend_store_uri: str | None = None,
-                 artifacts_destination: str | None = None, s3_endpoint: str | None = None) -> dict:
+                 artifacts_destination: str | None = None, s3_endpoint: str | None = None, auth: bool = False) -> dict:
     """Start `mlflow server` on 127.0.0.1 (by default with a sqlite store and artifacts in `directory`);
-    wait until it answers."""
+    wait until it answers. `auth`: MLflow's basic-auth app, its users in `directory/auth.db`, with
+    MLflow's default admin (clients set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -70,6 +73,15 @@ def start_mlflow(directory: Path, port: int | None = None, timeout: float = 90.0
                "--serve-artifacts", "--artifacts-destination", artifacts_destination or str(directory / "artifacts")]
     log = open(directory / "mlflow.log", "a")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    if auth:
+        config = directory / "basic_auth.ini"
+        config.write_text("[mlflow]\ndefault_permission = READ\n"
+                          f"database_uri = sqlite:///{directory / 'auth.db'}\n"
+                          f"admin_username = {AUTH_ADMIN[0]}\nadmin_password = {AUTH_ADMIN[1]}\n"
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        command += ["--app-name", "basic-auth"]
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
+        env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", os.urandom(16).hex())  # CSRF key of this one server
     if s3_endpoint:
         env.update(S3_ENV, MLFLOW_S3_ENDPOINT_URL=s3_endpoint)
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -82,7 +94,8 @@ def start_mlflow(directory: Path, port: int | None = None, timeout: float = 90.0
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
-                    return {"pid": proc.pid, "url": url, "port": port, "log": str(directory / "mlflow.log")}
+                    return {"pid": proc.pid, "url": url, "port": port, "log": str(directory / "mlflow.log"),
+                            **({"username": AUTH_ADMIN[0], "password": AUTH_ADMIN[1]} if auth else {})}
         except OSError:
             time.sleep(0.3)
     stop(directory, "mlflow", kill=True)
@@ -210,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend-store-uri", help="mlflow: e.g. the postgresql:// URI `postgres start` printed")
     parser.add_argument("--artifacts-destination", help="mlflow: e.g. s3://BUCKET/mlflow (with --s3-endpoint)")
     parser.add_argument("--s3-endpoint", help="mlflow: the S3 endpoint `s3 start` printed")
+    parser.add_argument("--auth", action="store_true", help="mlflow: MLflow's basic-auth app (user and password)")
     parser.add_argument("--bucket", default="ssl-tune", help="s3: the bucket to create")
     parser.add_argument("--purge", action="store_true", help="postgres stop: also delete its data directory")
     args = parser.parse_args(argv)
@@ -219,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(start_s3(args.dir, args.port, args.bucket)), flush=True)
     elif args.action == "start":
         print(json.dumps(start_mlflow(args.dir, args.port, backend_store_uri=args.backend_store_uri,
-                                      artifacts_destination=args.artifacts_destination, s3_endpoint=args.s3_endpoint)),
+                                      artifacts_destination=args.artifacts_destination, s3_endpoint=args.s3_endpoint,
+                                      auth=args.auth)),
               flush=True)
     else:
         print("stopped" if stop(args.dir, args.service, kill=args.kill) else "not running")

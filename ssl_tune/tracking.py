@@ -95,6 +95,14 @@ def check_reachable(uri: str) -> None:
     try:
         client_for(uri).search_experiments(max_results=1)
     except Exception as exc:  # connection refused, DNS, HTTP errors: all mean "cannot log here"
+        text = str(exc)
+        if "error code 401" in text or "error code 403" in text:
+            who = ("as " + os.environ["MLFLOW_TRACKING_USERNAME"]) if os.environ.get("MLFLOW_TRACKING_USERNAME") else \
+                "without credentials"
+            raise SpecError(f"mlflow.tracking_uri: the MLflow tracking server at {uri} refused this client {who} "
+                            f"(HTTP {'401: not authenticated' if 'error code 401' in text else '403: no permission'}); "
+                            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to "
+                            "an account of that server") from None
         raise SpecError(f"mlflow.tracking_uri: cannot reach the MLflow tracking server at {uri} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
                         "start it (mlflow server --host ...) or point mlflow.tracking_uri / "

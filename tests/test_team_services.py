@@ -128,3 +128,28 @@ def test_ray_storage_on_s3_holds_the_checkpoints_and_an_unwritable_bucket_is_ref
     from ssl_tune import load_backbone
 
     load_backbone("on-s3", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # reads the checkpoint from S3
+
+
+@pytest.mark.slow
+def test_a_server_with_authentication_takes_a_search_with_credentials_and_refuses_one_without(tmp_path, monkeypatch):
+    server = json.loads(subprocess.run([*SERVICES, "mlflow", "start", "--dir", str(tmp_path / "mlflow"), "--auth"],
+                                       capture_output=True, text=True, check=True, timeout=180).stdout)
+    try:
+        raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
+        raw["training"]["epochs"] = 1
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        refused = run_cli(["run", "spec.yaml", "--tracking-uri", server["url"]], cwd=tmp_path)
+        assert refused.returncode == 2
+        assert f"the MLflow tracking server at {server['url']} refused this client without credentials (HTTP 401" \
+            in refused.stderr and "MLFLOW_TRACKING_USERNAME" in refused.stderr
+        assert not (tmp_path / "ssl_tune_runs").exists()  # before any trial
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", server["username"])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server["password"])
+        proc = run_cli(["run", "spec.yaml", "--name", "authed", "--tracking-uri", server["url"]], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        listed = run_cli(["list", "--tracking-uri", server["url"]], cwd=tmp_path)
+        assert "authed" in listed.stdout and "FINISHED" in listed.stdout
+    finally:
+        subprocess.run([*SERVICES, "mlflow", "stop", "--dir", str(tmp_path / "mlflow")], timeout=60)
