@@ -228,14 +228,20 @@ def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_retu
 
 @pytest.mark.slow
 def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothing(tmp_path):
-    """A real `mlflow server`, SIGKILLed for 40 s in the middle of a trial, then started again on the
-    same store. MLflow's own client would block the Tune loop (and so the trial) for about 247 s per
+    """A real `mlflow server` (on PostgreSQL where it is installed), SIGKILLed for 40 s in the middle of
+    a trial, then started again on the same store. MLflow's own client would block the Tune loop (and so the trial) for about 247 s per
     call; here the trial's epochs keep their pace, the console says when the server went away and
     came back, and afterwards the store holds every epoch once."""
-    services = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "services.py"), "mlflow"]
+    script = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "services.py")]
+    services = [*script, "mlflow"]
     server_dir = tmp_path / "mlflow-server"
-    started = json.loads(subprocess.run([*services, "start", "--dir", str(server_dir)], capture_output=True, text=True,
-                                        check=True, timeout=180).stdout)
+    backend = []  # the server's store: PostgreSQL where it is installed (CI installs it), else sqlite
+    if shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        postgres = json.loads(subprocess.run([*script, "postgres", "start", "--dir", str(tmp_path / "pg")],
+                                             capture_output=True, text=True, check=True, timeout=180).stdout)
+        backend = ["--backend-store-uri", postgres["uri"]]
+    started = json.loads(subprocess.run([*services, "start", "--dir", str(server_dir), *backend], capture_output=True,
+                                        text=True, check=True, timeout=180).stdout)
     raw = slow_search_spec(num_samples=1, epochs=30)
     raw["mlflow"] = {"tracking_uri": started["url"]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
@@ -252,8 +258,8 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
         time.sleep(outage_s)
         during_outage = len(results()) - down_at_epoch
         assert "is unreachable" in output(proc)
-        subprocess.run([*services, "start", "--dir", str(server_dir), "--port", str(started["port"])], check=True,
-                       capture_output=True, timeout=180)
+        subprocess.run([*services, "start", "--dir", str(server_dir), "--port", str(started["port"]), *backend],
+                       check=True, capture_output=True, timeout=180)
         proc.wait(timeout=600)
         client = tracking.client_for(started["url"])
         experiment = client.get_experiment_by_name("search-test")
@@ -270,6 +276,8 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run([*services, "stop", "--dir", str(server_dir)], timeout=60)
+        if backend:
+            subprocess.run([*script, "postgres", "stop", "--dir", str(tmp_path / "pg"), "--purge"], timeout=60)
     out = output(proc)
     assert proc.returncode == 0, out[-4000:]
     assert out.count("is unreachable") == 1 and "reachable again" in out, out[-3000:]
