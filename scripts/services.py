@@ -102,17 +102,18 @@ def start_mlflow(directory: Path, port: int | None = None, timeout: float = 90.0
     raise RuntimeError(f"mlflow server did not answer at {url} within {timeout:g} s; see {directory / 'mlflow.log'}")
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
+def _wait_for_port(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float,
+                   host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited ({proc.returncode}); see {log}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:g} s; see {log}")
+    raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout:g} s; see {log}")
 
 
 def start_postgres(directory: Path, port: int | None = None, timeout: float = 60.0) -> dict:
@@ -171,20 +172,21 @@ def start_postgres(directory: Path, port: int | None = None, timeout: float = 60
     return {"pid": proc.pid, "uri": f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow", "port": port, "log": str(log)}
 
 
-def start_s3(directory: Path, port: int | None = None, bucket: str = "ssl-tune", timeout: float = 60.0) -> dict:
-    """Start moto's S3-compatible server on 127.0.0.1 and create `bucket`."""
+def start_s3(directory: Path, port: int | None = None, bucket: str = "ssl-tune", timeout: float = 60.0,
+             host: str = "127.0.0.1") -> dict:
+    """Start moto's S3-compatible server on `host` (loopback by default) and create `bucket`."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = directory / "s3.log"
     moto = str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "a"), stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([moto, "-H", host, "-p", str(port)], stdout=open(log, "a"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     _pid_file(directory, "s3").write_text(str(proc.pid))
-    _wait_for_port(port, proc, "moto_server", log, timeout)
+    _wait_for_port(port, proc, "moto_server", log, timeout, host)
     import boto3
 
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://{host}:{port}"
     client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"], region_name=S3_ENV["AWS_DEFAULT_REGION"])
     client.create_bucket(Bucket=bucket)
@@ -225,12 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3-endpoint", help="mlflow: the S3 endpoint `s3 start` printed")
     parser.add_argument("--auth", action="store_true", help="mlflow: MLflow's basic-auth app (user and password)")
     parser.add_argument("--bucket", default="ssl-tune", help="s3: the bucket to create")
+    parser.add_argument("--host", default="127.0.0.1", help="s3: the address to listen on (e.g. in a network namespace)")
     parser.add_argument("--purge", action="store_true", help="postgres stop: also delete its data directory")
     args = parser.parse_args(argv)
     if args.action == "start" and args.service == "postgres":
         print(json.dumps(start_postgres(args.dir, args.port)), flush=True)
     elif args.action == "start" and args.service == "s3":
-        print(json.dumps(start_s3(args.dir, args.port, args.bucket)), flush=True)
+        print(json.dumps(start_s3(args.dir, args.port, args.bucket, host=args.host)), flush=True)
     elif args.action == "start":
         print(json.dumps(start_mlflow(args.dir, args.port, backend_store_uri=args.backend_store_uri,
                                       artifacts_destination=args.artifacts_destination, s3_endpoint=args.s3_endpoint,

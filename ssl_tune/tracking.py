@@ -396,7 +396,8 @@ class MlflowTrialLogger(Callback):
         """Ray names a checkpoint on object storage by its path inside the bucket; give it back its
         scheme (s3://, gs://) so the tag is a URI that export can open."""
         scheme, sep, _ = self.spec.storage_path.partition("://")
-        return f"{scheme}://{path}" if path and sep and "://" not in path else path
+        # (Ray Train's results name a local staging copy on the driver: an absolute path, left as it is.)
+        return f"{scheme}://{path}" if path and sep and "://" not in path and not path.startswith("/") else path
 
     def _checkpoint(self, trial_id: str, path: str, value: float | None, epoch: int) -> None:
         run_id = self.runs.get(trial_id)
@@ -455,9 +456,15 @@ class MlflowTrialLogger(Callback):
         run_id, source = self.runs[trial_id], self.best_checkpoint.get(trial_id)
         if not source:
             return
-        with checkpoint_on_disk(source) as directory:
+        with contextlib.ExitStack() as stack:
+            try:
+                directory = stack.enter_context(checkpoint_on_disk(source))
+            except Exception as exc:  # the checkpoint's storage, not MLflow: retrying would hold every update
+                directory, reason = None, f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            else:
+                reason = "is gone"
             if directory is None:
-                print(f"warning: trial {trial_id}'s best checkpoint {source} is gone; it is not copied to MLflow",
+                print(f"warning: trial {trial_id}'s best checkpoint {source} {reason}; it is not copied to MLflow",
                       file=sys.__stderr__)
                 return
             self.client.log_artifacts(run_id, str(directory), CHECKPOINT_ARTIFACT_DIR)

@@ -1,0 +1,79 @@
+"""Separate hosts, for real: two Ray nodes in two network namespaces joined by a private veth pair
+(scripts/netns_cluster.py), Ray's storage on an S3 endpoint in the first namespace. A 2-worker DDP
+trial spreads over both nodes and its checkpoints land in S3."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_tune import tracking
+from tests.conftest import ROOT, SSL_TUNE, search_spec
+
+SCRIPTS = Path(ROOT) / "scripts"
+PREFIX, SUBNET = f"sslt{os.getpid() % 10000}", f"10.213.{os.getpid() % 200 + 20}"
+
+
+def namespaces_allowed() -> bool:
+    probe = subprocess.run(["ip", "netns", "add", f"{PREFIX}-probe"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", f"{PREFIX}-probe"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    if not namespaces_allowed():
+        if os.environ.get("CI"):
+            pytest.fail("CI must allow network namespaces (root, iproute2)")
+        pytest.skip("needs network namespaces: run as root with iproute2 (apt-get install iproute2)")
+    sys.path.insert(0, str(SCRIPTS))
+    import netns_cluster
+    import services
+
+    head_ip, _ = netns_cluster.addresses(SUBNET)
+    directory = tmp_path / "cluster"
+    netns_cluster.up(PREFIX, SUBNET)
+    try:
+        s3 = json.loads(subprocess.run(["ip", "netns", "exec", f"{PREFIX}-a", sys.executable, str(SCRIPTS / "services.py"),
+                                        "s3", "start", "--dir", str(tmp_path / "s3"), "--host", head_ip],
+                                       capture_output=True, text=True, check=True, timeout=180).stdout)
+        storage_env = {**services.S3_ENV, "AWS_ENDPOINT_URL": s3["endpoint"]}
+        ray = netns_cluster.start_ray(PREFIX, SUBNET, directory, cpus=1, env=storage_env)
+        yield {"address": ray["address"], "env": {**ray["env"], **storage_env}, "bucket": s3["bucket"]}
+    finally:
+        netns_cluster.down(PREFIX, directory)
+        services.stop(tmp_path / "s3", "s3")
+        sys.path.remove(str(SCRIPTS))
+
+
+@pytest.mark.slow
+def test_a_two_worker_trial_spreads_over_two_hosts_with_storage_on_s3(two_hosts, tmp_path):
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
+    raw["training"]["epochs"] = 2
+    # Train's controller takes about 0.01 CPU: two 1-CPU nodes hold two 0.9-CPU workers.
+    raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.9, "placement_strategy": "SPREAD"}
+    raw["storage_path"] = f"s3://{two_hosts['bucket']}/runs"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, **two_hosts["env"], "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
+    proc = subprocess.run(["ip", "netns", "exec", f"{PREFIX}-a", SSL_TUNE, "run", "spec.yaml", "--name", "hosts",
+                           "--address", two_hosts["address"]], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    (trial,) = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
+                                  filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
+    assert trial.info.status == "FINISHED"
+    assert trial.data.metrics["worker_nodes"] == 2.0  # one worker in each namespace
+    assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch")] == [1, 2]
+    # Ray's storage is the bucket: the trial's checkpoints are objects there, none on the driver's disk.
+    listing = ("import boto3, sys; print('\\n'.join(o['Key'] for o in boto3.client('s3', endpoint_url=sys.argv[1])"
+               ".list_objects_v2(Bucket=sys.argv[2]).get('Contents', [])))")
+    keys = subprocess.run(["ip", "netns", "exec", f"{PREFIX}-a", sys.executable, "-c", listing, env["AWS_ENDPOINT_URL"],
+                           two_hosts["bucket"]], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert any(k.startswith("runs/hosts/") and k.endswith("/checkpoint.pt") for k in keys), keys
+    assert not list((tmp_path / "ssl_tune_runs").rglob("checkpoint.pt"))
+    assert trial.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "checkpoint"
