@@ -49,16 +49,18 @@ def up(prefix: str, subnet: str) -> dict:
 
 
 def start_ray(prefix: str, subnet: str, directory: Path, cpus: float = 1, env: dict[str, str] | None = None,
-              port: int = 6379, timeout: float = 120) -> dict:
-    """A Ray head in PREFIX-a and a worker node in PREFIX-b; returns the head's address and the PIDs."""
+              port: int = 6379, timeout: float = 120, worker_only: bool = False) -> dict:
+    """A Ray head in PREFIX-a and a worker node in PREFIX-b; returns the head's address and the PIDs.
+    `worker_only`: (re)start only the worker node, e.g. a host that comes back after it was lost."""
     directory.mkdir(parents=True, exist_ok=True)
     first, second = addresses(subnet)
     ray = str(Path(sys.executable).parent / "ray")
     full_env = {**os.environ, **cluster_env(directory), **(env or {})}
     pids = {}
-    for name, ns, args in (("head", f"{prefix}-a", ["--head", "--port", str(port), "--node-ip-address", first,
-                                                    "--include-dashboard", "false"]),
-                           ("worker", f"{prefix}-b", ["--address", f"{first}:{port}", "--node-ip-address", second])):
+    nodes = [("head", f"{prefix}-a", ["--head", "--port", str(port), "--node-ip-address", first, "--include-dashboard",
+                                      "false"]),
+             ("worker", f"{prefix}-b", ["--address", f"{first}:{port}", "--node-ip-address", second])]
+    for name, ns, args in nodes if not worker_only else nodes[1:]:
         log = open(directory / f"ray-{name}.log", "a")
         # The host name resolves to loopback inside a namespace: gloo (DDP on CPU) must be told which
         # interface carries the traffic between the nodes, as on any host with several interfaces.

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ssl_tune import tracking
-from tests.conftest import ROOT, SSL_TUNE, search_spec
+from tests.conftest import ROOT, SSL_TUNE, output, search_spec, wait_for
 
 SCRIPTS = Path(ROOT) / "scripts"
 PREFIX, SUBNET = f"sslt{os.getpid() % 10000}", f"10.213.{os.getpid() % 200 + 20}"
@@ -43,7 +44,8 @@ def two_hosts(tmp_path):
                                        capture_output=True, text=True, check=True, timeout=180).stdout)
         storage_env = {**services.S3_ENV, "AWS_ENDPOINT_URL": s3["endpoint"]}
         ray = netns_cluster.start_ray(PREFIX, SUBNET, directory, cpus=1, env=storage_env)
-        yield {"address": ray["address"], "env": {**ray["env"], **storage_env}, "bucket": s3["bucket"]}
+        yield {"address": ray["address"], "env": {**ray["env"], **storage_env}, "bucket": s3["bucket"],
+               "directory": directory, "storage_env": storage_env, "cluster": netns_cluster}
     finally:
         netns_cluster.down(PREFIX, directory)
         services.stop(tmp_path / "s3", "s3")
@@ -77,3 +79,52 @@ def test_a_two_worker_trial_spreads_over_two_hosts_with_storage_on_s3(two_hosts,
     assert any(k.startswith("runs/hosts/") and k.endswith("/checkpoint.pt") for k in keys), keys
     assert not list((tmp_path / "ssl_tune_runs").rglob("checkpoint.pt"))
     assert trial.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "checkpoint"
+
+
+@pytest.mark.slow
+def test_losing_the_second_host_mid_trial_is_survived_from_its_last_checkpoint(two_hosts, tmp_path):
+    """The second host's Ray node is SIGKILLed after the trial's second epoch and comes back a few
+    seconds later: Tune restarts the trial from its latest checkpoint (in S3) in the same MLflow run,
+    and the epochs trained twice are counted."""
+    epochs = 6
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
+    raw["training"]["epochs"] = epochs
+    raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.9, "placement_strategy": "SPREAD"}
+    raw["storage_path"] = f"s3://{two_hosts['bucket']}/runs"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, **two_hosts["env"], "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
+    log = open(tmp_path / "cli.log", "w+")
+    proc = subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-a", SSL_TUNE, "run", "spec.yaml", "--name", "lost",
+                             "--address", two_hosts["address"]], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    proc.log = log
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def trial_epochs():
+        if not (tmp_path / "mlflow.db").exists():
+            return []
+        client = tracking.client_for(uri)
+        experiment = client.get_experiment_by_name("search-test")
+        trials = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'") \
+            if experiment else []
+        return [m.step for m in client.get_metric_history(trials[0].info.run_id, "epoch")] if trials else []
+
+    try:
+        wait_for(lambda: len(trial_epochs()) >= 2, 400, "two epochs", proc)
+        two_hosts["cluster"].stop_node(two_hosts["directory"], "worker")  # the host is lost
+        time.sleep(5)
+        two_hosts["cluster"].start_ray(PREFIX, SUBNET, two_hosts["directory"], cpus=1, env=two_hosts["storage_env"],
+                                       worker_only=True)  # and comes back
+        proc.wait(timeout=700)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    out = output(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert "restarts from its latest checkpoint" in out
+    client = tracking.client_for(uri)
+    (trial,) = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
+                                  filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
+    assert trial.info.status == "FINISHED" and int(trial.data.tags[tracking.TAG_RESTARTS]) >= 1
+    assert trial_epochs() == list(range(1, epochs + 1))  # every epoch once, in the same run
+    assert tracking.TAG_EPOCHS_LOST in trial.data.tags and "restored_from_epoch" in trial.data.metrics
