@@ -49,9 +49,12 @@ def up(prefix: str, subnet: str) -> dict:
 
 
 def start_ray(prefix: str, subnet: str, directory: Path, cpus: float = 1, env: dict[str, str] | None = None,
-              port: int = 6379, timeout: float = 120, worker_only: bool = False) -> dict:
+              port: int = 6379, timeout: float = 120, worker_only: bool = False,
+              worker_private_dir: Path | None = None) -> dict:
     """A Ray head in PREFIX-a and a worker node in PREFIX-b; returns the head's address and the PIDs.
-    `worker_only`: (re)start only the worker node, e.g. a host that comes back after it was lost."""
+    `worker_only`: (re)start only the worker node, e.g. a host that comes back after it was lost.
+    `worker_private_dir`: a directory the worker node sees as an empty disk of its own (a tmpfs in a
+    mount namespace of its own), like a node-local path on a real second host."""
     directory.mkdir(parents=True, exist_ok=True)
     first, second = addresses(subnet)
     ray = str(Path(sys.executable).parent / "ray")
@@ -65,8 +68,12 @@ def start_ray(prefix: str, subnet: str, directory: Path, cpus: float = 1, env: d
         # The host name resolves to loopback inside a namespace: gloo (DDP on CPU) must be told which
         # interface carries the traffic between the nodes, as on any host with several interfaces.
         node_env = {**full_env, "GLOO_SOCKET_IFNAME": f"{prefix}-v{ns[-1]}"}
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, ray, "start", "--block", f"--num-cpus={cpus}", *args],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=node_env)
+        command = ["ip", "netns", "exec", ns, ray, "start", "--block", f"--num-cpus={cpus}", *args]
+        if name == "worker" and worker_private_dir is not None:
+            worker_private_dir.mkdir(parents=True, exist_ok=True)
+            command = ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       'mount -t tmpfs ssl-tune-node-local "$0" && exec "$@"', str(worker_private_dir), *command[4:]]
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=node_env)
         pids[name] = proc.pid
         (directory / f"ray-{name}.pid").write_text(str(proc.pid))
         if name == "head":

@@ -43,7 +43,8 @@ def two_hosts(tmp_path):
                                         "s3", "start", "--dir", str(tmp_path / "s3"), "--host", head_ip],
                                        capture_output=True, text=True, check=True, timeout=180).stdout)
         storage_env = {**services.S3_ENV, "AWS_ENDPOINT_URL": s3["endpoint"]}
-        ray = netns_cluster.start_ray(PREFIX, SUBNET, directory, cpus=1, env=storage_env)
+        ray = netns_cluster.start_ray(PREFIX, SUBNET, directory, cpus=1, env=storage_env,
+                                      worker_private_dir=tmp_path / "node-local")
         yield {"address": ray["address"], "env": {**ray["env"], **storage_env}, "bucket": s3["bucket"],
                "directory": directory, "storage_env": storage_env, "cluster": netns_cluster}
     finally:
@@ -114,7 +115,7 @@ def test_losing_the_second_host_mid_trial_is_survived_from_its_last_checkpoint(t
         two_hosts["cluster"].stop_node(two_hosts["directory"], "worker")  # the host is lost
         time.sleep(5)
         two_hosts["cluster"].start_ray(PREFIX, SUBNET, two_hosts["directory"], cpus=1, env=two_hosts["storage_env"],
-                                       worker_only=True)  # and comes back
+                                       worker_only=True, worker_private_dir=tmp_path / "node-local")  # and comes back
         proc.wait(timeout=700)
     finally:
         if proc.poll() is None:
@@ -128,3 +129,19 @@ def test_losing_the_second_host_mid_trial_is_survived_from_its_last_checkpoint(t
     assert trial.info.status == "FINISHED" and int(trial.data.tags[tracking.TAG_RESTARTS]) >= 1
     assert trial_epochs() == list(range(1, epochs + 1))  # every epoch once, in the same run
     assert tracking.TAG_EPOCHS_LOST in trial.data.tags and "restored_from_epoch" in trial.data.metrics
+
+
+@pytest.mark.slow
+def test_a_storage_path_on_the_drivers_disk_only_is_refused_before_any_trial(two_hosts, tmp_path):
+    """`node-local` is a directory on the first host's disk; the second host has its own (empty) one
+    there: trials on it would write checkpoints the driver never sees."""
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
+    raw["storage_path"] = str(tmp_path / "node-local")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, **two_hosts["env"], "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
+    proc = subprocess.run(["ip", "netns", "exec", f"{PREFIX}-a", SSL_TUNE, "run", "spec.yaml", "--address",
+                           two_hosts["address"]], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    second = SUBNET + ".2"
+    assert f"storage_path: {tmp_path / 'node-local'} is not visible from node(s) {second}" in proc.stderr
+    assert "started" not in proc.stdout
