@@ -7,6 +7,7 @@
     python -m benchmarks efficiency          # TPE + ASHA vs random vs TPE alone, same compute
     python -m benchmarks loss-scaling        # SSL-HSIC exact vs random features, CorInfoMax D, ISD K
     python -m benchmarks data                # the decoded data cache vs decoding an ImageFolder, 100k JPEGs
+    python -m benchmarks cluster             # a 2-worker trial on two hosts (network namespaces) vs one; root
     python -m benchmarks report              # only rewrite docs/benchmarks.md from the saved JSON
 """
 
@@ -19,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks import common, data, loss_scaling, report, search_efficiency, search_overhead, throughput
+from benchmarks import cluster, common, data, loss_scaling, report, search_efficiency, search_overhead, throughput
 
 BENCHMARKS = {  # name -> (add_arguments, run)
     "throughput": (throughput.add_arguments, throughput.run),
@@ -29,6 +30,7 @@ BENCHMARKS = {  # name -> (add_arguments, run)
     "efficiency": (lambda p: search_efficiency.add_arguments(p, table=False), search_efficiency.run),
     "loss-scaling": (loss_scaling.add_arguments, loss_scaling.run),
     "data": (data.add_arguments, data.run),
+    "cluster": (cluster.add_arguments, cluster.run),
 }
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks import data, loss_scaling, search_efficiency, search_overhead, throughput
+from benchmarks import cluster, data, loss_scaling, search_efficiency, search_overhead, throughput
 
 # (result file, title, what it measures, renderer, command to run when there is no result yet)
 SECTIONS = [
@@ -36,6 +36,11 @@ SECTIONS = [
      "A synthetic ImageFolder of JPEGs read by `ssl-tune prepare` into the cache, against torchvision's "
      "DataLoader, the in-memory loader ssl-tune had before, and private in-memory copies.",
      data.report),
+    ("cluster", "A 2-worker trial on two hosts against one host",
+     "Epoch time of one DDP trial whose two workers sit on two hosts (network namespaces joined by a veth "
+     "pair: gradients and global-batch gathers cross the link) over the same trial with both workers on one "
+     "host.",
+     cluster.report),
 ]
 
 

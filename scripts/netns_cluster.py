@@ -50,11 +50,12 @@ def up(prefix: str, subnet: str) -> dict:
 
 def start_ray(prefix: str, subnet: str, directory: Path, cpus: float = 1, env: dict[str, str] | None = None,
               port: int = 6379, timeout: float = 120, worker_only: bool = False,
-              worker_private_dir: Path | None = None) -> dict:
+              worker_private_dir: Path | None = None, worker_cpus: float | None = None) -> dict:
     """A Ray head in PREFIX-a and a worker node in PREFIX-b; returns the head's address and the PIDs.
     `worker_only`: (re)start only the worker node, e.g. a host that comes back after it was lost.
     `worker_private_dir`: a directory the worker node sees as an empty disk of its own (a tmpfs in a
-    mount namespace of its own), like a node-local path on a real second host."""
+    mount namespace of its own), like a node-local path on a real second host. `worker_cpus`: the
+    worker node's CPUs, if not `cpus` (0: a node that hosts no trial worker)."""
     directory.mkdir(parents=True, exist_ok=True)
     first, second = addresses(subnet)
     ray = str(Path(sys.executable).parent / "ray")
@@ -68,7 +69,8 @@ def start_ray(prefix: str, subnet: str, directory: Path, cpus: float = 1, env: d
         # The host name resolves to loopback inside a namespace: gloo (DDP on CPU) must be told which
         # interface carries the traffic between the nodes, as on any host with several interfaces.
         node_env = {**full_env, "GLOO_SOCKET_IFNAME": f"{prefix}-v{ns[-1]}"}
-        command = ["ip", "netns", "exec", ns, ray, "start", "--block", f"--num-cpus={cpus}", *args]
+        node_cpus = cpus if name == "head" or worker_cpus is None else worker_cpus
+        command = ["ip", "netns", "exec", ns, ray, "start", "--block", f"--num-cpus={node_cpus:g}", *args]
         if name == "worker" and worker_private_dir is not None:
             worker_private_dir.mkdir(parents=True, exist_ok=True)
             command = ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",

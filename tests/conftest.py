@@ -171,3 +171,14 @@ def publish_release(monkeypatch, cls, folder: Path) -> None:
     monkeypatch.setattr(cls, "test_list", checked(cls.test_list))
     if hasattr(cls, "meta"):
         monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": calculate_md5(str(folder / cls.meta["filename"]))})
+
+
+def namespaces_allowed() -> bool:
+    """Whether this process may make network namespaces (root with iproute2)."""
+    name = f"ssl-tune-probe-{os.getpid()}"
+    try:
+        made = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    except OSError:  # no `ip`
+        return False
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return made

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import yaml
 from benchmarks import __main__ as harness
 from benchmarks import search_efficiency as se
 from ssl_tune.specfile import load_spec
-from tests.conftest import tiny_spec_dict
+from tests.conftest import namespaces_allowed, tiny_spec_dict
 
 EPOCHS = 8  # search_spaces/twist.yaml
 BEST = (1.0, 0.5)  # (lr, tau) of the synthetic table's best point
@@ -175,3 +176,18 @@ def test_gpu_throughput_counts_flops(tmp_path):
     assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert throughput.peak_flops("NVIDIA H100 PCIe") == 756e12 and throughput.peak_flops("cpu") is None
     assert "| 32 | fp32 |" in throughput.report_gpu(result, ".")
+
+
+@pytest.mark.slow
+def test_cluster_benchmark_through_the_harness(tmp_path):
+    if not namespaces_allowed():
+        if os.environ.get("CI"):
+            pytest.fail("CI must allow network namespaces (root, iproute2)")
+        pytest.skip("needs network namespaces: run as root with iproute2")
+    harness.main(["--results", str(tmp_path), "--report", str(tmp_path / "b.md"), "cluster", "--epochs", "2",
+                  "--repeats", "1"])
+    result = json.loads((tmp_path / "cluster.json").read_text())
+    assert [r["worker_nodes"] for r in result["runs"]["one_host"]] == [1.0]
+    assert [r["worker_nodes"] for r in result["runs"]["two_hosts"]] == [2.0]
+    assert result["two_hosts_over_one_host"] > 0
+    assert "| two hosts over a veth link, 1 CPU each | 2 | " in (tmp_path / "b.md").read_text()

@@ -14,16 +14,10 @@ import pytest
 import yaml
 
 from ssl_tune import tracking
-from tests.conftest import ROOT, SSL_TUNE, output, search_spec, wait_for
+from tests.conftest import ROOT, SSL_TUNE, namespaces_allowed, output, search_spec, wait_for
 
 SCRIPTS = Path(ROOT) / "scripts"
 PREFIX, SUBNET = f"sslt{os.getpid() % 10000}", f"10.213.{os.getpid() % 200 + 20}"
-
-
-def namespaces_allowed() -> bool:
-    probe = subprocess.run(["ip", "netns", "add", f"{PREFIX}-probe"], capture_output=True)
-    subprocess.run(["ip", "netns", "del", f"{PREFIX}-probe"], capture_output=True)
-    return probe.returncode == 0
 
 
 @pytest.fixture
