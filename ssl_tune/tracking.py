@@ -77,8 +77,12 @@ def existing_store_client(uri: str):
     """A client for a tracking store that must already exist (read-only commands: results, list,
     export). MLflow would create an empty store for a missing sqlite file or local directory, and then
     report "no experiment"; this raises LookupError naming the store instead."""
-    local = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else (
-        uri.removeprefix("file://") if uri.startswith("file://") or "://" not in uri else None)
+    if uri.startswith("sqlite:///"):
+        local = uri.removeprefix("sqlite:///")
+    elif uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
+        local = uri.removeprefix("file://").removeprefix("file:")  # a local directory store
+    else:
+        local = None  # a server (http, databricks, ...): it answers for itself
     if local is not None and not Path(local).exists():
         raise LookupError(f"no MLflow tracking store at {uri} ({local} does not exist); run this where the search "
                           "ran, or name the store with --tracking-uri or MLFLOW_TRACKING_URI")
