@@ -85,6 +85,12 @@ def _console(log_path: Path, verbose: bool):
         yield
 
 
+def _storage_root_and_name(experiment_dir: str) -> tuple[str, str]:
+    """A Tune experiment directory (a path or a URI such as s3://bucket/runs/NAME) -> (storage path, NAME)."""
+    root, _, name = experiment_dir.rstrip("/").rpartition("/")
+    return root, name
+
+
 def _driver_log(storage: str, run_name: str) -> Path:
     base = Path(storage) if "://" not in storage else Path("ssl_tune_runs")
     return base / f"{run_name}.log"
@@ -197,7 +203,7 @@ def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) 
     def normal(path: str) -> str:
         return path.rstrip("/") if "://" in path else str(Path(path).resolve())
 
-    parent = tagged.rstrip("/").rpartition("/")[0] if "://" in tagged else str(Path(tagged).parent)
+    parent = _storage_root_and_name(tagged)[0] if tagged else ""
     if not tagged or normal(parent) != normal(root):
         raise SpecError(
             f"resume: the search's MLflow run names its Tune state at {tagged or '(nothing)'}, which is not in {given}; "
@@ -232,8 +238,9 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
         spec_text = Path(client.download_artifacts(parent_id, "spec.yaml", tmp)).read_text()
     spec = spec_model().model_validate(yaml.safe_load(spec_text))
     data = cluster.check_data(spec)
-    with _console(_driver_log(str(Path(storage).parent), Path(storage).name), verbose):
-        cluster.prepare_cluster(spec, str(Path(storage).parent), uri, address, verbose)
+    root, name = _storage_root_and_name(storage)
+    with _console(_driver_log(root, name), verbose):
+        cluster.prepare_cluster(spec, root, uri, address, verbose)
         return _resume(spec, storage, client, parent, uri, data)
 
 
@@ -246,7 +253,7 @@ def _resume(spec: SpecBase, storage: str, client, parent, uri: str, data) -> Sea
     tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, data), resume_unfinished=True,
                                resume_errored=False, restart_errored=False)
     experiment_name = client.get_experiment(parent.info.experiment_id).name
-    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri, storage.rstrip("/").rpartition("/")[0])
+    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri, _storage_root_and_name(storage)[0])
 
 
 

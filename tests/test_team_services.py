@@ -3,7 +3,9 @@ store (moto's server), all started on loopback by scripts/services.py and stoppe
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import yaml
 
 from ssl_tune import tracking
-from tests.conftest import ROOT, run_cli, search_spec
+from tests.conftest import ROOT, output, run_cli, search_spec, start_cli, wait_for
 
 SERVICES = [sys.executable, str(Path(ROOT) / "scripts" / "services.py")]
 
@@ -153,3 +155,31 @@ def test_a_server_with_authentication_takes_a_search_with_credentials_and_refuse
         assert "authed" in listed.stdout and "FINISHED" in listed.stdout
     finally:
         subprocess.run([*SERVICES, "mlflow", "stop", "--dir", str(tmp_path / "mlflow")], timeout=60)
+
+
+@pytest.mark.slow
+def test_a_search_with_its_storage_on_s3_resumes_after_ctrl_c(s3_endpoint, tmp_path, monkeypatch):
+    for key, value in {**s3_endpoint["env"], "AWS_ENDPOINT_URL": s3_endpoint["endpoint"]}.items():
+        monkeypatch.setenv(key, value)
+    storage = f"s3://{s3_endpoint['bucket']}/runs"
+    raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[])
+    raw["training"] = {"epochs": 3, "batch_size": 250, "seed": 0}
+    raw["storage_path"] = storage
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = start_cli(["run", "spec.yaml", "--name", "r"], cwd=tmp_path)
+    wait_for(lambda: re.search(r"^\S+\s+running\s.*\s1/3\s", output(proc), re.M), 300, "an epoch", proc)
+    os.kill(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    out = output(proc)
+    assert proc.returncode == 130, out[-3000:]
+    assert f"--storage-path {storage}" in out  # the resume hint names where the Tune state is
+    resumed = run_cli(["resume", "r", "--storage-path", storage], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "search finished: 2 trials" in resumed.stdout
+    assert not list(tmp_path.glob("s3:*"))  # nothing of the URI became a local directory
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    trials = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
+                                filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
+    assert len(trials) == 2 and {t.info.status for t in trials} == {"FINISHED"}
+    for trial in trials:
+        assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch")] == [1, 2, 3]
