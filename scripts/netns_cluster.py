@@ -15,6 +15,7 @@ Ray nodes run with `--block` in their own process groups, so they are stopped by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -112,11 +113,8 @@ def _wait_for_nodes(prefix: str, head: str, port: int, count: int, timeout: floa
 
 def stop_node(directory: Path, name: str) -> None:
     """Stop one Ray node (its whole process group) by the PID recorded at start; SIGKILL, like a lost host."""
-    try:
-        pid = int((directory / f"ray-{name}.pid").read_text())
-        os.killpg(pid, signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError):  # no such node, or it is gone already
+        os.killpg(int((directory / f"ray-{name}.pid").read_text()), signal.SIGKILL)
 
 
 def down(prefix: str, directory: Path | None = None) -> None:

@@ -182,3 +182,13 @@ def namespaces_allowed() -> bool:
         return False
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return made
+
+
+def require_system(available: bool, what: str, install: str) -> None:
+    """A test that needs a system facility: skipped where it is missing, with the command that
+    provides it, except on CI (`.ci/run` sets CI=1 and provides it), where it fails."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI lacks {what}: .ci/run must provide it ({install})")
+    pytest.skip(f"needs {what}: {install}")

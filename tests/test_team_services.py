@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ssl_tune import tracking
-from tests.conftest import ROOT, output, run_cli, search_spec, start_cli, wait_for
+from tests.conftest import ROOT, output, require_system, run_cli, search_spec, start_cli, wait_for
 
 SERVICES = [sys.executable, str(Path(ROOT) / "scripts" / "services.py")]
 
@@ -26,10 +26,7 @@ def postgres_installed() -> bool:
 @pytest.fixture
 def team_server(tmp_path):
     """PostgreSQL, the S3 endpoint and `mlflow server` over both; stopped (by PID) afterwards."""
-    if not postgres_installed():
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is missing on CI: .ci/run installs it (apt-get install postgresql)")
-        pytest.skip("needs PostgreSQL: apt-get install postgresql")
+    require_system(postgres_installed(), "PostgreSQL", "apt-get install postgresql")
 
     def start(*args):
         return json.loads(subprocess.run([*SERVICES, *args], capture_output=True, text=True, check=True, timeout=180).stdout)
