@@ -208,7 +208,8 @@ def check_object_storage(storage: str, nodes: list[dict[str, Any]], ray_address:
 
         seen = [(n, reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False)).remote(marker))
                 for n in nodes]
-        blind = [f"{n['address']} ({ray.get(ref, timeout=120)})" for n, ref in seen if ray.get(ref, timeout=120)]
+        answers = [(n, ray.get(ref, timeout=120)) for n, ref in seen]
+        blind = [f"{n['address']} ({problem})" for n, problem in answers if problem]
         if blind:
             raise SpecError(f"storage_path: {storage} is not reachable from node(s) {', '.join(blind)}, where trials "
                             "would write their checkpoints; give every node the same credentials and endpoint")
