@@ -160,6 +160,7 @@ def _report_outcome(outcome, spec) -> int:
     objective = f", objective {spec.search.metric} ({spec.search.mode})" if spec is not None else ""
     print(f"\nsearch finished: {len(outcome.rows)} trials{objective}")
     print(tracking.format_table(outcome.rows, _leaderboard_columns(outcome.rows)))
+    _print_confirmation(outcome.confirmation, outcome.verdict)
     print(f"\n{where}")
     if outcome.all_failed:
         print(f"error: every trial failed; the reasons are in the table above and in each trial run's "
@@ -167,6 +168,16 @@ def _report_outcome(outcome, spec) -> int:
         return EXIT_ALL_TRIALS_FAILED
     print(f"browse:  ssl-tune ui            export the best backbone:  ssl-tune export {outcome.experiment}")
     return 0
+
+
+def _print_confirmation(rows: list[dict], verdict: str) -> None:
+    """The confirmation stage's table (mean, SD, 95% interval, paired gain over the default) and verdict."""
+    from ssl_tune import tracking
+
+    if rows or verdict:
+        print("\nconfirmed on fresh seeds (best mean first; export takes the first row's best seed):")
+        print(tracking.format_table(rows, tracking.confirmation_columns(rows)))
+        print(verdict)
 
 
 def _naming_store(exc: Exception, uri: str) -> str:
@@ -190,6 +201,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     rows = tracking.leaderboard(client, parent)
     print(tracking.format_table(rows, _leaderboard_columns(rows)))
+    _print_confirmation(tracking.confirmation_table(client, parent), parent.data.tags.get(tracking.TAG_VERDICT, ""))
     if args.out:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -311,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     results.set_defaults(func=cmd_results)
 
     export = sub.add_parser("export", help="write the best trial's backbone, head, spec and metrics",
-                            description="Export the best checkpoint of a search (or of one trial run): backbone.pt "
+                            description="Export the checkpoint of a search's best trial (after a confirmation stage, "
+                            "the confirmed winner's best seed), or of one trial run: backbone.pt "
                             "(a plain state_dict, torch.load(weights_only=True)), head.pt, spec.yaml, metrics.json. "
                             "Load it with ssl_tune.load_backbone(DIR).")
     export.add_argument("experiment_or_run", help="MLflow experiment name, search run id or trial run id")

@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ssl_tune.space import better, field_path
+from ssl_tune.space import best_value, field_values
 from ssl_tune.spec import SpecBase
 from ssl_tune.trial import FAILURE_KEY, error_summary
 
@@ -57,21 +57,24 @@ def _duration(seconds: float) -> str:
 class ConsoleTable(Callback):
     """One row per trial event: trial, status, sampled params, epoch, objective, best so far, ETA.
 
+    "best" is the best trial's objective so far by the one definition (`ssl_tune.space`): each
+    trial counts with the value of its last evaluated epoch, as the leaderboard and Optuna see it.
+
     The ETA is an upper bound: the epochs still to run if no further trial were stopped early, at
     the measured time between two epochs of one trial, divided over the most trials seen running at
     once (not the current count, which dips between one trial's end and the next one's start).
     Start-ups and restarts are not epochs, so a restarted trial does not inflate the estimate.
     """
 
-    def __init__(self, spec: SpecBase) -> None:
+    def __init__(self, spec: SpecBase, num_samples: int | None = None) -> None:
         self.metric, self.mode = spec.search.metric, spec.search.mode
         self.params = spec.searchable_paths()
-        self.epochs, self.num_samples = spec.training.epochs, spec.search.num_samples
+        self.epochs, self.num_samples = spec.training.epochs, num_samples or spec.search.num_samples
         self._reset()
 
     def _reset(self) -> None:
         self.epochs_settled: dict[str, int] = {}  # trial -> epochs it will not need (done or skipped)
-        self.best = math.nan
+        self.latest: dict[str, float] = {}  # trial -> its objective so far (the value of its last evaluated epoch)
         self.header_printed = False
         self.last_result_at: dict[str, float] = {}  # running trial -> when it last reported an epoch
         self.epoch_seconds: list[float] = []  # measured durations of single epochs
@@ -79,7 +82,7 @@ class ConsoleTable(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("epochs_settled", "best", "header_printed", "last_result_at", "epoch_seconds", "concurrency"):
+        for key in ("epochs_settled", "latest", "header_printed", "last_result_at", "epoch_seconds", "concurrency"):
             state.pop(key)
         return state
 
@@ -96,11 +99,17 @@ class ConsoleTable(Callback):
         if not self.header_printed:
             self._print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
             self.header_printed = True
-        config = getattr(trial, "config", {}) or {}
-        params = [_fmt(next((v for k, v in config.items() if field_path(k) == p), "-")) for p in self.params]
+        values = field_values(getattr(trial, "config", {}) or {})
+        params = [_fmt(values.get(p, "-")) for p in self.params]
         cells = [trial.trial_id[-10:], status, *params, f"{epoch}/{self.epochs}", _fmt(value) if value is not None else "-",
                  _fmt(self.best), self._eta()]
         self._print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
+
+    @property
+    def best(self) -> float:
+        """The best trial's objective so far, as the leaderboard will rank it (`ssl_tune.space`)."""
+        best = best_value(self.latest.values(), self.mode)
+        return math.nan if best is None else best
 
     def _eta(self) -> str:
         if not self.epoch_seconds:
@@ -128,8 +137,8 @@ class ConsoleTable(Callback):
             self.epoch_seconds.append(now - previous)
         self.last_result_at[trial.trial_id] = now
         self.epochs_settled[trial.trial_id] = epoch
-        if value is not None and math.isfinite(value) and better(value, self.best, self.mode):
-            self.best = value
+        if value is not None:  # an epoch without evaluation keeps the last evaluated value
+            self.latest[trial.trial_id] = value
         self._row(trial, "running", epoch, value)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -138,6 +147,7 @@ class ConsoleTable(Callback):
         self.last_result_at.pop(trial.trial_id, None)
         self.epochs_settled[trial.trial_id] = self.epochs  # stopped early: its other epochs never run
         if FAILURE_KEY in last:
+            self.latest.pop(trial.trial_id, None)  # a failed trial's last value is not a result
             reason = str(last[FAILURE_KEY])
             self._row(trial, "diverged" if reason.startswith("diverged") else "failed", epoch, None)
             self._print(f"  trial {trial.trial_id} failed: {reason[:300]}")
@@ -146,6 +156,7 @@ class ConsoleTable(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.last_result_at.pop(trial.trial_id, None)
+        self.latest.pop(trial.trial_id, None)
         self.epochs_settled[trial.trial_id] = self.epochs
         self._row(trial, "failed", int((trial.last_result or {}).get("epoch", 0)), None)
         self._print(f"  trial {trial.trial_id} failed: {error_summary(trial)}")

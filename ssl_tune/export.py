@@ -24,14 +24,15 @@ def _checkpoint_state(path: Path) -> dict:
 
 
 def best_trial_run(client, experiment_or_run: str):
-    """The trial run to export: the given trial, or the best trial of the given search."""
+    """The trial run to export: the given trial (or confirmation run), or the given search's best:
+    its confirmed winner's best seed after a confirmation stage, else its best trial."""
     from mlflow.exceptions import MlflowException
 
     try:
         run = client.get_run(experiment_or_run)
     except MlflowException:
         run = None  # not a run id: an experiment name
-    if run is not None and run.data.tags.get(tracking.TAG_KIND) == "trial":
+    if run is not None and run.data.tags.get(tracking.TAG_KIND) in (tracking.KIND_TRIAL, tracking.KIND_CONFIRMATION):
         return run
     parent = tracking.find_parent_run(client, experiment_or_run)
     best_id = tracking.best_trial_run_id(client, parent)
@@ -49,9 +50,9 @@ def export_run(uri: str, experiment_or_run: str, out: Path, register: str | None
 
     client = tracking.existing_store_client(uri)
     run = best_trial_run(client, experiment_or_run)
-    with tracking.best_checkpoint_of(client, run) as directory:
+    with tracking.checkpoint_of(client, run) as directory:
         state = _checkpoint_state(directory)
-        checkpoint = run.data.tags.get(tracking.TAG_BEST_CHECKPOINT) or str(directory)
+        checkpoint = run.data.tags.get(tracking.TAG_CHECKPOINT) or str(directory)
     spec = spec_model().model_validate(state["spec"])
     method = build_method(spec, in_channels=_in_channels(state["model"]))
     method.load_state_dict(state["model"])
@@ -103,7 +104,7 @@ def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -
             state = _checkpoint_state(path)
         else:  # a run id or experiment: the best checkpoint, from Ray's storage or the run's artifacts
             client = tracking.existing_store_client(tracking.resolve_uri(tracking_uri))
-            with tracking.best_checkpoint_of(client, best_trial_run(client, str(path_or_run))) as directory:
+            with tracking.checkpoint_of(client, best_trial_run(client, str(path_or_run))) as directory:
                 state = _checkpoint_state(directory)
         spec = spec_model().model_validate(state["spec"])
         weights = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}

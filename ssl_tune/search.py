@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ssl_tune import cluster, tracking
-from ssl_tune.space import SearchSpace, optuna_names
+from ssl_tune.confirmation import confirmation_configs
+from ssl_tune.space import CONFIRMATION_KEY, SearchSpace, field_values, optuna_names
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.trial import FAILURE_KEY, checkpoint_config, run_trial
 from trainers import spec_model
@@ -107,6 +109,8 @@ class SearchOutcome:
     trials_done: int = 0
     trials_ok: int = 0  # finished or stopped early by ASHA; not failed, diverged or stopped on bad data
     storage: str = ""  # the storage path holding the search's Tune state
+    confirmation: list[dict[str, Any]] = field(default_factory=list)  # `tracking.confirmation_table`
+    verdict: str = ""  # whether the confirmed winner beats the default beyond seed noise
 
     @property
     def all_failed(self) -> bool:
@@ -181,13 +185,15 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
             name=run_name,
             storage_path=storage,
             callbacks=[tracking.MlflowTrialLogger(uri, experiment, parent_id, spec)] + ([] if verbose else [ConsoleTable(spec)]),
-            checkpoint_config=checkpoint_config(spec, train=False),
+            checkpoint_config=checkpoint_config(train=False),
             # A trial whose worker died restarts from its latest checkpoint, in the same MLflow run.
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             verbose=1 if verbose else 0,
         ),
     )
-    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri, storage)
+    stage = _Stage(spec, data, client, parent_id, experiment, experiment_name, uri, storage, run_name, verbose,
+                   max_concurrent)
+    return _fit_and_record(tuner, stage, confirming=False)
 
 
 def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) -> str:
@@ -231,6 +237,7 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
         raise SpecError(f"resume: search {parent.info.run_name!r} ({parent_id}) already ended ({parent.info.status}); "
                         "nothing to resume")
     storage = trusted_experiment_dir(parent.data.tags.get(tracking.TAG_STORAGE, ""), storage_path, experiment_or_run)
+    confirming = parent.data.tags.get(tracking.TAG_STAGE) == tracking.KIND_CONFIRMATION
     if not tune.Tuner.can_restore(storage):
         raise SpecError(f"resume: no Tune experiment state at {storage!r} for search {parent.info.run_name!r}; "
                         "it was removed, or the search stopped before its first trial started")
@@ -240,36 +247,117 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     data = cluster.check_data(spec)
     root, name = _storage_root_and_name(storage)
     with _console(_driver_log(root, name), verbose):
-        cluster.prepare_cluster(spec, root, uri, address, verbose)
-        return _resume(spec, storage, client, parent, uri, data)
-
-
-def _resume(spec: SpecBase, storage: str, client, parent, uri: str, data) -> SearchOutcome:
-    from ray import tune
-
-    parent_id = parent.info.run_id
-    tracking.reopen_search_run(client, parent)
-    # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
-    tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, data), resume_unfinished=True,
-                               resume_errored=False, restart_errored=False)
-    experiment_name = client.get_experiment(parent.info.experiment_id).name
-    return _fit_and_record(tuner, spec, client, parent_id, experiment_name, uri, _storage_root_and_name(storage)[0])
+        _, fits = cluster.prepare_cluster(spec, root, uri, address, verbose)
+        tracking.reopen_search_run(client, parent)
+        # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
+        tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, data), resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        experiment_name = client.get_experiment(parent.info.experiment_id).name
+        stage = _Stage(spec, data, client, parent.info.run_id, parent.info.experiment_id, experiment_name, uri, root,
+                       parent.info.run_name, verbose, min(spec.search.max_concurrent or fits, spec.search.num_samples))
+        return _fit_and_record(tuner, stage, confirming=confirming)
 
 
 
-def _fit_and_record(tuner, spec: SpecBase, client, parent_id: str, experiment_name: str, uri: str,
-                    storage: str) -> SearchOutcome:
-    """Run the Tuner; then close the MLflow runs: the leaderboard if the search finished, else
-    every unfinished trial's run KILLED and the parent KILLED, ready for `ssl-tune resume`."""
+@dataclass
+class _Stage:
+    """What the search's stages share: the spec, the data, the MLflow parent run and where Tune keeps state."""
+
+    spec: SpecBase
+    data: Any
+    client: Any
+    parent_id: str
+    experiment_id: str
+    experiment_name: str
+    uri: str
+    storage: str
+    run_name: str
+    verbose: bool
+    max_concurrent: int
+
+
+def _fit(tuner):
+    with _sigterm_stops_like_ctrl_c():
+        return tuner.fit()
+
+
+def _fit_and_record(tuner, stage: _Stage, *, confirming: bool) -> SearchOutcome:
+    """Run the Tuner (the search, or with `confirming` its confirmation stage); then close the MLflow
+    runs: the leaderboard if the stage finished, else every unfinished trial's run KILLED and the
+    parent KILLED, ready for `ssl-tune resume`. A finished search with `search.confirm.top_k` goes
+    on to the confirmation stage."""
+    spec, client, parent_id = stage.spec, stage.client, stage.parent_id
     try:
-        with _sigterm_stops_like_ctrl_c():
-            results = tuner.fit()
+        results = _fit(tuner)
     except BaseException:
         tracking.close_search_run(client, parent_id, interrupted=True)
         raise
+    if confirming:
+        return _record_confirmation(results, stage)
     done = results.num_terminated + results.num_errors
     ok = sum(r.error is None and FAILURE_KEY not in (r.metrics or {}) for r in results)
     interrupted = done < spec.search.num_samples
-    rows, best = tracking.close_search_run(client, parent_id, interrupted=interrupted, spec=spec, trials_ok=ok)
-    return SearchOutcome(experiment_name, parent_id, uri, rows, best, interrupted=interrupted, trials_done=done,
-                         trials_ok=ok, storage=storage)
+    confirm = bool(spec.search.confirm.top_k) and ok > 0 and not interrupted
+    rows, best = tracking.close_search_run(client, parent_id, interrupted=interrupted, spec=spec, trials_ok=ok,
+                                           confirming=confirm)
+    outcome = SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, best, interrupted=interrupted,
+                            trials_done=done, trials_ok=ok, storage=stage.storage)
+    if not confirm:
+        return outcome
+    configs = {r.metrics["trial_id"]: field_values(r.config) for r in results if r.metrics and "trial_id" in r.metrics}
+    return _confirm(confirmation_configs(spec, rows, configs), stage)
+
+
+def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
+    """The confirmation stage: every config (a configuration and a fresh seed) as an ordinary trial
+    of a second Tuner, in parallel, at the full budget and without early stopping, logged as child
+    runs of the same parent; the parent names this Tuner's directory, so `ssl-tune resume` continues it."""
+    from ray import tune
+
+    from ssl_tune.console import ConsoleTable
+
+    spec, name = stage.spec, f"{stage.run_name}-confirm"
+    confirm = spec.search.confirm
+    print(f"\nconfirmation: the {confirm.top_k} best configuration(s){' and the default' if confirm.default else ''} "
+          f"re-trained on {confirm.seeds} fresh seeds ({len(configs)} trials of {spec.training.epochs} epochs)",
+          file=sys.__stdout__, flush=True)
+    stage.client.set_tag(stage.parent_id, tracking.TAG_STORAGE, f"{stage.storage.rstrip('/')}/{name}")
+    stage.client.set_tag(stage.parent_id, tracking.TAG_CONFIRMATION_TRIALS, str(len(configs)))
+    tuner = tune.Tuner(
+        _trainable(spec, stage.data),
+        param_space={CONFIRMATION_KEY: tune.grid_search([c[CONFIRMATION_KEY] for c in configs])},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=min(stage.max_concurrent, len(configs)),
+                                    reuse_actors=True, trial_dirname_creator=_confirmation_dirname),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=stage.storage,
+            callbacks=[tracking.MlflowTrialLogger(stage.uri, stage.experiment_id, stage.parent_id, spec)]
+            + ([] if stage.verbose else [ConsoleTable(spec, num_samples=len(configs))]),
+            checkpoint_config=checkpoint_config(train=False),
+            failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+            verbose=1 if stage.verbose else 0,
+        ),
+    )
+    return _fit_and_record(tuner, stage, confirming=True)
+
+
+def _confirmation_dirname(trial) -> str:
+    """Tune names a trial's directory after its config, here a whole dict of values: keep it short."""
+    c = trial.config[CONFIRMATION_KEY]
+    return f"confirm_{trial.trial_id}_{c['of'][:8]}_seed{c['seed']}"
+
+
+def _record_confirmation(results, stage: _Stage) -> SearchOutcome:
+    client, parent_id = stage.client, stage.parent_id
+    done = results.num_terminated + results.num_errors
+    parent = client.get_run(parent_id)
+    expected = int(parent.data.tags[tracking.TAG_CONFIRMATION_TRIALS])
+    rows = tracking.leaderboard(client, parent)
+    ok = sum(r["status"] != "FAILED" for r in rows)
+    common = dict(trials_done=len(rows), trials_ok=ok, storage=stage.storage)
+    if done < expected:  # stopped during the confirmation stage (Ctrl-C, SIGTERM)
+        tracking.close_search_run(client, parent_id, interrupted=True)
+        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, None, interrupted=True, **common)
+    table, verdict, winner = tracking.record_confirmation(client, parent_id, stage.spec)
+    return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, winner, confirmation=table,
+                         verdict=verdict, **common)

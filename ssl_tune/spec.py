@@ -232,8 +232,19 @@ class EvaluationSpec(StrictModel):
     )
 
 
-# Metrics reported after every epoch, so a scheduler can compare trials on them.
-OBJECTIVES = ("knn_top1", "knn_top5", "loss")
+# Metrics reported after every evaluated epoch, so a scheduler can compare trials on them. `rankme`
+# needs no labels: the effective rank of the training split's representations (RankMe, Garrido et al. 2023).
+OBJECTIVES = ("knn_top1", "knn_top5", "rankme", "loss")
+
+
+class ConfirmSpec(StrictModel):
+    """After the search: re-train the best configurations and the default on fresh seeds."""
+
+    top_k: Annotated[int, Field(ge=0)] = Field(
+        0, description="best configurations of the search re-trained at the full budget; 0: no confirmation stage")
+    seeds: Annotated[int, Field(ge=2)] = Field(
+        3, description="fresh training seeds per confirmed configuration (at least 2, for a standard deviation)")
+    default: bool = Field(True, description="also re-train the spec's default configuration, the baseline to beat")
 
 
 class SearchSpec(StrictModel):
@@ -257,6 +268,7 @@ class SearchSpec(StrictModel):
     points_to_evaluate: list[dict[str, Any]] = Field(
         default_factory=list, description="warm start: trials to run first, e.g. [{method.tau: 0.5}]"
     )
+    confirm: ConfirmSpec = ConfirmSpec()
 
 
 class ResourcesSpec(StrictModel):

@@ -22,7 +22,8 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from ssl_tune import figures
 from ssl_tune.evaluation import EVALUATION_FILE, load_arrays
-from ssl_tune.space import (best_trial, best_value, better, counts, field_values, param_value, ranked,
+from ssl_tune import confirmation as confirmation_stage
+from ssl_tune.space import (CONFIRMATION_KEY, best_trial, counts, param_value, ranked, resolve_trial,
                             study_from_trials)
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.trial import FAILURE_KEY, RESTORED_FROM_KEY, error_summary, error_text, last_line
@@ -33,10 +34,18 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_id", "experiment_tag", "checkpoint_path",
                                        "should_checkpoint", "iterations_since_restore", "time_since_restore"}
 # Tags (namespaced so they never clash with MLflow's own).
-TAG_KIND = "ssl_tune.kind"  # "search" on parents, "trial" on children
+TAG_KIND = "ssl_tune.kind"  # "search" on parents; on children "trial", or "confirmation" (`ssl_tune.confirmation`)
+KIND_TRIAL, KIND_CONFIRMATION = "trial", "confirmation"
+TAG_CONFIRMS = "ssl_tune.confirms"  # on confirmations: the search trial's run id, or "default"
+TAG_SEED = "ssl_tune.seed"  # on confirmations: the training seed
+TAG_STAGE = "ssl_tune.stage"  # on parents: "confirmation" while its trials run, then "done"
+TAG_CONFIRMATION_TRIALS = "ssl_tune.confirmation_trials"  # on parents: how many the stage runs
+TAG_VERDICT = "ssl_tune.confirmation_verdict"  # on parents: whether the winner beats the default
+TAG_BEATS_DEFAULT = "ssl_tune.beats_default"  # on parents: "true" / "false"
 TAG_TRIAL_ID = "ssl_tune.trial_id"
-TAG_BEST_CHECKPOINT = "ssl_tune.best_checkpoint"
-TAG_BEST_EPOCH = "ssl_tune.best_checkpoint_epoch"
+# On trials: the checkpoint the objective was measured on (its last evaluated epoch; `ssl_tune.space`).
+TAG_CHECKPOINT = "ssl_tune.checkpoint"
+TAG_CHECKPOINT_EPOCH = "ssl_tune.checkpoint_epoch"
 TAG_STOPPED_AT = "ssl_tune.stopped_at_epoch"
 TAG_BEST_TRIAL_RUN = "ssl_tune.best_trial_run_id"
 TAG_METRIC = "ssl_tune.metric"
@@ -50,7 +59,7 @@ ENDED = ("FINISHED", "FAILED")
 TAG_STORAGE = "ssl_tune.storage"  # on parents: the Tune experiment directory (what `ssl-tune resume` restores)
 TAG_INTERRUPTED_AT = "ssl_tune.interrupted_at_epoch"
 TAG_EPOCHS_LOST = "ssl_tune.epochs_lost"  # completed epochs trained again after restarts
-# On trials: the artifact folder holding a copy of the best checkpoint (what export reads from any machine).
+# On trials: the artifact folder holding a copy of that checkpoint (what export reads from any machine).
 TAG_CHECKPOINT_ARTIFACT = "ssl_tune.checkpoint_artifact"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 TAG_METHOD = "ssl_tune.method"  # on parents: the method searched
@@ -283,19 +292,18 @@ class MlflowTrialLogger(Callback):
 
     def _reset(self) -> None:
         self.runs: dict[str, str] = {}  # trial id -> child run id
-        self.best: dict[str, float] = {}  # trial id -> objective of its best checkpoint so far
         self.last_epoch: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
         self.epochs_lost: dict[str, int] = {}
         self.failed: dict[str, str] = {}  # trial id -> reason (diverged, bad data)
         self.last_checkpoint: dict[str, str] = {}  # trial id -> directory of its latest checkpoint
-        self.best_checkpoint: dict[str, str] = {}  # trial id -> directory of its best checkpoint
+        self.evaluated_checkpoint: dict[str, str] = {}  # trial id -> checkpoint of its last evaluated epoch
         self._writer: MlflowWriter | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into Tune's experiment state: a resumed search rebuilds the rest from MLflow.
         state = self.__dict__.copy()
-        for key in ("runs", "best", "last_epoch", "restarts", "epochs_lost", "failed", "last_checkpoint", "best_checkpoint",
+        for key in ("runs", "last_epoch", "restarts", "epochs_lost", "failed", "last_checkpoint", "evaluated_checkpoint",
                     "_writer"):
             state.pop(key)
         return state
@@ -340,23 +348,24 @@ class MlflowTrialLogger(Callback):
         if existing:
             run = existing[0]
             self.last_epoch[trial.trial_id] = int(run.data.metrics.get("epoch", 0))
-            values = [m.value for m in self.client.get_metric_history(run.info.run_id, self.metric)]
-            if values and TAG_BEST_CHECKPOINT in run.data.tags:  # so a worse later checkpoint does not replace it
-                self.best[trial.trial_id] = best_value(values, self.mode)
-                self.best_checkpoint[trial.trial_id] = run.data.tags[TAG_BEST_CHECKPOINT]
+            if TAG_CHECKPOINT in run.data.tags:
+                self.evaluated_checkpoint[trial.trial_id] = run.data.tags[TAG_CHECKPOINT]
             self.epochs_lost[trial.trial_id] = int(run.data.tags.get(TAG_EPOCHS_LOST, 0))
             self.restarts[trial.trial_id] = int(run.data.tags.get(TAG_RESTARTS, 0))
             if run.info.status != "RUNNING":
                 self.client.update_run(run.info.run_id, status="RUNNING")
         else:
-            run = self.client.create_run(
-                self.experiment,
-                run_name=f"trial-{trial.trial_id}",
-                tags={"mlflow.parentRunId": self.parent_run_id, TAG_KIND: "trial", TAG_TRIAL_ID: trial.trial_id},
-            )
+            tags = {"mlflow.parentRunId": self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_TRIAL_ID: trial.trial_id}
+            name = f"trial-{trial.trial_id}"
+            confirmation = trial.config.get(CONFIRMATION_KEY)
+            if confirmation is not None:
+                tags.update({TAG_KIND: KIND_CONFIRMATION, TAG_CONFIRMS: confirmation["of"],
+                             TAG_SEED: str(confirmation["seed"])})
+                name = f"confirm-{confirmation['of'][:8]}-seed{confirmation['seed']}"
+            run = self.client.create_run(self.experiment, run_name=name, tags=tags)
         if not run.data.params:
             # The resolved spec, flattened: the sampled values sit at their field paths.
-            log_params(self.client, run.info.run_id, self.spec.resolve(field_values(trial.config)).flat())
+            log_params(self.client, run.info.run_id, resolve_trial(self.spec, trial.config).flat())
         self.runs[trial.trial_id] = run.info.run_id
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -404,16 +413,14 @@ class MlflowTrialLogger(Callback):
         return f"{scheme}://{path}" if path and sep and "://" not in path and not path.startswith("/") else path
 
     def _checkpoint(self, trial_id: str, path: str, value: float | None, epoch: int) -> None:
+        """Tag the checkpoint of each evaluated epoch: the last one is the trial's objective's."""
         run_id = self.runs.get(trial_id)
         if not run_id or value is None:
             return
-        previous = self.best.get(trial_id)
-        # Ties go to the later checkpoint, as Ray's checkpoint managers keep it.
-        if not better(previous, value, self.mode):
-            self.best[trial_id] = value
-            self.best_checkpoint[trial_id] = path
-            self.client.set_tag(run_id, TAG_BEST_CHECKPOINT, path)
-            self.client.set_tag(run_id, TAG_BEST_EPOCH, str(epoch))
+        from mlflow.entities import RunTag
+
+        self.evaluated_checkpoint[trial_id] = path
+        self.client.log_batch(run_id, tags=[RunTag(TAG_CHECKPOINT, path), RunTag(TAG_CHECKPOINT_EPOCH, str(epoch))])
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         # A worker or node died: Tune restarts the trial from its latest checkpoint, in the same run.
@@ -437,7 +444,7 @@ class MlflowTrialLogger(Callback):
             return
         reason = self.failed.get(trial.trial_id)
         if reason is None:
-            self._submit(lambda: self._upload_best_checkpoint(trial.trial_id))
+            self._submit(lambda: self._upload_checkpoint(trial.trial_id))
 
         def update() -> None:
             run_id, reached = self.runs[trial.trial_id], self.last_epoch.get(trial.trial_id, 0)
@@ -453,11 +460,11 @@ class MlflowTrialLogger(Callback):
         self._submit(update)
         self._submit_figures(trial)
 
-    def _upload_best_checkpoint(self, trial_id: str) -> None:
-        """Copy the trial's best checkpoint into its run's artifacts (`checkpoint/`), so that export and
+    def _upload_checkpoint(self, trial_id: str) -> None:
+        """Copy the trial's checkpoint (of its last evaluated epoch) into its run's artifacts (`checkpoint/`), so that export and
         `load_backbone` work from any machine that reaches the tracking server. Retried like every
         update while the server is away; the checkpoint in Ray's storage is never touched."""
-        run_id, source = self.runs[trial_id], self.best_checkpoint.get(trial_id)
+        run_id, source = self.runs[trial_id], self.evaluated_checkpoint.get(trial_id)
         if not source:
             return
         with contextlib.ExitStack() as stack:
@@ -468,7 +475,7 @@ class MlflowTrialLogger(Callback):
             else:
                 reason = "is gone"
             if directory is None:
-                print(f"warning: trial {trial_id}'s best checkpoint {source} {reason}; it is not copied to MLflow",
+                print(f"warning: trial {trial_id}'s checkpoint {source} {reason}; it is not copied to MLflow",
                       file=sys.__stderr__)
                 return
             self.client.log_artifacts(run_id, str(directory), CHECKPOINT_ARTIFACT_DIR)
@@ -524,12 +531,12 @@ def checkpoint_on_disk(path: str):
 
 
 @contextlib.contextmanager
-def best_checkpoint_of(client, run):
-    """The local directory of a trial run's best checkpoint: Ray's copy when this machine sees it,
+def checkpoint_of(client, run):
+    """The local directory of a trial run's checkpoint (of its last evaluated epoch): Ray's copy when this machine sees it,
     else the copy in the run's MLflow artifacts (downloaded to a temporary directory)."""
     import tempfile
 
-    tagged = run.data.tags.get(TAG_BEST_CHECKPOINT)
+    tagged = run.data.tags.get(TAG_CHECKPOINT)
     with checkpoint_on_disk(tagged) if tagged else contextlib.nullcontext() as local:
         if local is not None:
             yield local
@@ -638,13 +645,14 @@ def reopen_search_run(client, parent) -> None:
 
 
 def close_search_run(client, parent_id: str, *, interrupted: bool, spec: SpecBase | None = None,
-                     trials_ok: int = 0) -> tuple[list[dict[str, Any]], str | None]:
+                     trials_ok: int = 0, confirming: bool = False) -> tuple[list[dict[str, Any]], str | None]:
     """End a search's MLflow record; returns the leaderboard and the best trial's run id.
 
-    Interrupted: every unfinished trial's run and the parent end KILLED, ready for `ssl-tune resume`.
+    Interrupted: every unfinished child run and the parent end KILLED, ready for `ssl-tune resume`.
     Finished: the best trial (`space.best_trial`) is recorded on the parent (tag, `best.*` params and
     `best_*` metrics) with the leaderboard and the search's figures, and the parent ends FINISHED, or
-    FAILED when no trial came through.
+    FAILED when no trial came through; with `confirming` it stays RUNNING for the confirmation stage
+    (`record_confirmation` ends it).
     """
     parent = client.get_run(parent_id)
     # Runs still RUNNING belong to trials stopped by Ctrl-C/SIGTERM, or to a driver that died before.
@@ -654,23 +662,102 @@ def close_search_run(client, parent_id: str, *, interrupted: bool, spec: SpecBas
         return (leaderboard(client, parent) if spec is not None else []), None
     rows = leaderboard(client, parent)
     best = best_trial(rows, spec.search.mode)
-    if best is not None:
-        best_run = client.get_run(best["run_id"])
-        client.set_tag(parent_id, TAG_BEST_TRIAL_RUN, best["run_id"])
-        log_params(client, parent_id, {f"best.{p}": best_run.data.params.get(p) for p in spec.searchable_paths()})
-        log_metrics(client, parent_id, {f"best_{k}": v for k, v in best_run.data.metrics.items()}, step=0)
+    if best is not None and not confirming:  # else the confirmed winner is recorded (MLflow params are written once)
+        _record_best(client, parent_id, best["run_id"], spec)
     client.log_text(parent_id, format_table(rows), "trials.txt")
     try:
         log_search_figures(client, client.get_run(parent_id), spec)
     except Exception as exc:  # figures are a view of the results: never lose the finished search over one
         print(f"warning: the search's figures were not logged ({type(exc).__name__}: {exc})", file=sys.__stderr__)
-    # A search in which no trial came through did not find anything: FAILED, and a non-zero exit.
-    client.set_terminated(parent_id, "FINISHED" if trials_ok else "FAILED")
+    if confirming:
+        client.set_tag(parent_id, TAG_STAGE, KIND_CONFIRMATION)
+    else:
+        # A search in which no trial came through did not find anything: FAILED, and a non-zero exit.
+        client.set_terminated(parent_id, "FINISHED" if trials_ok else "FAILED")
     return rows, best["run_id"] if best else None
 
 
+def _record_best(client, parent_id: str, run_id: str, spec: SpecBase) -> None:
+    """The run export takes, on the parent: its id, its searched values (`best.*`), its metrics (`best_*`)."""
+    run = client.get_run(run_id)
+    client.set_tag(parent_id, TAG_BEST_TRIAL_RUN, run_id)
+    log_params(client, parent_id, {f"best.{p}": run.data.params.get(p) for p in spec.searchable_paths()})
+    log_metrics(client, parent_id, {f"best_{k}": v for k, v in run.data.metrics.items()}, step=0)
+
+
+def confirmation_table(client, parent) -> list[dict[str, Any]]:
+    """One row per confirmed configuration, best mean first (`confirmation.summarise`): what it
+    confirms (a search trial's run id, or "default"), its searched values, seeds, mean, SD, 95%
+    interval, the paired gain over the default with its interval, and `run_id`, its best seed's run
+    (what export takes for the winner)."""
+    metric, mode = parent.data.tags.get(TAG_METRIC, "knn_top1"), parent.data.tags.get(TAG_MODE, "max")
+    searched = [p for p in parent.data.tags.get(TAG_SEARCHED, "").split(",") if p]
+    objectives: dict[str, dict[int, float]] = collections.defaultdict(dict)
+    runs: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for run in child_runs(client, parent, KIND_CONFIRMATION):
+        # Only a run trained to the end is a confirmation; a failed one's last value is not a result.
+        value = run.data.metrics.get(metric, math.nan) if run.info.status == "FINISHED" else math.nan
+        of = run.data.tags.get(TAG_CONFIRMS, "")
+        objectives[of][int(run.data.tags.get(TAG_SEED, -1))] = value
+        runs[of].append({"objective": value, "status": run.info.status, "run_id": run.info.run_id,
+                         "params": run.data.params})
+    rows = confirmation_stage.summarise(objectives, mode)
+    search_rank = {r["run_id"]: r["rank"] for r in leaderboard(client, parent)}
+    for row in rows:
+        of = row["confirms"]
+        row["configuration"] = of if of == confirmation_stage.DEFAULT else f"search #{search_rank.get(of, '?')}"
+        best = best_trial(runs[row["confirms"]], mode)
+        params = runs[row["confirms"]][0]["params"]
+        row.update({p: param_value(params.get(p)) for p in searched})
+        row["run_id"] = best["run_id"] if best else None
+    return rows
+
+
+def record_confirmation(client, parent_id: str, spec: SpecBase) -> tuple[list[dict[str, Any]], str, str | None]:
+    """End the confirmation stage's record: the table (`confirmation.txt`), the winner's interval and
+    its gain over the default as `confirmed_*`, `default_*` and `gain_*` metrics, the verdict as tags;
+    the winner's best seed is the run export takes (the parent's best-run tag, `best.*` params and
+    `best_*` metrics). The parent ends FINISHED; when no confirmation run finished, the search's
+    best single run is recorded instead. Returns the table, the verdict and the
+    exported run's id."""
+    parent = client.get_run(parent_id)
+    close_unfinished(client, parent)
+    rows = confirmation_table(client, parent)
+    verdict = confirmation_stage.verdict(rows)
+    winner = confirmation_stage.winner(rows)
+    client.log_text(parent_id, format_table(rows, confirmation_columns(rows)) + f"\n\n{verdict}\n", "confirmation.txt")
+    client.set_tag(parent_id, TAG_VERDICT, verdict[:5000])
+    if winner is None:  # no confirmation came through: the search's best single run is all there is
+        best = best_trial(leaderboard(client, parent), spec.search.mode)
+        if best is not None:
+            _record_best(client, parent_id, best["run_id"], spec)
+        client.set_terminated(parent_id, "FINISHED")
+        return rows, verdict, None
+    default = next((r for r in rows if r["confirms"] == confirmation_stage.DEFAULT), None)
+    metrics = {"confirmed_mean": winner["mean"], "confirmed_sd": winner["sd"],
+               "confirmed_ci95_low": winner["ci95_low"], "confirmed_ci95_high": winner["ci95_high"],
+               "confirmed_seeds": winner["seeds"]}
+    if default is not None:
+        metrics.update({"default_mean": default["mean"], "default_ci95_low": default["ci95_low"],
+                        "default_ci95_high": default["ci95_high"]})
+    if "gain_over_default" in winner:
+        metrics.update({k: winner[k] for k in ("gain_over_default", "gain_ci95_low", "gain_ci95_high")})
+        client.set_tag(parent_id, TAG_BEATS_DEFAULT, str(bool(winner["beats_default"])).lower())
+    log_metrics(client, parent_id, {k: v for k, v in metrics.items() if counts(v)}, step=0)
+    _record_best(client, parent_id, winner["run_id"], spec)
+    client.set_tag(parent_id, TAG_STAGE, "done")
+    client.set_terminated(parent_id, "FINISHED")
+    return rows, verdict, winner["run_id"]
+
+
+def confirmation_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The confirmation table's printed columns (run ids left out)."""
+    keys = dict.fromkeys(k for row in rows for k in row)  # the default's row has no gain columns
+    return ["configuration"] + [c for c in keys if c not in ("run_id", "objective", "confirms", "configuration")]
+
+
 def close_unfinished(client, parent) -> None:
-    for child in child_runs(client, parent):
+    for child in child_runs(client, parent, kind=None):
         if child.info.status == "RUNNING":
             client.set_tag(child.info.run_id, TAG_INTERRUPTED_AT, str(int(child.data.metrics.get("epoch", 0))))
             client.set_terminated(child.info.run_id, "KILLED")
@@ -745,15 +832,18 @@ def _candidates(client, runs: list) -> str:
     return "\n".join(lines)
 
 
-def child_runs(client, parent) -> list:
+def child_runs(client, parent, kind: str | None = KIND_TRIAL) -> list:
+    """A search's child runs of one kind (`KIND_TRIAL`, `KIND_CONFIRMATION`), or all with None."""
+    of_kind = f" and tags.`{TAG_KIND}` = '{kind}'" if kind else ""
     return client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'{of_kind}",
                               max_results=10000)
 
 
 def list_searches(client) -> list[dict[str, Any]]:
     """One row per search in the store, newest first: name, experiment, start, method, trials, best
-    objective (by `space.best_trial`), the objective's name and the parent run's status."""
+    objective (by `space.best_trial`), the confirmed winner's mean (NaN without a confirmation stage),
+    the objective's name and the parent run's status."""
     experiments = {e.experiment_id: e.name for e in client.search_experiments(max_results=50000)}
     if not experiments:
         return []
@@ -771,7 +861,8 @@ def list_searches(client) -> list[dict[str, Any]]:
         rows.append({"search": search.info.run_name, "experiment": experiments[search.info.experiment_id],
                      "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(search.info.start_time / 1000)),
                      "method": search.data.tags.get(TAG_METHOD, "-"), "trials": len(children),
-                     "best": best["objective"] if best else math.nan, "metric": f"{metric} ({mode})",
+                     "best": best["objective"] if best else math.nan,
+                     "confirmed": search.data.metrics.get("confirmed_mean", math.nan), "metric": f"{metric} ({mode})",
                      "status": search.info.status, "run_id": search.info.run_id})
     return rows
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ssl_tune.space import field_values
+from ssl_tune.space import resolve_trial
 from ssl_tune.spec import SpecBase
 from trainers import spec_model
 from trainers.loop import Reporter
@@ -140,10 +140,10 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprint: str | None = None) -> None:
-    """Tune function trainable: `config` holds the sampled values by dotted path."""
+    """Tune function trainable: `config` holds the sampled values by Optuna name, or a confirmation's values and seed."""
     import ray.tune
 
-    spec = spec_model().model_validate(base_spec).resolve(field_values(config))
+    spec = resolve_trial(spec_model().model_validate(base_spec), config)
     payload = {"spec": spec.model_dump(mode="json"), "data_fingerprint": data_fingerprint}
     r = spec.resources
     if r.num_workers == 1:
@@ -177,7 +177,7 @@ def _fit_train_run(spec: SpecBase, payload: dict[str, Any], storage_path: str, n
             name=name,  # fixed per trial: a retried trial finds its checkpoints
             storage_path=storage_path,
             callbacks=[TuneReportCallback()],
-            checkpoint_config=checkpoint_config(spec, train=True),
+            checkpoint_config=checkpoint_config(train=True),
             # A dead worker or node, or workers that cannot be placed within the worker-group start
             # timeout: the run fails at once and Tune restarts the trial (search.max_failures) from
             # the latest checkpoint, the same way as a single-worker trial. The restart is then
@@ -187,13 +187,14 @@ def _fit_train_run(spec: SpecBase, payload: dict[str, Any], storage_path: str, n
     ).fit()
 
 
-def checkpoint_config(spec: SpecBase, *, train: bool):
-    """Keep the best checkpoint by the objective; Ray's managers also keep the latest."""
+def checkpoint_config(*, train: bool):
+    """Keep the latest checkpoint only: it is the one a trial's objective (its last evaluated epoch,
+    `ssl_tune.space`) was measured on, and the one a restarted trial continues from."""
     import ray.train
     import ray.tune
 
     cls = ray.train.CheckpointConfig if train else ray.tune.CheckpointConfig
-    return cls(num_to_keep=1, checkpoint_score_attribute=spec.search.metric, checkpoint_score_order=spec.search.mode)
+    return cls(num_to_keep=1)
 
 
 def error_text(trial) -> str:

@@ -128,6 +128,35 @@ def test_export_reloads_the_backbone_and_reproduces_logged_knn(finished_search):
 
 
 @pytest.mark.slow
+def test_one_definition_of_best_console_leaderboard_parent_optuna_and_export_agree(finished_search):
+    """A trial's objective is its last evaluated epoch's value (ssl_tune.space): every view of the
+    best trial shows that one number, and export writes the checkpoint it was measured on."""
+    import pickle
+
+    work, client, proc = finished_search
+    _, (parent,), _ = runs_of(work)
+    rows = tracking.leaderboard(client, parent)
+    best = rows[0]
+    run = client.get_run(best["run_id"])
+    last_epoch = max(m.step for m in client.get_metric_history(best["run_id"], "loss"))
+    assert best["objective"] == run.data.metrics["loss"] == parent.data.metrics["best_loss"]
+    assert run.data.tags[tracking.TAG_CHECKPOINT_EPOCH] == str(last_epoch)
+    # the console's "best" column after the last trial event
+    events = [line.split() for line in proc.stdout.splitlines() if line.split()[1:2] in (["finished"], ["stopped"])]
+    assert events[-1][6] == f"{best['objective']:.4g}"
+    # Optuna's study, as the searcher saved it in the experiment directory
+    (state,) = (work / "ssl_tune_runs").glob("s1/searcher-state-*.pkl")
+    study = pickle.loads(state.read_bytes())["_ot_study"]
+    assert sorted(t.value for t in study.trials) == sorted(r["objective"] for r in rows)
+    assert study.best_value == best["objective"]
+    # export: the same run, its last evaluated epoch, the same number
+    out = run_cli(["export", "s1", "--out", "exported-best"], cwd=work)
+    assert out.returncode == 0, out.stderr
+    info = json.loads((work / "exported-best" / "metrics.json").read_text())
+    assert (info["run_id"], info["epoch"], info["metrics"]["loss"]) == (best["run_id"], last_epoch, best["objective"])
+
+
+@pytest.mark.slow
 def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_search, tmp_path):
     """Every trial that came through has its best checkpoint among its run's artifacts, so the winner
     is exported from anywhere that reaches the tracking store, without Ray's storage."""
@@ -176,7 +205,7 @@ def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _, _, (child,) = runs_of(tmp_path)
     assert child.info.status == "FINISHED" and "knn_top1" in child.data.metrics
-    checkpoint = Path(child.data.tags[tracking.TAG_BEST_CHECKPOINT])
+    checkpoint = Path(child.data.tags[tracking.TAG_CHECKPOINT])
     assert torch.load(checkpoint / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 

@@ -122,7 +122,7 @@ def test_ray_storage_on_s3_holds_the_checkpoints_and_an_unwritable_bucket_is_ref
     client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
     (trial,) = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
                                   filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
-    assert trial.data.tags[tracking.TAG_BEST_CHECKPOINT].startswith(f"s3://{s3_endpoint['bucket']}/runs/on-s3/")
+    assert trial.data.tags[tracking.TAG_CHECKPOINT].startswith(f"s3://{s3_endpoint['bucket']}/runs/on-s3/")
     assert trial.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "checkpoint"  # copied from S3 into the run
     from ssl_tune import load_backbone
 

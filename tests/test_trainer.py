@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ssl_tune.evaluation import effective_rank
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.testing import run_on_ranks
 from tests.conftest import method_names, method_spec_dict, tiny_dataset, tiny_spec_dict
@@ -67,10 +68,14 @@ def test_console_shows_the_evaluation_steps_on_a_terminal(tmp_path):
 def test_checkpoint_loads_with_weights_only(tmp_path):
     spec = spec_from_dict(tiny_spec_dict(training={"epochs": 1, "batch_size": 32}))
     trainer = Trainer(spec, dataset=tiny_dataset())
-    trainer.fit(Recorder(tmp_path))
+    result = trainer.fit(Recorder(tmp_path))
     state = torch.load(tmp_path / "epoch1" / CHECKPOINT_FILE, weights_only=True)
     assert state["epoch"] == 1 and state["spec"]["method"]["name"] == "twist"
     assert set(state) >= {"model", "optimizer", "scheduler", "rng", "baseline"}
+    # the label-free objective: RankMe of the training split's representations, no labels involved
+    train_features, _ = trainer.features()
+    assert result.metrics["rankme"] == pytest.approx(effective_rank(train_features).item())
+    assert 1.0 <= result.metrics["rankme"] <= train_features.shape[1]
 
 
 @pytest.mark.parametrize("method", METHODS)

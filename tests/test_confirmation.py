@@ -1,0 +1,138 @@
+"""The confirmation stage: the search's best configurations and the default re-trained on fresh seeds."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import yaml
+
+from ssl_tune import confirmation, tracking
+from ssl_tune.confirmation import DEFAULT, Interval, confirmation_configs, summarise, verdict
+from ssl_tune.space import CONFIRMATION_KEY, resolve_trial
+from ssl_tune.spec import SpecError
+from ssl_tune.specfile import spec_from_dict
+from tests.conftest import output, run_cli, runs_of, search_spec, start_cli, wait_for
+
+
+def _spec(**confirm):
+    raw = search_spec(confirm=confirm)
+    raw["search"].update(metric="knn_top1", mode="max")
+    return spec_from_dict(raw)
+
+
+def test_configs_are_the_top_k_trials_by_the_one_rule_and_the_default_on_the_same_fresh_seeds():
+    spec = _spec(top_k=2, seeds=3)
+    rows = [{"trial_id": "a", "run_id": "ra", "objective": 70.0, "status": "FINISHED"},
+            {"trial_id": "b", "run_id": "rb", "objective": 90.0, "status": "FAILED"},  # a failed run is no result
+            {"trial_id": "c", "run_id": "rc", "objective": 75.0, "status": "KILLED"},
+            {"trial_id": "d", "run_id": "rd", "objective": 60.0, "status": "FINISHED"}]
+    configs = confirmation_configs(spec, rows, {t: {"method.tau": i + 0.5} for i, t in enumerate("abcd")})
+    points = [c[CONFIRMATION_KEY] for c in configs]
+    assert [(p["of"], p["seed"]) for p in points] == [(of, s) for of in ("rc", "ra", DEFAULT) for s in (1, 2, 3)]
+    assert points[0]["values"] == {"method.tau": 2.5}
+    assert points[-1]["values"] == {"method.lam2": 1.25, "method.tau": 1.0}  # the ranges' defaults
+    # a confirmation trial trains its configuration on its own seed
+    resolved = resolve_trial(spec, configs[1])
+    assert resolved.training.seed == 2 and resolved.method.tau == 2.5
+    assert not confirmation_configs(_spec(top_k=1, seeds=2, default=False), rows[:0], {})
+
+
+def test_interval_is_students_t_and_the_gain_over_the_default_is_paired_by_seed():
+    interval = Interval.of([1.0, 2.0, 3.0])
+    assert (interval.mean, interval.sd) == (2.0, 1.0)
+    assert interval.high - interval.mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)  # t(0.975, 2 dof)
+    # Seeds move both configurations alike: unpaired intervals overlap, the paired gain is clear.
+    objectives = {DEFAULT: {1: 70.0, 2: 75.0, 3: 80.0}, "r1": {1: 71.0, 2: 76.1, 3: 80.9}, "r2": {1: 60.0, 2: math.nan}}
+    rows = summarise(objectives, "max")
+    assert [r["confirms"] for r in rows] == ["r1", DEFAULT, "r2"]
+    r1 = rows[0]
+    assert r1["ci95_low"] < rows[1]["mean"] and r1["gain_over_default"] == pytest.approx(1.0)
+    assert r1["gain_ci95_low"] > 0 and r1["beats_default"] is True
+    assert rows[2]["seeds"] == 1 and math.isnan(rows[2]["sd"])  # a failed seed does not count
+    assert verdict(rows).startswith("the winner beats the default beyond seed noise: +1.00")
+    # minimising: a lower objective is the gain
+    low = summarise({DEFAULT: {1: 2.0, 2: 3.0}, "r1": {1: 1.0, 2: 2.5}}, "min")
+    assert low[0]["confirms"] == "r1" and low[0]["gain_over_default"] == pytest.approx(0.75)
+    assert verdict(low).startswith("the winner does not beat the default beyond seed noise")
+    assert verdict(summarise({DEFAULT: {1: 3.0, 2: 4.0}, "r1": {1: 1.0, 2: 2.5}}, "max")).startswith("the default")
+
+
+def test_confirm_fields_are_validated_with_the_field_named():
+    with pytest.raises(SpecError, match=r"search.confirm.seeds: Input should be greater than or equal to 2"):
+        _spec(top_k=1, seeds=1)
+    with pytest.raises(SpecError, match=r"search.confirm.top_k"):
+        _spec(top_k=-1)
+
+
+@pytest.mark.slow
+def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_path):
+    """A search on RankMe whose confirmation stage is interrupted (Ctrl-C) and resumed, then read back."""
+    raw = search_spec(confirm={"top_k": 1, "seeds": 2}, max_concurrent=2)
+    raw["search"].update(metric="rankme", mode="max")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def confirmation_running():
+        _, parents, _ = runs_of(tmp_path)
+        return parents and any(c.info.status == "RUNNING"
+                               for c in tracking.child_runs(client, parents[0], tracking.KIND_CONFIRMATION))
+
+    run = start_cli(["run", "spec.yaml", "--name", "c1"], cwd=tmp_path)
+    wait_for(confirmation_running, 300, "a confirmation trial", run)
+    os.kill(run.pid, signal.SIGINT)
+    run.wait(timeout=120)
+    assert run.returncode == 130, output(run)[-3000:]
+    parent = tracking.find_parent_run(client, "c1")
+    assert parent.info.status == "KILLED" and parent.data.tags[tracking.TAG_STAGE] == tracking.KIND_CONFIRMATION
+    proc = run_cli(["resume", "c1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parent = tracking.find_parent_run(client, "c1")
+    assert parent.info.status == "FINISHED" and parent.data.tags["ssl_tune.resumed"] == "1"
+    trials = tracking.leaderboard(client, parent)
+    confirmations = tracking.child_runs(client, parent, tracking.KIND_CONFIRMATION)
+    assert len(trials) == 3 and len(confirmations) == 4
+    best_trial_run = trials[0]["run_id"]
+    assert sorted((c.data.tags[tracking.TAG_CONFIRMS], c.data.tags[tracking.TAG_SEED]) for c in confirmations) == \
+        sorted((of, seed) for of in (best_trial_run, DEFAULT) for seed in ("1", "2"))
+    assert parent.data.tags[tracking.TAG_METRIC] == "rankme" and "rankme" in output(run).splitlines()[1].split()
+    for c in confirmations:  # each trained its epochs once, across the interruption
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "epoch")] == [1, 2]
+        assert c.info.status == "FINISHED" and c.data.params["training.seed"] == c.data.tags[tracking.TAG_SEED]
+        assert c.data.params["training.epochs"] == str(raw["training"]["epochs"])  # the full budget
+        assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    confirmed_lam2 = {c.data.params["method.lam2"] for c in confirmations
+                      if c.data.tags[tracking.TAG_CONFIRMS] == best_trial_run}
+    assert confirmed_lam2 == {client.get_run(best_trial_run).data.params["method.lam2"]}
+
+    # the table: mean, SD and 95% interval per configuration, the paired gain, the verdict
+    table = tracking.confirmation_table(client, parent)
+    assert {r["confirms"] for r in table} == {best_trial_run, DEFAULT}
+    for row in table:
+        values = [c.data.metrics["rankme"] for c in confirmations if c.data.tags[tracking.TAG_CONFIRMS] == row["confirms"]]
+        assert row["mean"] == pytest.approx(sum(values) / 2) and row["ci95_low"] < row["mean"] < row["ci95_high"]
+    winner = confirmation.winner(table)
+    assert "confirmed on fresh seeds" in proc.stdout and confirmation.verdict(table) in proc.stdout
+    assert parent.data.tags[tracking.TAG_VERDICT] == confirmation.verdict(table)
+    assert parent.data.metrics["confirmed_mean"] == pytest.approx(winner["mean"])
+    assert "default_mean" in parent.data.metrics
+    if winner["confirms"] != DEFAULT:
+        assert parent.data.tags[tracking.TAG_BEATS_DEFAULT] == str(winner["beats_default"]).lower()
+    results = run_cli(["results", "c1"], cwd=tmp_path)
+    assert results.returncode == 0 and "ci95_low" in results.stdout and "search #1" in results.stdout
+    listed = run_cli(["list"], cwd=tmp_path).stdout.splitlines()
+    header, row = listed[1].split(), listed[2].split()
+    assert row[header.index("confirmed") + 1] == f"{winner['mean']:.4g}"  # +1: "started" is a date and a time
+
+    # export takes the confirmed winner's best seed, and says so in metrics.json
+    winner_runs = [c for c in confirmations if c.data.tags[tracking.TAG_CONFIRMS] == winner["confirms"]]
+    best_seed = max(winner_runs, key=lambda c: c.data.metrics["rankme"])
+    assert parent.data.tags[tracking.TAG_BEST_TRIAL_RUN] == best_seed.info.run_id == winner["run_id"]
+    out = run_cli(["export", "c1", "--out", "best"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    info = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert info["run_id"] == best_seed.info.run_id
+    assert info["metrics"]["rankme"] == best_seed.data.metrics["rankme"] == parent.data.metrics["best_rankme"]
+    # labels exist, so kNN is still evaluated and logged beside the label-free objective
+    assert all("knn_top1" in c.data.metrics for c in confirmations) and "best_knn_top1" in parent.data.metrics
