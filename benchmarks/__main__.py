@@ -5,6 +5,8 @@
     python -m benchmarks search-overhead     # ssl-tune run vs bare trainer calls, 1 and 2 workers
     python -m benchmarks efficiency-table    # trains the grid the efficiency benchmark replays
     python -m benchmarks efficiency          # TPE + ASHA vs random vs TPE alone, same compute
+    python -m benchmarks noise               # seed noise of one configuration; RankMe vs kNN top-1
+    python -m benchmarks label-free          # RankMe vs kNN top-1 over each method's search trials
     python -m benchmarks loss-scaling        # SSL-HSIC exact vs random features, CorInfoMax D, ISD K
     python -m benchmarks data                # the decoded data cache vs decoding an ImageFolder, 100k JPEGs
     python -m benchmarks cluster             # a 2-worker trial on two hosts (network namespaces) vs one; root
@@ -20,7 +22,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks import cluster, common, data, loss_scaling, report, search_efficiency, search_overhead, throughput
+from benchmarks import (cluster, common, data, label_free, loss_scaling, noise, report, search_efficiency, search_overhead,
+                        throughput)
 
 BENCHMARKS = {  # name -> (add_arguments, run)
     "throughput": (throughput.add_arguments, throughput.run),
@@ -28,6 +31,8 @@ BENCHMARKS = {  # name -> (add_arguments, run)
     "search-overhead": (search_overhead.add_arguments, search_overhead.run),
     "efficiency-table": (lambda p: search_efficiency.add_arguments(p, table=True), search_efficiency.run_table),
     "efficiency": (lambda p: search_efficiency.add_arguments(p, table=False), search_efficiency.run),
+    "noise": (noise.add_arguments, noise.run),
+    "label-free": (label_free.add_arguments, label_free.run),
     "loss-scaling": (loss_scaling.add_arguments, loss_scaling.run),
     "data": (data.add_arguments, data.run),
     "cluster": (cluster.add_arguments, cluster.run),

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster, data, loss_scaling, search_efficiency, search_overhead, throughput
+from benchmarks import cluster, data, label_free, loss_scaling, noise, search_efficiency, search_overhead, throughput
 
 # (result file, title, what it measures, renderer, command to run when there is no result yet)
 SECTIONS = [
@@ -29,6 +29,15 @@ SECTIONS = [
     ("efficiency", "Search efficiency: TPE + ASHA against random search and TPE alone",
      "Best objective reached as a function of the compute spent (epochs trained), at the same budget.",
      search_efficiency.report),
+    ("noise", "Seed noise, and RankMe against kNN top-1",
+     "Configurations of the efficiency grid trained again on fresh seeds: how much one configuration's result "
+     "varies from seed to seed (the noise floor every comparison of single runs sits on), and how well the "
+     "label-free RankMe ranks configurations the way kNN top-1 does.",
+     noise.report),
+    ("label-free", "RankMe against kNN top-1 over each method's search",
+     "Each method's shipped search (without its confirmation stage) on the bundled data: how well the "
+     "label-free RankMe ranks the search's trials the way kNN top-1 does.",
+     label_free.report),
     ("loss-scaling", "Scaling of the losses",
      "Forward + backward of each loss alone, relative to the smallest size measured in the same run.",
      loss_scaling.report),

@@ -82,8 +82,10 @@ def _train_point(args: tuple[dict, dict[str, float]]) -> dict[str, Any]:
     metric = spec.search.metric
     return {
         "values": values,
+        "seed": spec.training.seed,
         "status": result.status,
         "curve": [h[metric] for h in result.history],  # objective after each completed epoch
+        "rankme": [h["rankme"] for h in result.history],  # the label-free score, for the noise benchmark
         "diverged_reason": result.message or None,
         "seconds": time.perf_counter() - start,
     }
@@ -191,6 +193,29 @@ def replay_search(table: dict[str, Any], spec, sampler: str, scheduler: str, see
     return results
 
 
+ONE_EPOCH_BASELINE = "every point 1 epoch, top few in full"
+
+
+def one_epoch_then_top(table: dict[str, Any], seed: int, budget: int) -> list[tuple[int, int, float]]:
+    """The simple baseline: every grid point trained for one epoch (in an order shuffled by `seed`),
+    then as many of the best as the rest of the budget allows trained to the end, best first."""
+    import random
+
+    mode, epochs = table["mode"], table["epochs"]
+    points = [p for p in table["points"] if p["curve"]]
+    random.Random(seed).shuffle(points)
+    results = [(i, 1, p["curve"][0]) for i, p in enumerate(points)]
+    sign = -1 if mode == "max" else 1
+    order = sorted(range(len(points)), key=lambda i: sign * points[i]["curve"][0] if math.isfinite(points[i]["curve"][0])
+                   else math.inf)
+    for i in order:
+        curve = points[i]["curve"]
+        if len(results) + len(curve) - 1 > budget or len(curve) < epochs:  # out of budget, or diverged
+            continue
+        results += [(i, epoch, curve[epoch - 1]) for epoch in range(2, len(curve) + 1)]
+    return results[:budget]
+
+
 def best_so_far(results: list[tuple[int, int, float]], mode: str) -> list[float]:
     """Best objective among the trials' latest values, after each epoch of compute.
 
@@ -216,6 +241,12 @@ def compute_to_reach(curve: list[float], target: float, mode: str) -> float:
     return math.inf
 
 
+def _print_strategy(name: str, curves: list[list[float]], trials: list[int], budget: int, seeds: int) -> None:
+    finals = [c[-1] for c in curves]
+    print(f"  {name:24s} best after {budget} epochs: {statistics.mean(finals):.2f} (mean of {seeds} seeds), "
+          f"{statistics.mean(trials):.1f} trials on average", flush=True)
+
+
 def run_efficiency(table_path: Path, seeds: int, budget_trials: int) -> dict[str, Any]:
     import logging
 
@@ -238,9 +269,13 @@ def run_efficiency(table_path: Path, seeds: int, budget_trials: int) -> dict[str
             results = replay_search(table, spec, sampler, scheduler, seed, budget, startup)
             curves.setdefault(name, []).append(best_so_far(results, mode))
             trials.setdefault(name, []).append(len({i for i, _, _ in results}))
-        finals = [c[-1] for c in curves[name]]
-        print(f"  {name:24s} best after {budget} epochs: {statistics.mean(finals):.2f} (mean of {seeds} seeds), "
-              f"{statistics.mean(trials[name]):.1f} trials on average", flush=True)
+        _print_strategy(name, curves[name], trials[name], budget, seeds)
+    for seed in range(seeds):
+        results = one_epoch_then_top(table, seed, budget)
+        curve = best_so_far(results, mode)
+        curves.setdefault(ONE_EPOCH_BASELINE, []).append(curve + [curve[-1]] * (budget - len(curve)))
+        trials.setdefault(ONE_EPOCH_BASELINE, []).append(len({i for i, _, _ in results}))
+    _print_strategy(ONE_EPOCH_BASELINE, curves[ONE_EPOCH_BASELINE], trials[ONE_EPOCH_BASELINE], budget, seeds)
     mean = {name: np.mean(c, axis=0).tolist() for name, c in curves.items()}
     target = mean["random"][-1]
     to_target = {name: compute_to_reach(m, target, mode) for name, m in mean.items()}

@@ -108,6 +108,33 @@ def test_tpe_with_early_stopping_finds_the_synthetic_optimum_sooner_than_random(
     assert se.compute_to_reach(list(mean["tpe"]), target, "max") < budget
 
 
+def test_one_epoch_baseline_trains_every_point_once_then_the_best_in_full():
+    table = synthetic_table(points=7)
+    budget = 10 * EPOCHS
+    results = se.one_epoch_then_top(table, seed=0, budget=budget)
+    points = len([p for p in table["points"] if p["curve"]])
+    full = {i for i, epoch, _ in results if epoch == EPOCHS}
+    assert len(results) <= budget and len({i for i, _, _ in results}) == points
+    assert len(full) == (budget - points) // (EPOCHS - 1)
+    finals = [p["curve"][-1] for p in table["points"] if p["status"] == "finished"]
+    assert se.best_so_far(results, "max")[-1] == max(finals)  # the synthetic curves keep their order
+
+
+def test_noise_floor_is_the_pooled_seed_sd_and_rankme_is_compared_by_rank():
+    from benchmarks import noise
+
+    def run(lr, seed, knn, rankme):
+        return {"values": {"optimizer.lr": lr}, "seed": seed, "status": "finished", "curve": [knn], "rankme": [rankme]}
+
+    runs = [run(0.1, 1, 70.0, 5.0), run(0.1, 2, 72.0, 5.5), run(1.0, 1, 80.0, 9.0), run(1.0, 2, 81.0, 8.0),
+            run(2.0, 1, 75.0, 7.0), run(2.0, 2, 75.0, 7.1)]
+    result = noise.summarise(runs, {"final_best": {"random": {"mean": 78.0}, "TPE + ASHA": {"mean": 78.5}}})
+    # variances 2, 0.5 and 0 with one degree of freedom each
+    assert result["noise_floor_sd"] == pytest.approx(math.sqrt(2.5 / 3)) and result["noise_floor_dof"] == 3
+    assert result["spearman_points"] == pytest.approx(1.0)
+    assert result["strategy_gaps"]["TPE + ASHA"] == {"gap_to_random": 0.5, "exceeds_noise": False}
+
+
 @pytest.mark.slow
 def test_efficiency_end_to_end_writes_json_figure_and_report(tmp_path):
     results, report = tmp_path / "results", tmp_path / "benchmarks.md"
@@ -118,7 +145,7 @@ def test_efficiency_end_to_end_writes_json_figure_and_report(tmp_path):
     (results / "efficiency-table.json").write_text(json.dumps(table))
     harness.main(["--results", str(results), "--report", str(report), "efficiency", "--seeds", "2", "--budget-trials", "3"])
     result = json.loads((results / "efficiency.json").read_text())
-    assert set(result["curves"]) == set(se.STRATEGIES)
+    assert set(result["curves"]) == set(se.STRATEGIES) | {se.ONE_EPOCH_BASELINE}
     assert all(len(c) == 3 * EPOCHS for curves in result["curves"].values() for c in curves)
     assert result["ratio_to_random"]["random"] == 1.0
     assert (results / se.FIGURE).stat().st_size > 10_000
