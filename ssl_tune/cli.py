@@ -149,8 +149,10 @@ def _report_outcome(outcome, spec) -> int:
 
     where = f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id} in {outcome.tracking_uri}"
     if outcome.interrupted:
-        print(f"\nsearch interrupted after {outcome.trials_done} finished trial(s); its state and checkpoints are saved, "
-              "unfinished trials are marked KILLED in MLflow")
+        when = "in its confirmation stage" if outcome.in_confirmation else \
+            f"after {outcome.trials_done} finished trial(s)"
+        print(f"\nsearch interrupted {when}; its state and checkpoints are saved, unfinished trials are marked "
+              "KILLED in MLflow")
         print(where)
         uri = "" if outcome.tracking_uri == tracking.resolve_uri(None) else f" --tracking-uri {outcome.tracking_uri}"
         default_storage = str(Path(SpecBase.model_fields["storage_path"].default).resolve())

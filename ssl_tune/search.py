@@ -111,6 +111,7 @@ class SearchOutcome:
     storage: str = ""  # the storage path holding the search's Tune state
     confirmation: list[dict[str, Any]] = field(default_factory=list)  # `tracking.confirmation_table`
     verdict: str = ""  # whether the confirmed winner beats the default beyond seed noise
+    in_confirmation: bool = False  # interrupted during the confirmation stage
 
     @property
     def all_failed(self) -> bool:
@@ -258,7 +259,6 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
         return _fit_and_record(tuner, stage, confirming=confirming)
 
 
-
 @dataclass
 class _Stage:
     """What the search's stages share: the spec, the data, the MLflow parent run and where Tune keeps state."""
@@ -276,11 +276,6 @@ class _Stage:
     max_concurrent: int
 
 
-def _fit(tuner):
-    with _sigterm_stops_like_ctrl_c():
-        return tuner.fit()
-
-
 def _fit_and_record(tuner, stage: _Stage, *, confirming: bool) -> SearchOutcome:
     """Run the Tuner (the search, or with `confirming` its confirmation stage); then close the MLflow
     runs: the leaderboard if the stage finished, else every unfinished trial's run KILLED and the
@@ -288,7 +283,8 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool) -> SearchOutcome:
     on to the confirmation stage."""
     spec, client, parent_id = stage.spec, stage.client, stage.parent_id
     try:
-        results = _fit(tuner)
+        with _sigterm_stops_like_ctrl_c():
+            results = tuner.fit()
     except BaseException:
         tracking.close_search_run(client, parent_id, interrupted=True)
         raise
@@ -300,10 +296,9 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool) -> SearchOutcome:
     confirm = bool(spec.search.confirm.top_k) and ok > 0 and not interrupted
     rows, best = tracking.close_search_run(client, parent_id, interrupted=interrupted, spec=spec, trials_ok=ok,
                                            confirming=confirm)
-    outcome = SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, best, interrupted=interrupted,
-                            trials_done=done, trials_ok=ok, storage=stage.storage)
     if not confirm:
-        return outcome
+        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, best, interrupted=interrupted,
+                             trials_done=done, trials_ok=ok, storage=stage.storage)
     configs = {r.metrics["trial_id"]: field_values(r.config) for r in results if r.metrics and "trial_id" in r.metrics}
     return _confirm(confirmation_configs(spec, rows, configs), stage)
 
@@ -357,7 +352,8 @@ def _record_confirmation(results, stage: _Stage) -> SearchOutcome:
     common = dict(trials_done=len(rows), trials_ok=ok, storage=stage.storage)
     if done < expected:  # stopped during the confirmation stage (Ctrl-C, SIGTERM)
         tracking.close_search_run(client, parent_id, interrupted=True)
-        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, None, interrupted=True, **common)
+        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, None, interrupted=True,
+                             in_confirmation=True, **common)
     table, verdict, winner = tracking.record_confirmation(client, parent_id, stage.spec)
     return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, winner, confirmation=table,
                          verdict=verdict, **common)

@@ -79,17 +79,17 @@ def field_path(name: str) -> str:
     return name.split(BRANCH_SEPARATOR)[0]
 
 
+# A confirmation trial's config is {CONFIRMATION_KEY: {"values": field values, "seed": training seed,
+# "of": the search trial's run id, or "default"}}: one grid value, so Tune needs no searcher for it.
+CONFIRMATION_KEY = "confirmation"
+
+
 def field_values(config: dict[str, Any]) -> dict[str, Any]:
     """A trial's config -> field paths, as `SpecBase.resolve` takes them: a search trial's Optuna
     names, or a confirmation trial's values (`CONFIRMATION_KEY`)."""
     if CONFIRMATION_KEY in config:
         return dict(config[CONFIRMATION_KEY]["values"])
     return {field_path(name): value for name, value in config.items()}
-
-
-# A confirmation trial's config is {CONFIRMATION_KEY: {"values": field values, "seed": training seed,
-# "of": the search trial's run id, or "default"}}: one grid value, so Tune needs no searcher for it.
-CONFIRMATION_KEY = "confirmation"
 
 
 def resolve_trial(spec: SpecBase, config: dict[str, Any]) -> SpecBase:

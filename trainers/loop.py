@@ -23,8 +23,9 @@ from ssl_tune import distributed
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
-from ssl_tune.evaluation import (EVALUATION_FILE, confusion_counts, effective_rank, extract_features, knn_ranking,
-                                 linear_probe, principal_components, ranking_accuracy, save_arrays, stratified_subset)
+from ssl_tune.evaluation import (EVALUATION_FILE, confusion_counts, extract_features, knn_ranking,
+                                 linear_probe, principal_components, rankme, ranking_accuracy, save_arrays,
+                                 stratified_subset)
 from ssl_tune.models import build_backbone
 from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
@@ -268,7 +269,7 @@ class Trainer:
                 ranked = self.knn(train_features, test_features)
                 metrics["knn_top1"], metrics["knn_top5"] = ranking_accuracy(ranked, self.dataset.test_labels)
                 # Label-free: RankMe of the training split's representations (`search.metric: rankme`).
-                metrics["rankme"] = effective_rank(train_features).item()
+                metrics["rankme"] = rankme(train_features)
                 if last:
                     reporter.on_phase(f"epoch {self.epoch}: linear probe(s)")
                     metrics.update(self.final_evaluation(train_features, test_features))
