@@ -184,7 +184,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for batch in args.batch_sizes:
         spec = load_spec(args.spec, ["backbone.name=resnet18", "backbone.cifar_stem=true",
-                                     "data.augmentation.crop_scale=[0.2, 1.0]", f"training.batch_size={batch}",
+                                     "data.augmentation.crop_min_scale=0.2", f"training.batch_size={batch}",
                                      "training.precision=auto"]).resolve()
         trainer = Trainer(spec, dataset=dataset)
         row = {"batch_size": batch, "precision": "bf16" if trainer.autocast_dtype is torch.bfloat16 else "fp32",

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
@@ -152,20 +152,53 @@ class MethodConfig(StrictModel):
         """
 
 
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class ViewStrengths(StrictModel):
+    """What a preset may set differently per view (BYOL's asymmetric pair); null: the preset's value."""
+
+    blur_p: Searchable[Optional[Probability]] = Field(
+        None, description="probability of the Gaussian blur (byol: 1.0 in view 1, 0.1 in view 2; symmetric: 0.5)")
+    solarize_p: Searchable[Optional[Probability]] = Field(
+        None, description="probability of solarisation (byol: 0.0 in view 1, 0.2 in view 2; symmetric: 0.1)")
+
+
 class AugmentationSpec(StrictModel):
+    """A preset and the strengths a search may change; every strength left null keeps the preset's value."""
+
     preset: Literal["byol", "symmetric", "weak"] = Field(
         "byol",
         description="byol: asymmetric blur/solarize per view (BYOL, VICReg); symmetric: the same "
         "strong pipeline for every view; weak: crop and flip only",
     )
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="area range of the random resized crop")
+    crop_min_scale: Searchable[Annotated[float, Field(gt=0, le=1)]] = Field(
+        0.2, description="lower bound of the random resized crop's area, a fraction of the image")
+    crop_max_scale: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0, description="upper bound of the random resized crop's area")
+    jitter_strength: Searchable[Optional[Annotated[float, Field(ge=0)]]] = Field(
+        None, description="colour-jitter strength s (SimCLR's): brightness and contrast 0.4 s, saturation 0.2 s, "
+        "hue 0.1 s (at most 0.5); the strong presets use 1")
+    jitter_p: Searchable[Optional[Probability]] = Field(None, description="probability of the colour jitter (presets: 0.8)")
+    grayscale_p: Searchable[Optional[Probability]] = Field(None, description="probability of grayscale (presets: 0.2)")
+    blur_sigma: Optional[tuple[float, float]] = Field(
+        None, description="blur sigma range as a fraction of the image side; null: BYOL's 0.1 to 2.0 px at 224 px")
+    view1: ViewStrengths = ViewStrengths()
+    view2: ViewStrengths = ViewStrengths()  # and any further views
 
-    @field_validator("crop_scale")
+    @field_validator("blur_sigma")
     @classmethod
-    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1] <= 1:
-            raise ValueError(f"must satisfy 0 < low <= high <= 1 (got {list(v)})")
+    def _sigma(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError("must satisfy 0 < low <= high")
         return v
+
+    @model_validator(mode="after")
+    def _crop_bounds(self) -> AugmentationSpec:
+        low = self.crop_min_scale
+        if isinstance(low, float) and low > self.crop_max_scale:
+            raise ValueError(f"crop_min_scale ({low}) must not exceed crop_max_scale ({self.crop_max_scale})")
+        return self
 
 
 class DataSpec(StrictModel):

@@ -45,8 +45,9 @@ def _describe_type(annotation: Any) -> tuple[str, list[str]]:
     if origin is Literal:
         text = " \\| ".join(f"`{v}`" for v in get_args(annotation))
     elif origin in (Union, types.UnionType):
-        parts = [_describe_type(a)[0] for a in get_args(annotation) if a is not type(None)]
-        text = " \\| ".join(parts) + (" or null" if type(None) in get_args(annotation) else "")
+        described = [_describe_type(a) for a in get_args(annotation) if a is not type(None)]
+        constraints += [c for _, cs in described for c in cs]  # Optional[Annotated[float, ge=0]]: the float's
+        text = " \\| ".join(t for t, _ in described) + (" or null" if type(None) in get_args(annotation) else "")
     elif origin in (list, tuple, dict):
         text = f"{origin.__name__}[{', '.join(_describe_type(a)[0] for a in get_args(annotation))}]"
     else:

@@ -5,6 +5,7 @@ ours draws the parameters per sample and applies them to the whole batch at once
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -84,3 +85,83 @@ def test_resized_crop_and_flip_match_torchvision_inside_the_crop():
         if flip < 0:
             theirs = TF.horizontal_flip(theirs)
         torch.testing.assert_close(ours[..., 2:-2, 2:-2], theirs[..., 2:-2, 2:-2], rtol=0, atol=1e-5)
+
+
+# --- searchable strengths (data.augmentation) ---------------------------------------------------
+
+
+def _augmentation(**fields):
+    from ssl_tune.spec import AugmentationSpec
+
+    return AugmentationSpec(**fields)
+
+
+@pytest.mark.parametrize("preset", ["byol", "symmetric", "weak"])
+def test_a_spec_without_strengths_gives_its_presets_views(preset):
+    spec_views = augment.spec_views(_augmentation(preset=preset, crop_min_scale=0.5), num_views=3)
+    assert spec_views == augment.preset_views(preset, (0.5, 1.0), num_views=3)
+
+
+def test_strengths_replace_the_presets_values_per_view_and_never_touch_the_weak_view():
+    aug = _augmentation(crop_min_scale=0.3, jitter_strength=0.5, jitter_p=0.3, grayscale_p=0.0, blur_sigma=(0.01, 0.02),
+                        view1={"blur_p": 0.2}, view2={"solarize_p": 0.7})
+    first, second, third = augment.spec_views(aug, num_views=3)
+    assert (first.brightness, first.contrast, first.saturation, first.hue) == (0.2, 0.2, 0.1, 0.05)
+    assert (first.jitter_p, first.grayscale_p, first.crop_scale, first.blur_sigma) == (0.3, 0.0, (0.3, 1.0), (0.01, 0.02))
+    assert (first.blur_p, first.solarize_p) == (0.2, 0.0)  # solarize: byol's for view 1
+    assert (second.blur_p, second.solarize_p) == (0.1, 0.7) and third == second  # further views follow view 2
+    weak = augment.spec_views(aug, weak=True)[1]
+    assert weak == augment.preset_views("weak", (0.3, 1.0))[1] and weak.jitter_p == 0.0
+
+
+def test_the_augmented_views_change_as_the_strength_changes():
+    x = (images(n=64) * 255).to(torch.uint8)
+
+    def change(**fields):  # mean absolute change of the pixels, with crop and flip held still
+        view = augment.spec_views(_augmentation(crop_min_scale=1.0, **fields))[1]
+        view = ViewAugmentation(**{**view.__dict__, "crop_ratio": (1, 1), "flip_p": 0.0})
+        return (augment.augment_batch(x, view, torch.Generator().manual_seed(0)) - x.float() / 255).abs().mean().item()
+
+    quiet = dict(jitter_p=1.0, grayscale_p=0.0, view2={"blur_p": 0.0, "solarize_p": 0.0})
+    jitter = [change(jitter_strength=s, **quiet) for s in (0.0, 0.5, 1.0, 2.0)]
+    assert jitter[0] < 1e-6 and jitter[0] < jitter[1] < jitter[2] < jitter[3]
+    solarize = [change(jitter_strength=0.0, **{**quiet, "view2": {"blur_p": 0.0, "solarize_p": p}}) for p in (0.0, 0.5, 1.0)]
+    assert solarize[0] < 1e-6 < solarize[1] < solarize[2]
+    gray = [change(jitter_strength=0.0, **{**quiet, "grayscale_p": p}) for p in (0.0, 1.0)]
+    assert gray[0] < 1e-6 < gray[1]
+
+
+def test_augmentation_ranges_are_sampled_and_bad_values_name_the_field():
+    import optuna
+
+    from ssl_tune.space import SearchSpace, field_values
+    from ssl_tune.spec import SpecError
+    from ssl_tune.specfile import spec_from_dict
+    from tests.conftest import tiny_spec_dict
+
+    raw = tiny_spec_dict()
+    raw["data"] = {"augmentation": {"crop_min_scale": {"type": "uniform", "low": 0.08, "high": 0.6},
+                                   "jitter_strength": {"type": "uniform", "low": 0.0, "high": 1.5},
+                                   "view2": {"solarize_p": {"type": "uniform", "low": 0.0, "high": 0.5}}}}
+    spec = spec_from_dict(raw)
+    paths = {"data.augmentation.crop_min_scale", "data.augmentation.jitter_strength", "data.augmentation.view2.solarize_p"}
+    assert set(spec.search_ranges()) == paths
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        trial = study.ask()
+        SearchSpace(spec)(trial)
+        a = spec.resolve(field_values(trial.params)).data.augmentation
+        view = augment.spec_views(a)[1]
+        assert 0.08 <= view.crop_scale[0] <= 0.6 and view.brightness == pytest.approx(0.4 * a.jitter_strength)
+        assert view.solarize_p == a.view2.solarize_p <= 0.5
+    for augmentation, message in [
+        ({"jitter_p": 1.5}, "data.augmentation.jitter_p: Input should be less than or equal to 1"),
+        ({"view1": {"blur_p": {"type": "uniform", "low": 0.0, "high": 2.0}}},
+         "data.augmentation.view1.blur_p: the range allows 2.0"),
+        ({"crop_min_scale": 0.8, "crop_max_scale": 0.5}, "crop_min_scale (0.8) must not exceed crop_max_scale (0.5)"),
+        ({"blur_sigma": [0.2, 0.1]}, "data.augmentation.blur_sigma: must satisfy 0 < low <= high (got [0.2, 0.1])"),
+        ({"crop_scale": [0.5, 1.0]}, "data.augmentation.crop_scale"),
+    ]:
+        raw["data"]["augmentation"] = augmentation
+        with pytest.raises(SpecError, match=re.escape(message)):
+            spec_from_dict(raw)

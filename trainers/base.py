@@ -9,7 +9,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from ssl_tune.data.augment import ViewAugmentation, preset_views
+from ssl_tune.data.augment import ViewAugmentation, spec_views
 from ssl_tune.spec import AugmentationSpec, MethodConfig, ProjectorSpec
 
 
@@ -67,7 +67,7 @@ class Method(nn.Module, abc.ABC):
 
     def view_augmentations(self, augmentation: AugmentationSpec) -> list[ViewAugmentation]:
         """One augmentation per view, from the spec's `data.augmentation`."""
-        return preset_views(augmentation.preset, tuple(augmentation.crop_scale), self.num_views)
+        return spec_views(augmentation, self.num_views)
 
     @abc.abstractmethod
     def forward(self, views: list[torch.Tensor]) -> StepOutput:

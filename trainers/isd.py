@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ssl_tune.data.augment import preset_views
+from ssl_tune.data.augment import spec_views
 from ssl_tune.distributed import gather, gather_with_grad
 from ssl_tune.models import mlp
 from ssl_tune.spec import AugmentationSpec, MethodConfig, ProjectorSpec, Searchable
@@ -85,8 +85,8 @@ class ISD(Method):
 
     def view_augmentations(self, aug: AugmentationSpec):
         """View 0 (student): the preset's first view; view 1 (teacher): weak, or the preset's second."""
-        strong = preset_views(aug.preset, tuple(aug.crop_scale))
-        weak = preset_views("weak", tuple(aug.crop_scale))
+        strong = spec_views(aug)
+        weak = spec_views(aug, weak=True)
         return [strong[0], weak[1] if self.config.teacher_view == "weak" else strong[1]]
 
     @torch.no_grad()

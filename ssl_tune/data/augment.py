@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ssl_tune.spec import AugmentationSpec
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,28 @@ def preset_views(preset: str, crop_scale: tuple[float, float], num_views: int = 
     else:
         raise ValueError(f"unknown augmentation preset {preset!r}; allowed: byol, symmetric, weak")
     return (views + [views[-1]] * num_views)[:num_views]
+
+
+def spec_views(augmentation: AugmentationSpec, num_views: int = 2, *, weak: bool = False) -> list[ViewAugmentation]:
+    """The views a resolved spec's `data.augmentation` asks for: its preset's, with every strength the
+    spec sets (not null) in place of the preset's. `weak` gives crop-and-flip views with the spec's
+    crop (ISD's teacher view), which the colour, blur and solarisation strengths do not touch."""
+    a = augmentation
+    crop = (a.crop_min_scale, a.crop_max_scale)
+    if weak:
+        return preset_views("weak", crop, num_views)
+    common: dict[str, float | tuple[float, float]] = {}
+    if a.jitter_strength is not None:
+        s = a.jitter_strength
+        common.update(brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s, hue=min(0.1 * s, 0.5))
+    common.update({k: v for k, v in (("jitter_p", a.jitter_p), ("grayscale_p", a.grayscale_p),
+                                     ("blur_sigma", a.blur_sigma)) if v is not None})
+    views = []
+    for i, view in enumerate(preset_views(a.preset, crop, num_views)):
+        own = a.view1 if i == 0 else a.view2
+        views.append(replace(view, **common, **{k: v for k, v in (("blur_p", own.blur_p), ("solarize_p", own.solarize_p))
+                                                if v is not None}))
+    return views
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
