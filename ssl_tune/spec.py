@@ -186,6 +186,18 @@ class AugmentationSpec(StrictModel):
     view1: ViewStrengths = ViewStrengths()
     view2: ViewStrengths = ViewStrengths()  # and any further views
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_crop_scale(cls, data: Any) -> Any:
+        """Specs saved before the crop's bounds became two fields (in checkpoints, exports, MLflow runs)
+        name them `crop_scale: [low, high]`; they still load."""
+        if isinstance(data, dict) and "crop_scale" in data:
+            data = dict(data)
+            if "crop_min_scale" in data or "crop_max_scale" in data:
+                raise ValueError("crop_scale is the older name of crop_min_scale and crop_max_scale; give only those")
+            data["crop_min_scale"], data["crop_max_scale"] = data.pop("crop_scale")
+        return data
+
     @field_validator("blur_sigma")
     @classmethod
     def _sigma(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:

@@ -160,8 +160,17 @@ def test_augmentation_ranges_are_sampled_and_bad_values_name_the_field():
          "data.augmentation.view1.blur_p: the range allows 2.0"),
         ({"crop_min_scale": 0.8, "crop_max_scale": 0.5}, "crop_min_scale (0.8) must not exceed crop_max_scale (0.5)"),
         ({"blur_sigma": [0.2, 0.1]}, "data.augmentation.blur_sigma: must satisfy 0 < low <= high (got [0.2, 0.1])"),
-        ({"crop_scale": [0.5, 1.0]}, "data.augmentation.crop_scale"),
+        ({"crop_scale": [0.5, 1.0], "crop_min_scale": 0.5}, "crop_scale is the older name of crop_min_scale"),
     ]:
         raw["data"]["augmentation"] = augmentation
         with pytest.raises(SpecError, match=re.escape(message)):
             spec_from_dict(raw)
+
+
+def test_a_spec_saved_with_the_older_crop_scale_still_loads():
+    """Checkpoints, exports and MLflow runs made before crop_min_scale/crop_max_scale hold `crop_scale`."""
+    from ssl_tune.specfile import spec_from_dict
+    from tests.conftest import tiny_spec_dict
+
+    spec = spec_from_dict(tiny_spec_dict(data={"augmentation": {"preset": "byol", "crop_scale": [0.5, 0.9]}}))
+    assert (spec.data.augmentation.crop_min_scale, spec.data.augmentation.crop_max_scale) == (0.5, 0.9)
