@@ -162,6 +162,7 @@ def _report_outcome(outcome, spec) -> int:
     objective = f", objective {spec.search.metric} ({spec.search.mode})" if spec is not None else ""
     print(f"\nsearch finished: {len(outcome.rows)} trials{objective}")
     print(tracking.format_table(outcome.rows, _leaderboard_columns(outcome.rows)))
+    _print_best_per_method(outcome.rows, spec.search.mode if spec is not None else "max")
     _print_confirmation(outcome.confirmation, outcome.verdict)
     print(f"\n{where}")
     if outcome.all_failed:
@@ -170,6 +171,16 @@ def _report_outcome(outcome, spec) -> int:
         return EXIT_ALL_TRIALS_FAILED
     print(f"browse:  ssl-tune ui            export the best backbone:  ssl-tune export {outcome.experiment}")
     return 0
+
+
+def _print_best_per_method(rows: list[dict], mode: str) -> None:
+    """A search across methods: each method's best trial."""
+    from ssl_tune import tracking
+
+    per_method = tracking.best_per_method(rows, mode)
+    if len(per_method) > 1:
+        print("\nbest trial per method:")
+        print(tracking.format_table(per_method, _leaderboard_columns(per_method)))
 
 
 def _print_confirmation(rows: list[dict], verdict: str) -> None:
@@ -203,6 +214,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     rows = tracking.leaderboard(client, parent)
     print(tracking.format_table(rows, _leaderboard_columns(rows)))
+    _print_best_per_method(rows, parent.data.tags.get(tracking.TAG_MODE, "max"))
     _print_confirmation(tracking.confirmation_table(client, parent), parent.data.tags.get(tracking.TAG_VERDICT, ""))
     if args.out:
         import pyarrow as pa

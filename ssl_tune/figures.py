@@ -99,6 +99,27 @@ def learning_curves_figure(curves: Sequence[tuple[Sequence[tuple[int, float]], s
     return fig
 
 
+def methods_figure(points: Mapping[str, Sequence[tuple[int, float, int]]], metric: str, mode: str, epochs: int) -> Figure:
+    """A search across methods: each trial's objective (its last evaluated epoch) against the order it
+    started in, one colour per method; filled markers for trials that reached the last epoch, hollow
+    for trials stopped early; the line is each method's best so far."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, trials in points.items():
+        ordered = sorted(trials)
+        x = np.array([t[0] for t in ordered], dtype=float)
+        y = np.array([t[1] for t in ordered], dtype=float)
+        full = np.array([t[2] >= epochs for t in ordered], dtype=bool)
+        (dots,) = ax.plot(x[full], y[full], "o", label=f"{method} ({len(ordered)} trials)")
+        ax.plot(x[~full], y[~full], "o", mfc="none", color=dots.get_color())
+        best = np.maximum.accumulate(y) if mode == "max" else np.minimum.accumulate(y)
+        ax.step(x, best, where="post", color=dots.get_color(), alpha=0.6)
+    ax.set_xlabel("trial (order started)")
+    ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
+    ax.set_title("objective per method; hollow: stopped early; line: the method's best so far")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def study_figures(study, varied: Sequence[str]) -> dict[str, Figure]:
     """Optuna's own plots of a study of finished trials; parameter importance over the `varied`
     parameters when there are some and at least two trials."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune.schedulers import FIFOScheduler
 
 from ssl_tune import cluster, tracking
 from ssl_tune.confirmation import confirmation_configs
@@ -62,14 +63,57 @@ def build_search_algorithm(spec: SpecBase, max_concurrent: int):
 
 
 def build_scheduler(spec: SpecBase):
+    """ASHA over the spec's epochs (FIFO with `search.scheduler: none`); across methods, one ASHA per method."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     s = spec.search
     if s.scheduler == "none":
         return FIFOScheduler()
     # The trainer's own `epoch`, not Tune's training_iteration, which restarts after a trial restore.
-    return ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.training.epochs,
-                         grace_period=min(s.grace_period, spec.training.epochs), reduction_factor=s.reduction_factor)
+    asha = dict(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.training.epochs,
+                grace_period=min(s.grace_period, spec.training.epochs), reduction_factor=s.reduction_factor)
+    return MethodwiseASHA(**asha) if len(spec.method_names()) > 1 else ASHAScheduler(**asha)
+
+
+class MethodwiseASHA(FIFOScheduler):
+    """One ASHA per method, for a search across methods.
+
+    ASHA stops a trial that ranks low among the trials that reached the same epoch. Methods learn at
+    different speeds, so one ASHA over all trials would stop a slow starter's trials for their method,
+    not their settings, and TPE would then learn mostly about the fast starters. Here each method's
+    trials are compared only with each other; which method wins is left to the objective at the
+    full budget, and to TPE, which models `method.name` like any other choice.
+    """
+
+    def __init__(self, **asha: Any) -> None:
+        super().__init__()
+        self.asha, self.by_method = asha, {}
+
+    def _for(self, trial):
+        from ray.tune.schedulers import ASHAScheduler
+
+        method = str(field_values(getattr(trial, "config", None) or {}).get("method.name", ""))
+        if method not in self.by_method:
+            self.by_method[method] = ASHAScheduler(**self.asha)
+        return self.by_method[method]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._for(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self._for(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self._for(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._for(trial).on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._for(trial).on_trial_error(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "; ".join(f"{method}: {s.debug_string()}" for method, s in self.by_method.items())
 
 
 @contextlib.contextmanager

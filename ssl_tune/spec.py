@@ -152,6 +152,14 @@ class MethodConfig(StrictModel):
         """
 
 
+class MethodChoice(MethodConfig):
+    """`method.name` as a choice over methods: a search across methods. Each branch holds that method's
+    own ranges (`method.FIELD`); its other fields take their defaults. `trainers.spec_model` accepts
+    it wherever a method's config goes."""
+
+    name: Choice  # type: ignore[assignment]
+
+
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -417,6 +425,11 @@ class SpecBase(StrictModel):
                 for sub_path, r in branch.items():
                     set_path(raw, sub_path.split("."), values.get(sub_path, range_default(r)))
         return type(self).model_validate(raw)
+
+    def method_names(self) -> list[str]:
+        """The methods this spec trains: its one method, or the values of a choice over methods."""
+        name = self.method.name  # type: ignore[attr-defined]
+        return [str(v) for v in name.values] if isinstance(name, Choice) else [name]
 
     @property
     def is_resolved(self) -> bool:

@@ -90,8 +90,30 @@ def _validate(raw: Any, source: str) -> SpecBase:
     return spec
 
 
+def _check_method_branches(spec: SpecBase, source: str) -> None:
+    """A choice over methods: every value must be a method, and each branch may only set that method's fields."""
+    choice = spec.search_ranges().get("method.name")
+    if choice is None:
+        return
+    found, problems = methods(), []
+    for value in choice.values:
+        if str(value) not in found:
+            problems.append(f"  method.name: {value!r} is not a method; allowed: {', '.join(found)}")
+    for value, branch in choice.branches.items():
+        config = found.get(value)
+        for sub_path in branch:
+            field = sub_path.removeprefix("method.")
+            if config is not None and (not sub_path.startswith("method.") or field not in config.Config.model_fields
+                                       or field == "name"):
+                problems.append(f"  method.name.branches.{value}.{sub_path}: not a field of {value}; allowed: "
+                                + ", ".join(f"method.{f}" for f in config.Config.model_fields if f != "name"))
+    if problems:
+        raise SpecError("\n".join([f"invalid spec {source}:"] + problems))
+
+
 def _check_range_bounds(spec: SpecBase, source: str) -> None:
     """Every value a range can produce (bounds, default, choices) must be valid for its field."""
+    _check_method_branches(spec, source)
     problems: list[str] = []
     ranges = spec.search_ranges()
     for path, r in ranges.items():
@@ -111,7 +133,9 @@ def _check_range_bounds(spec: SpecBase, source: str) -> None:
     for (path, value), branch in spec.branch_ranges().items():
         choice_value = next(v for v in ranges[path].values if str(v) == value)
         for sub_path, r in branch.items():
-            if sub_path not in flat or sub_path in ranges:
+            # A choice over methods: its branches set fields of the chosen method, checked by resolving below.
+            own_field = sub_path in flat or (path == "method.name" and sub_path.startswith("method."))
+            if not own_field or sub_path in ranges:
                 problems.append(f"  {path}.branches.{value}.{sub_path}: must name a field of the spec that holds "
                                 "a fixed value (its value when this branch is not taken)")
                 continue

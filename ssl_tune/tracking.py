@@ -62,7 +62,7 @@ TAG_EPOCHS_LOST = "ssl_tune.epochs_lost"  # completed epochs trained again after
 # On trials: the artifact folder holding a copy of that checkpoint (what export reads from any machine).
 TAG_CHECKPOINT_ARTIFACT = "ssl_tune.checkpoint_artifact"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
-TAG_METHOD = "ssl_tune.method"  # on parents: the method searched
+TAG_METHOD = "ssl_tune.method"  # on parents: the method(s) searched, comma-separated; on children: the trial's
 # How long the end of a search waits for held MLflow updates before giving up on them.
 FINAL_FLUSH_S = 120.0
 
@@ -355,7 +355,8 @@ class MlflowTrialLogger(Callback):
             if run.info.status != "RUNNING":
                 self.client.update_run(run.info.run_id, status="RUNNING")
         else:
-            tags = {"mlflow.parentRunId": self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_TRIAL_ID: trial.trial_id}
+            tags = {"mlflow.parentRunId": self.parent_run_id, TAG_KIND: KIND_TRIAL, TAG_TRIAL_ID: trial.trial_id,
+                    TAG_METHOD: resolve_trial(self.spec, trial.config).method.name}
             name = f"trial-{trial.trial_id}"
             confirmation = trial.config.get(CONFIRMATION_KEY)
             if confirmation is not None:
@@ -587,6 +588,9 @@ def log_search_figures(client, parent, spec: SpecBase) -> dict[str, float]:
         curves = [([(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric)], run.info.status)
                   for run in runs]
         log_figure(client, run_id, figures.learning_curves_figure(curves, metric, spec.training.epochs), "learning_curves")
+    if len(spec.method_names()) > 1:
+        log_figure(client, run_id, figures.methods_figure(_method_points(runs, metric), metric, mode,
+                                                          spec.training.epochs), "methods")
     finished = [(run.data.params, run.data.metrics[metric]) for run in runs
                 if counts(run.data.metrics.get(metric)) and run.info.status != "FAILED"]
     if not finished:
@@ -601,6 +605,23 @@ def log_search_figures(client, parent, spec: SpecBase) -> dict[str, float]:
     if importances:
         log_metrics(client, run_id, {f"importance.{p}": v for p, v in importances.items()}, step=len(study.trials))
     return importances
+
+
+def _method_points(runs: list, metric: str) -> dict[str, list[tuple[int, float, int]]]:
+    """Method -> (order started, objective, epochs reached) of every trial that did not fail."""
+    points: dict[str, list[tuple[int, float, int]]] = collections.defaultdict(list)
+    for order, run in enumerate(sorted(runs, key=lambda r: r.info.start_time)):
+        value = run.data.metrics.get(metric)
+        if counts(value) and run.info.status != "FAILED":
+            points[run.data.params.get("method.name", "?")].append((order, value, int(run.data.metrics.get("epoch", 0))))
+    return dict(sorted(points.items()))
+
+
+def best_per_method(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """A search across methods: each method's best trial (`space.best_trial`), best first."""
+    methods = dict.fromkeys(r["method.name"] for r in rows if "method.name" in r)
+    best = [best_trial([r for r in rows if r["method.name"] == m], mode) for m in methods]
+    return ranked([b for b in best if b is not None], mode)
 
 
 # --- the search's parent run --------------------------------------------------------------------
@@ -625,7 +646,7 @@ def open_search_run(client, experiment: str, run_name: str, spec: SpecBase, *, s
         TAG_METRIC: spec.search.metric,
         TAG_MODE: spec.search.mode,
         TAG_SEARCHED: ",".join(spec.searchable_paths()),
-        TAG_METHOD: spec.method.name,
+        TAG_METHOD: ",".join(spec.method_names()),
     })
     parent_id = parent.info.run_id
     client.log_text(parent_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec.yaml")
@@ -665,6 +686,11 @@ def close_search_run(client, parent_id: str, *, interrupted: bool, spec: SpecBas
     if best is not None and not confirming:  # else the confirmed winner is recorded (MLflow params are written once)
         _record_best(client, parent_id, best["run_id"], spec)
     client.log_text(parent_id, format_table(rows), "trials.txt")
+    if len(spec.method_names()) > 1:
+        per_method = best_per_method(rows, spec.search.mode)
+        client.log_text(parent_id, format_table(per_method), "best_per_method.txt")
+        log_metrics(client, parent_id, {f"best_{spec.search.metric}.{r['method.name']}": r["objective"]
+                                        for r in per_method}, step=0)
     try:
         log_search_figures(client, client.get_run(parent_id), spec)
     except Exception as exc:  # figures are a view of the results: never lose the finished search over one

@@ -157,3 +157,62 @@ def test_one_best_trial_rule_skips_failed_trials_and_nan_and_follows_the_mode():
     assert [r["run_id"] for r in ranked(rows, "max")] == ["failed", "high", "low", "nan"]
     assert best_trial(rows[:2], "max") is None
     assert better(1.0, float("nan"), "max") and not better(float("nan"), 1.0, "max") and not better(1.0, 1.0, "min")
+
+
+def cross_method_spec_dict():
+    raw = tiny_spec_dict()
+    raw["method"] = {"name": {"type": "choice", "values": ["twist", "isd"],
+                              "branches": {"twist": {"method.tau": {"type": "loguniform", "low": 0.25, "high": 2.0}},
+                                           "isd": {"method.t_teacher": {"type": "loguniform", "low": 0.005, "high": 0.1}}}}}
+    raw["training"] = {"epochs": 4, "batch_size": 32, "seed": 0}
+    raw["search"] = {"metric": "knn_top1", "mode": "max", "reduction_factor": 2, "grace_period": 1}
+    return raw
+
+
+def test_early_stopping_across_methods_compares_each_method_with_itself():
+    """ISD starts slower than TWIST here (epoch-1 kNN 60s against 80s): one ASHA over all trials stops
+    every ISD trial at the first rung; one ASHA per method keeps the better ISD trials running."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from ssl_tune.search import MethodwiseASHA
+
+    spec = spec_from_dict(cross_method_spec_dict())
+    assert spec.method_names() == ["twist", "isd"] and spec.resolve().method.name == "twist"
+
+    def continued(scheduler):
+        trials = [SimpleNamespace(trial_id=f"{m}{i}", config={"method.name": m}) for i in range(6) for m in ("twist", "isd")]
+        kept = []
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+            value = (80.0 if trial.config["method.name"] == "twist" else 60.0) + int(trial.trial_id[-1])
+            result = {"epoch": 1, "training_iteration": 1, "knn_top1": value}
+            if scheduler.on_trial_result(None, trial, result) == TrialScheduler.CONTINUE:
+                kept.append(trial.trial_id)
+        return kept
+
+    import numpy as np
+
+    np.random.seed(0)  # ASHA draws a bracket per trial from numpy's global generator
+    assert isinstance(build_scheduler(spec), MethodwiseASHA)
+    one = continued(ASHAScheduler(time_attr="epoch", metric="knn_top1", mode="max", max_t=4, grace_period=1,
+                                  reduction_factor=2))
+    per_method = continued(build_scheduler(spec))
+    assert not [t for t in one if t.startswith("isd") and t != "isd0"]  # only the first, with nothing to compare
+    assert {"isd3", "isd4", "isd5"} <= set(per_method) and {"twist3", "twist4", "twist5"} <= set(per_method)
+
+
+def test_a_search_across_methods_samples_each_methods_own_ranges():
+    spec = spec_from_dict(cross_method_spec_dict())
+    assert set(spec.searchable_paths()) == {"method.name", "method.tau", "method.t_teacher"}
+    algorithm = build_search_algorithm(spec, max_concurrent=1)
+    seen = set()
+    for i in range(12):
+        config = algorithm.suggest(f"t{i}")
+        resolved = spec.resolve(field_values(config))
+        seen.add(resolved.method.name)
+        own = "method.tau" if resolved.method.name == "twist" else "method.t_teacher"
+        assert set(field_values(config)) == {"method.name", own}
+        algorithm.on_trial_complete(f"t{i}", {"knn_top1": 70.0 + i, "epoch": 4})
+    assert seen == {"twist", "isd"}

@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, Union
 
-from pydantic import Field
+from pydantic import Discriminator, Tag
 
-from ssl_tune.spec import SpecBase, SpecError
+from ssl_tune.spec import Choice, MethodChoice, SpecBase, SpecError
 from trainers.base import Method
 
 METHOD_PATH_ENV = "SSL_TUNE_METHOD_PATH"
@@ -86,9 +86,22 @@ def builtin_methods() -> dict[str, type[Method]]:
 def _spec_model(path: tuple[Path, ...]) -> type[SpecBase]:
     from pydantic import create_model
 
-    configs = tuple(m.Config for m in _discover(path).values())
-    method_type = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="name")]
+    found = _discover(path)
+    names = ", ".join(found)
+    # One method's config by its name, or a choice over methods (`method.name: {type: choice, ...}`).
+    method_type = Annotated[
+        Union[tuple(Annotated[m.Config, Tag(name)] for name, m in found.items()) + (Annotated[MethodChoice, Tag(CHOICE)],)],
+        Discriminator(_method_tag, custom_error_type="unknown_method",
+                      custom_error_message=f"unknown method; allowed: {names}, or a choice over them")]
     return create_model("Spec", __base__=SpecBase, method=(method_type, ...))
+
+
+CHOICE = "choice"
+
+
+def _method_tag(value) -> str | None:
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+    return CHOICE if isinstance(name, (dict, Choice)) else name
 
 
 def spec_model() -> type[SpecBase]:
