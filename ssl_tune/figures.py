@@ -115,7 +115,8 @@ def methods_figure(points: Mapping[str, Sequence[tuple[int, float, int]]], metri
         ax.step(x, best, where="post", color=dots.get_color(), alpha=0.6)
     ax.set_xlabel("trial (order started)")
     ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
-    ax.set_title("objective per method; hollow: stopped early; line: the method's best so far")
+    ax.set_title("objective per method\nfilled: reached the last epoch; hollow: stopped early; line: best so far",
+                 fontsize=10)
     ax.legend(fontsize=8)
     return fig
 

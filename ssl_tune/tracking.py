@@ -933,7 +933,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
-        return str(v)
+        return "-" if v is None else str(v)  # None: a field the trial's method does not have
 
     widths = {c: max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
