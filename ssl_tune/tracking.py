@@ -287,7 +287,7 @@ class MlflowTrialLogger(Callback):
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, spec: SpecBase) -> None:
         self.uri, self.experiment, self.parent_run_id, self.spec = uri, experiment, parent_run_id, spec
-        self.metric, self.mode = spec.search.metric, spec.search.mode
+        self.metric = spec.search.metric
         self._reset()
 
     def _reset(self) -> None:
