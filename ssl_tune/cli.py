@@ -215,7 +215,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     rows = tracking.leaderboard(client, parent)
     print(tracking.format_table(rows, _leaderboard_columns(rows)))
     _print_best_per_method(rows, parent.data.tags.get(tracking.TAG_MODE, "max"))
-    _print_confirmation(tracking.confirmation_table(client, parent), parent.data.tags.get(tracking.TAG_VERDICT, ""))
+    _print_confirmation(tracking.confirmation_table(client, parent, rows), parent.data.tags.get(tracking.TAG_VERDICT, ""))
     if args.out:
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -486,9 +486,12 @@ class MlflowTrialLogger(Callback):
         """The trial's figures, then the search's, refreshed as each trial ends. Best effort: a
         figure that cannot be drawn is reported and skipped, never held (the search's figures are
         drawn again at the end); while the server is unreachable they wait like any update."""
+        confirming = CONFIRMATION_KEY in trial.config  # the search's trials, and so its figures, are done
+
         def update() -> None:
             log_trial_figures(self.client, self.runs[trial.trial_id], self.last_checkpoint.get(trial.trial_id))
-            log_search_figures(self.client, self.client.get_run(self.parent_run_id), self.spec)
+            if not confirming:
+                log_search_figures(self.client, self.client.get_run(self.parent_run_id), self.spec)
 
         self.writer.submit(update, best_effort=f"figures after trial {trial.trial_id}")
 
@@ -711,11 +714,11 @@ def _record_best(client, parent_id: str, run_id: str, spec: SpecBase) -> None:
     log_metrics(client, parent_id, {f"best_{k}": v for k, v in run.data.metrics.items()}, step=0)
 
 
-def confirmation_table(client, parent) -> list[dict[str, Any]]:
+def confirmation_table(client, parent, trials: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per confirmed configuration, best mean first (`confirmation.summarise`): what it
     confirms (a search trial's run id, or "default"), its searched values, seeds, mean, SD, 95%
     interval, the paired gain over the default with its interval, and `run_id`, its best seed's run
-    (what export takes for the winner)."""
+    (what export takes for the winner). `trials`: the search's leaderboard, if the caller has it."""
     metric, mode = parent.data.tags.get(TAG_METRIC, "knn_top1"), parent.data.tags.get(TAG_MODE, "max")
     searched = [p for p in parent.data.tags.get(TAG_SEARCHED, "").split(",") if p]
     objectives: dict[str, dict[int, float]] = collections.defaultdict(dict)
@@ -728,7 +731,7 @@ def confirmation_table(client, parent) -> list[dict[str, Any]]:
         runs[of].append({"objective": value, "status": run.info.status, "run_id": run.info.run_id,
                          "params": run.data.params})
     rows = confirmation_stage.summarise(objectives, mode)
-    search_rank = {r["run_id"]: r["rank"] for r in leaderboard(client, parent)}
+    search_rank = {r["run_id"]: r["rank"] for r in (trials if trials is not None else leaderboard(client, parent))}
     for row in rows:
         of = row["confirms"]
         row["configuration"] = of if of == confirmation_stage.DEFAULT else f"search #{search_rank.get(of, '?')}"
