@@ -82,20 +82,53 @@ def loss_terms_figure(histories: Mapping[str, Sequence[tuple[int, float]]], titl
 # --- the whole search --------------------------------------------------------------------------
 
 
-def learning_curves_figure(curves: Sequence[tuple[Sequence[tuple[int, float]], str]], metric: str, epochs: int) -> Figure:
-    """Every trial's objective by epoch: `curves` holds (history, status) per trial; a KILLED trial
-    that stopped before the last epoch ends in an x, a FAILED one in a red X."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for history, status in curves:
-        if not history:
-            continue
-        steps, values = zip(*sorted(history))
-        line, = ax.plot(steps, values, marker="o", markersize=2, linewidth=1, alpha=0.8)
-        if status == "KILLED" and steps[-1] < epochs:  # stopped early by ASHA (or interrupted)
-            ax.plot(steps[-1], values[-1], marker="x", markersize=9, color=line.get_color())
-        elif status == "FAILED":
-            ax.plot(steps[-1], values[-1], marker="X", markersize=9, color="red")
-    ax.set(title="every trial (x: stopped early, red X: failed)", xlabel="epoch", ylabel=metric)
+def direction(metric: str, mode: str) -> str:
+    """An axis label or title part: the metric and which way is better."""
+    return f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"
+
+
+# How each way a trial can end looks at the end of its curve.
+END_MARKERS = {"finished": dict(marker="o", markersize=7),  # reached the last epoch (filled)
+               "stopped": dict(marker="s", markersize=7, markerfacecolor="white", markeredgewidth=1.5),  # hollow square
+               "failed": dict(marker="X", markersize=10, color="red")}
+
+
+def learning_curves_figure(curves: Sequence[tuple[str, Sequence[tuple[int, float]], str]], metric: str, mode: str,
+                           epochs: int) -> Figure:
+    """Every trial's objective by epoch. `curves` holds (label, history, MLflow status) per trial.
+
+    The legend names each trial (its MLflow run name and last value), best first; the end of each
+    curve says how the trial ended: a filled circle when it reached the last epoch, a hollow square
+    when it was stopped early (by ASHA, or interrupted), a red X when it failed.
+    """
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    colours = plt.get_cmap("tab20").colors
+    sign = -1 if mode == "max" else 1
+    drawn = sorted(((label, sorted(history), status) for label, history, status in curves if history),
+                   key=lambda c: (c[2] == "FAILED", sign * c[1][-1][1]))
+    ends = set()
+    for i, (label, history, status) in enumerate(drawn):
+        steps, values = zip(*history)
+        colour = colours[i % len(colours)]
+        ax.plot(steps, values, marker="o", markersize=2, linewidth=1.6 if i == 0 else 1, color=colour, alpha=0.9,
+                label=f"{label}: {values[-1]:.4g}" + (" (failed)" if status == "FAILED" else ""))
+        end = ("failed" if status == "FAILED" else "finished" if steps[-1] >= epochs
+               else "stopped" if status in ("KILLED", "FINISHED") else None)  # None: still running
+        if end is not None:
+            ends.add(end)
+            ax.plot(steps[-1], values[-1], linestyle="none", **{"color": colour, **END_MARKERS[end]})
+    if drawn:
+        ax.legend(title=f"trial: last {metric}", fontsize=7, title_fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), ncol=2 if len(drawn) > 16 else 1)
+    if ends:  # a second legend, for the end markers (`ax.legend` would replace the first)
+        from matplotlib.legend import Legend
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], linestyle="none", **{"color": "grey", **END_MARKERS[e]}) for e in END_MARKERS if e in ends]
+        labels = {"finished": f"reached epoch {epochs}", "stopped": "stopped early", "failed": "failed"}
+        ax.add_artist(Legend(ax, handles, [labels[e] for e in END_MARKERS if e in ends], fontsize=7, loc="lower right"))
+    ax.set(title=f"{direction(metric, mode)} by epoch, every trial", xlabel="epoch", ylabel=metric)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     return fig
 
 
@@ -114,28 +147,46 @@ def methods_figure(points: Mapping[str, Sequence[tuple[int, float, int]]], metri
         best = np.maximum.accumulate(y) if mode == "max" else np.minimum.accumulate(y)
         ax.step(x, best, where="post", color=dots.get_color(), alpha=0.6)
     ax.set_xlabel("trial (order started)")
-    ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
-    ax.set_title("objective per method\nfilled: reached the last epoch; hollow: stopped early; line: best so far",
+    ax.set_ylabel(direction(metric, mode))
+    ax.set_title(f"{metric}, each trial by method\nfilled: reached the last epoch; hollow: stopped early; line: best so far",
                  fontsize=10)
     ax.legend(fontsize=8)
     return fig
 
 
-def study_figures(study, varied: Sequence[str]) -> dict[str, Figure]:
-    """Optuna's own plots of a study of finished trials; parameter importance over the `varied`
-    parameters when there are some and at least two trials."""
+def study_figures(study, varied: Sequence[str], metric: str, mode: str) -> dict[str, Figure]:
+    """Optuna's own plots of a study of finished trials, titled with the objective and its direction;
+    parameter importance over the `varied` parameters when there are some and at least two trials."""
     from optuna.visualization import matplotlib as ov
 
     plots: dict[str, Callable] = {"optimization_history": ov.plot_optimization_history,
                                   "parallel_coordinates": ov.plot_parallel_coordinate, "slices": ov.plot_slice}
     if len(study.trials) >= 2 and varied:
         plots["param_importances"] = lambda s: ov.plot_param_importances(s, params=list(varied))
+    objective = direction(metric, mode)
     figures = {}
-    with warnings.catch_warnings():
+    # Optuna's plots switch matplotlib to its ggplot style globally: keep that to these figures.
+    with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         for name, plot in plots.items():
-            ax = plot(study)
-            figures[name] = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            drawn = plot(study)
+            axes = list(drawn.flat) if hasattr(drawn, "flat") else [drawn]
+            fig = axes[0].figure
+            if name in ("optimization_history", "slices"):  # Optuna says "Objective Value"
+                for ax in axes:
+                    if ax.get_ylabel():
+                        ax.set_ylabel(metric)
+            title = {"optimization_history": "optimization history", "parallel_coordinates": "parallel coordinates",
+                     "slices": "objective against each parameter",
+                     "param_importances": f"importance of each parameter for {metric}"}[name]
+            title = title if name == "param_importances" else f"{title}: {objective}"
+            if len(axes) == 1:
+                for loc in ("left", "center", "right"):  # Optuna's own title, wherever it put it
+                    axes[0].set_title("", loc=loc)
+                axes[0].set_title(title, loc="left")
+            else:
+                fig.suptitle(title)
+            figures[name] = fig
     return figures
 
 

@@ -588,9 +588,10 @@ def log_search_figures(client, parent, spec: SpecBase) -> dict[str, float]:
     runs = child_runs(client, parent)
     run_id = parent.info.run_id
     if runs:
-        curves = [([(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric)], run.info.status)
-                  for run in runs]
-        log_figure(client, run_id, figures.learning_curves_figure(curves, metric, spec.training.epochs), "learning_curves")
+        curves = [(run.info.run_name, [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric)],
+                   run.info.status) for run in runs]
+        log_figure(client, run_id, figures.learning_curves_figure(curves, metric, mode, spec.training.epochs),
+                   "learning_curves")
     if len(spec.method_names()) > 1:
         log_figure(client, run_id, figures.methods_figure(_method_points(runs, metric), metric, mode,
                                                           spec.training.epochs), "methods")
@@ -603,7 +604,7 @@ def log_search_figures(client, parent, spec: SpecBase) -> dict[str, float]:
     importances: dict[str, float] = {}
     if len(study.trials) >= 2 and varied:
         importances = optuna.importance.get_param_importances(study, params=varied)
-    for name, fig in figures.study_figures(study, varied).items():
+    for name, fig in figures.study_figures(study, varied, metric, mode).items():
         log_figure(client, run_id, fig, name)
     if importances:
         log_metrics(client, run_id, {f"importance.{p}": v for p, v in importances.items()}, step=len(study.trials))
