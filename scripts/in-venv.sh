@@ -25,5 +25,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export MLFLOW_DISABLE_TELEMETRY=true
+# The commands ssl-tune prints for the user (ui, export, resume) call it the way this script was
+# called, from the user's directory; exec keeps this process id, so only that process uses them.
+export SSL_TUNE_LAUNCHER="bash $(printf %q "$0")" SSL_TUNE_LAUNCHER_PID=$$
 cd "$root"
 exec "$venv/bin/$1" "${@:2}"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the package imports nothing heavy until a function is called
+    from ssl_tune.export import Pretrained
     from ssl_tune.spec import SpecBase
     from trainers.loop import TrainResult
 
@@ -16,10 +17,10 @@ except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0"
 
 
-def load_backbone(path_or_run, *, tracking_uri=None):
-    """The pretrained backbone (eval mode) from an export directory, a checkpoint or an MLflow run.
-
-    See `ssl_tune.export.load_backbone`.
+def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -> Pretrained:
+    """`(backbone, preprocess)`: the pretrained backbone (eval mode) from an export directory, a
+    checkpoint, an MLflow run or a registered model, and the transform that turns a PIL image or a
+    uint8 tensor into its input. See `ssl_tune.export.load_backbone`.
     """
     from ssl_tune.export import load_backbone as _load
 

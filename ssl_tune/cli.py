@@ -8,12 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+from ssl_tune import __version__
+from ssl_tune.shell import ssl_tune_command
+
 # Exit statuses (README, "Exit status"): 0 a search that completed with at least one trial through;
 # 1 an unexpected error (a traceback); 2 bad input or a failed pre-flight check, before any trial;
 # 3 a search that completed but in which every trial failed; 130 stopped by Ctrl-C or SIGTERM.
 EXIT_BAD_INPUT = 2
 EXIT_ALL_TRIALS_FAILED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+UI_QUIET_WARNING = "ignore:starlette.middleware.wsgi is deprecated"
 
 
 class ConsoleReporter:
@@ -89,6 +93,97 @@ def _open_data(spec, spec_path: Path):
     return dataset, info
 
 
+def _describe_range(r) -> str:
+    from ssl_tune.spec import Choice, IntRange, range_default
+
+    if isinstance(r, Choice):
+        text = "choice of " + ", ".join(map(str, r.values))
+    elif isinstance(r, IntRange):
+        text = f"int {r.low} to {r.high}" + (f" step {r.step}" if r.step != 1 else "") + (" (log)" if r.log else "")
+    else:
+        text = f"{r.type} {r.low:g} to {r.high:g}"
+    return f"{text}; default {range_default(r)}"
+
+
+def _cluster_nodes(address: str | None) -> tuple[str, list[dict]]:
+    """The nodes trials would run on: the Ray cluster at `address` (or $RAY_ADDRESS), else this machine
+    as a local Ray instance would see it."""
+    import os
+
+    from ssl_tune import cluster
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        where = cluster.init_ray(address, log_to_driver=False)
+        try:
+            return f"the Ray cluster at {where}", cluster.node_resources()
+        finally:
+            ray.shutdown()
+    import torch
+
+    return "this machine", [{"id": "local", "address": "this machine", "CPU": float(os.cpu_count() or 1),
+                             "GPU": float(torch.cuda.device_count())}]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a spec and print what `run` would do: ranges, trials, expected epochs, resources, fit."""
+    from ssl_tune import budget, cluster, tracking
+    from ssl_tune.search import startup_trials
+    from ssl_tune.spec import SpecError
+    from ssl_tune.specfile import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    t, s, r = spec.training, spec.search, spec.resources
+    print(f"{args.spec}: a valid spec")
+    print(f"  method {' or '.join(spec.method_names())} on {spec.data.name}; {t.epochs} epochs of batch {t.batch_size}; "
+          f"objective {s.metric} ({'higher' if s.mode == 'max' else 'lower'} is better)")
+    ranges = spec.search_ranges()
+    if not ranges:
+        print(f"error: {args.spec} has no search ranges, so `ssl-tune run` refuses it; `ssl-tune train` trains its one "
+              "configuration", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"searched ranges ({len(ranges)}):")
+    width = max(map(len, ranges))
+    branches = spec.branch_ranges()
+    for path, found in ranges.items():
+        print(f"  {path:<{width}}  {_describe_range(found)}")
+        for (of, value), sub in branches.items():
+            if of == path:
+                for sub_path, sub_range in sub.items():
+                    print(f"  {'':<{width}}    when {value}: {sub_path} {_describe_range(sub_range)}")
+    sampler = f"TPE, the first {min(startup_trials(spec), s.num_samples)} at random" if s.sampler == "tpe" else "random"
+    confirming = budget.confirmation_trials(spec)
+    print(f"trials: {s.num_samples} in the search ({sampler})" + (
+        f", then {confirming} in the confirmation stage (the {s.confirm.top_k} best"
+        f"{' and the default' if s.confirm.default else ''}, {s.confirm.seeds} seeds each)" if confirming else ""))
+    full = s.num_samples * t.epochs
+    if budget.rungs(spec):
+        expected = s.num_samples * budget.expected_epochs_left(spec, 0)
+        searched = (f"about {expected:.0f} expected with ASHA (at epochs {', '.join(map(str, budget.rungs(spec)))} "
+                    f"only the best 1 in {s.reduction_factor:g} goes on), at most {full}")
+    else:
+        searched = f"{full} (no early stopping)"
+    print(f"epochs: {searched}" + (f"; {confirming * t.epochs} in the confirmation stage" if confirming else ""))
+    per_worker = f"{r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU"
+    print(f"each trial asks for: {r.num_workers} worker(s) x ({per_worker})"
+          + (f" + {cluster.TRAIN_DRIVER_CPU:g} CPU for its Ray Train driver" if r.num_workers > 1 else ""))
+    where, nodes = _cluster_nodes(args.address)
+    offered = ", ".join(f"{n['CPU']:g} CPU + {n['GPU']:g} GPU" for n in nodes)
+    try:
+        fits = cluster.check_resources(spec, nodes)
+    except SpecError as exc:
+        print(f"error: {args.spec}: does not fit on {where} ({offered}): {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    at_once = min(s.max_concurrent or fits, s.num_samples)
+    print(f"cluster: {where} ({len(nodes)} node(s): {offered}) fits {fits} trial(s) at once; {at_once} will run at once"
+          + (" (search.max_concurrent)" if s.max_concurrent and s.max_concurrent < fits else ""))
+    uri = tracking.resolve_uri(spec.mlflow.tracking_uri)
+    print(f"tracking: {uri}, experiment {spec.mlflow.experiment_name or spec.name!r}; Ray storage: {spec.storage_path}")
+    print(f"start it with:  {ssl_tune_command('run', str(args.spec), *[f'--set={o}' for o in args.set])}")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from ssl_tune.specfile import load_spec
 
@@ -154,10 +249,10 @@ def _report_outcome(outcome, spec) -> int:
         print(f"\nsearch interrupted {when}; its state and checkpoints are saved, unfinished trials are marked "
               "KILLED in MLflow")
         print(where)
-        uri = "" if outcome.tracking_uri == tracking.resolve_uri(None) else f" --tracking-uri {outcome.tracking_uri}"
+        uri = [] if outcome.tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", outcome.tracking_uri]
         default_storage = str(Path(SpecBase.model_fields["storage_path"].default).resolve())
-        storage = "" if outcome.storage in ("", default_storage) else f" --storage-path {outcome.storage}"
-        print(f"resume with:  ssl-tune resume {outcome.parent_run_id}{uri}{storage}")
+        storage = [] if outcome.storage in ("", default_storage) else ["--storage-path", outcome.storage]
+        print(f"resume with:  {ssl_tune_command('resume', outcome.parent_run_id, *uri, *storage)}")
         return EXIT_INTERRUPTED
     objective = f", objective {spec.search.metric} ({spec.search.mode})" if spec is not None else ""
     print(f"\nsearch finished: {len(outcome.rows)} trials{objective}")
@@ -169,7 +264,9 @@ def _report_outcome(outcome, spec) -> int:
         print(f"error: every trial failed; the reasons are in the table above and in each trial run's "
               f"{tracking.TAG_ERROR} tag (the parent run is marked FAILED)", file=sys.stderr)
         return EXIT_ALL_TRIALS_FAILED
-    print(f"browse:  ssl-tune ui            export the best backbone:  ssl-tune export {outcome.experiment}")
+    uri = [] if outcome.tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", outcome.tracking_uri]
+    print(f"browse the search:         {ssl_tune_command('ui', *uri)}")
+    print(f"export the best backbone:  {ssl_tune_command('export', outcome.experiment, *uri)}")
     return 0
 
 
@@ -208,7 +305,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     uri = tracking.resolve_uri(args.tracking_uri)
     try:
         client = tracking.existing_store_client(uri)
-        parent = tracking.find_parent_run(client, args.experiment)
+        parent = tracking.find_parent_run(client, args.experiment_or_run)
     except LookupError as exc:
         print(f"error: {_naming_store(exc, uri)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -237,8 +334,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {_naming_store(exc, uri)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     metrics = json.loads((out / "metrics.json").read_text())
-    print(f"exported run {metrics['run_id']} (epoch {metrics['epoch']}) to {out}: backbone.pt, head.pt, spec.yaml, metrics.json")
-    print(f"load it with:  ssl_tune.load_backbone({str(out)!r})")
+    print(f"exported run {metrics['run_id']} (epoch {metrics['epoch']}) to {out}: backbone.pt, head.pt, spec.yaml, input.json, "
+          "metrics.json")
+    print(f"load it with:  backbone, preprocess = ssl_tune.load_backbone({str(out)!r})")
     return 0
 
 
@@ -263,10 +361,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from ssl_tune import tracking
 
     uri = tracking.resolve_uri(args.tracking_uri)
+    try:
+        tracking.existing_store_client(uri)  # MLflow would create an empty store and show nothing
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)])
+    # MLflow's server imports a module Starlette deprecated: a warning per worker, not the user's to act on.
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), UI_QUIET_WARNING]))
+    # One worker: a UI for one person starts faster and holds one process's memory, not four.
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+                      "--workers", "1"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,12 +381,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ssl-tune",
         description="Hyperparameter search for self-supervised learning (Ray Tune + Optuna, tracked in MLflow).",
     )
+    parser.add_argument("--version", action="version", version=f"ssl-tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def spec_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("spec", type=Path, help="spec file (YAML), e.g. search_spaces/twist.yaml")
         p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                        help="override a spec field (value parsed as YAML); repeatable")
+
+    validate = sub.add_parser("validate", help="check a spec and show what `run` would do, without starting it",
+                              description="Check a spec (with its --set overrides) and print what `ssl-tune run` would do: "
+                              "the searched ranges, the number of trials and the epochs they are expected to train, the "
+                              "resources each trial asks for and whether the cluster (--address, else this machine) "
+                              "fits them. Exit 0 when the spec is valid and fits, 2 otherwise. Starts no search.")
+    spec_args(validate)
+    validate.add_argument("--address", help="Ray cluster to check the resources against (auto, ray://host:10001); "
+                          "default $RAY_ADDRESS, else this machine")
+    validate.set_defaults(func=cmd_validate)
 
     prepare = sub.add_parser("prepare", help="decode the spec's data set into its cache (run and train do it when needed)",
                              description="Decode the spec's data set once, in parallel on every core, into a memory-mapped "
@@ -315,12 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     def uri_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tracking-uri", help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
 
+    def search_arg(p: argparse.ArgumentParser, also: str) -> None:
+        p.add_argument("experiment_or_run", metavar="EXPERIMENT_OR_RUN",
+                       help=f"a search's name (run --name) or its parent run id, {also}")
+
     resume = sub.add_parser("resume", help="continue an interrupted search where it stopped",
                             description="Continue a search stopped by Ctrl-C, SIGTERM or a dead driver: unfinished trials "
                             "resume from their latest checkpoints, the remaining samples run, finished trials are kept, "
                             "and the same MLflow parent and child runs are used.")
-    resume.add_argument("experiment_or_run", help="the search's name (run --name), its parent run id, or an MLflow "
-                        "experiment name with one unfinished search")
+    search_arg(resume, "or an MLflow experiment name with one unfinished search")
     uri_arg(resume)
     resume.add_argument("--storage-path", help="where the search keeps its Tune state, if not ./ssl_tune_runs (the spec's "
                         "storage_path); resume reads (unpickles) that state only from here")
@@ -329,9 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.set_defaults(func=cmd_resume)
 
     results = sub.add_parser("results", help="leaderboard of a search; --out writes every trial as Parquet",
-                             description="Print the trials of a search (the latest one of EXPERIMENT, or the given "
-                             "parent run id), best first.")
-    results.add_argument("experiment", help="MLflow experiment name or a search's run id")
+                             description="Print the trials of a search, best first, and its confirmation stage.")
+    search_arg(results, "or an MLflow experiment name (its latest search)")
     results.add_argument("--out", type=Path, help="write the table to this .parquet file")
     uri_arg(results)
     results.set_defaults(func=cmd_results)
@@ -339,9 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write the best trial's backbone, head, spec and metrics",
                             description="Export the checkpoint of a search's best trial (after a confirmation stage, "
                             "the confirmed winner's best seed), or of one trial run: backbone.pt "
-                            "(a plain state_dict, torch.load(weights_only=True)), head.pt, spec.yaml, metrics.json. "
-                            "Load it with ssl_tune.load_backbone(DIR).")
-    export.add_argument("experiment_or_run", help="MLflow experiment name, search run id or trial run id")
+                            "(a plain state_dict, torch.load(weights_only=True)), head.pt, spec.yaml, input.json (what "
+                            "the backbone takes: channels, size, normalisation), metrics.json. Load it with "
+                            "`backbone, preprocess = ssl_tune.load_backbone(DIR)`.")
+    search_arg(export, "an MLflow experiment name (its latest search), or one trial's run id")
     export.add_argument("--out", type=Path, help="output directory (default exports/EXPERIMENT_OR_RUN)")
     export.add_argument("--register", metavar="MODEL_NAME", help="also log the backbone to MLflow and register it")
     uri_arg(export)
@@ -352,9 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     uri_arg(listing)
     listing.set_defaults(func=cmd_list)
 
-    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the tracking store",
-                        description="Start the MLflow UI on 127.0.0.1 against the same tracking URI as `ssl-tune run`.")
-    ui.add_argument("--port", type=int, default=5000)
+    ui = sub.add_parser("ui", help="start the MLflow UI for the tracking store (on 127.0.0.1 unless --host)",
+                        description="Start the MLflow UI against the same tracking URI as `ssl-tune run`.")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only; "
+                    "0.0.0.0 serves every network the machine is on, without authentication)")
+    ui.add_argument("--port", type=int, default=5000, help="port to serve on (default 5000)")
     uri_arg(ui)
     ui.set_defaults(func=cmd_ui)
     return parser

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from ssl_tune import budget
 from ssl_tune.space import best_value, field_values
 from ssl_tune.spec import SpecBase
 from ssl_tune.trial import FAILURE_KEY, error_summary
@@ -60,20 +61,27 @@ class ConsoleTable(Callback):
     "best" is the best trial's objective so far by the one definition (`ssl_tune.space`): each
     trial counts with the value of its last evaluated epoch, as the leaderboard and Optuna see it.
 
-    The ETA is an upper bound: the epochs still to run if no further trial were stopped early, at
-    the measured time between two epochs of one trial, divided over the most trials seen running at
-    once (not the current count, which dips between one trial's end and the next one's start).
-    Start-ups and restarts are not epochs, so a restarted trial does not inflate the estimate.
+    The ETA is the time left for the whole command: the epochs the stage's trials are expected to
+    run still (under ASHA, `ssl_tune.budget`: each rung's measured promotion rate) plus the epochs of
+    the stages after it (`epochs_after`: the confirmation stage), at the measured time between two
+    epochs of one trial, divided over the most trials seen running at once (not the current count,
+    which dips between one trial's end and the next one's start). There is none ("-") until an
+    epoch's duration has been measured: start-ups and restarts are not epochs.
     """
 
-    def __init__(self, spec: SpecBase, num_samples: int | None = None) -> None:
+    def __init__(self, spec: SpecBase, num_samples: int | None = None, *, early_stopping: bool = True,
+                 epochs_after: int = 0) -> None:
+        self.spec = spec
         self.metric, self.mode = spec.search.metric, spec.search.mode
         self.params = spec.searchable_paths()
         self.epochs, self.num_samples = spec.training.epochs, num_samples or spec.search.num_samples
+        self.early_stopping, self.epochs_after = early_stopping, epochs_after
         self._reset()
 
     def _reset(self) -> None:
-        self.epochs_settled: dict[str, int] = {}  # trial -> epochs it will not need (done or skipped)
+        self.reached: dict[str, int] = {}  # trial -> its last reported epoch
+        self.ended: set[str] = set()  # trials that no longer run (finished, stopped or failed)
+        self.failed: set[str] = set()
         self.latest: dict[str, float] = {}  # trial -> its objective so far (the value of its last evaluated epoch)
         self.header_printed = False
         self.last_result_at: dict[str, float] = {}  # running trial -> when it last reported an epoch
@@ -82,7 +90,7 @@ class ConsoleTable(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("epochs_settled", "latest", "header_printed", "last_result_at", "epoch_seconds", "concurrency"):
+        for key in ("reached", "ended", "failed", "latest", "header_printed", "last_result_at", "epoch_seconds", "concurrency"):
             state.pop(key)
         return state
 
@@ -94,7 +102,7 @@ class ConsoleTable(Callback):
         print(text, file=sys.__stdout__, flush=True)
 
     def _row(self, trial, status: str, epoch: int | str, value: float | None) -> None:
-        columns = ["trial", "status", *self.params, "epoch", self.metric, "best", "ETA max"]
+        columns = ["trial", "status", *self.params, "epoch", self.metric, "best", "ETA"]
         widths = [10, 9, *[max(10, len(p)) for p in self.params], 6, max(9, len(self.metric)), 8, 7]
         if not self.header_printed:
             self._print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
@@ -115,11 +123,24 @@ class ConsoleTable(Callback):
         if not self.epoch_seconds:
             return "-"
         epoch_s = sum(self.epoch_seconds[-50:]) / len(self.epoch_seconds[-50:])
-        remaining = self.num_samples * self.epochs - sum(self.epochs_settled.values())
-        return _duration(max(0, remaining) * epoch_s / self.concurrency)
+        return _duration(self.epochs_left() * epoch_s / self.concurrency)
+
+    def epochs_left(self) -> float:
+        """Epochs the command is expected to train still: this stage's trials (running and not yet
+        started) and the stages after it."""
+        if self.early_stopping:
+            counted = {t: e for t, e in self.reached.items() if t not in self.failed}
+            rates = budget.promotion_rates(self.spec, counted, self.ended)
+            left = lambda done: budget.expected_epochs_left(self.spec, done, rates)  # noqa: E731
+        else:
+            left = lambda done: float(max(0, self.epochs - done))  # noqa: E731
+        running = sum(left(epoch) for trial, epoch in self.reached.items() if trial not in self.ended)
+        pending = max(0, self.num_samples - len(self.reached)) * left(0)
+        return running + pending + self.epochs_after
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.last_result_at[trial.trial_id] = math.nan  # running, no epoch measured yet
+        self.reached.setdefault(trial.trial_id, int((trial.last_result or {}).get("epoch", 0)))
         self.concurrency = max(self.concurrency, len(self.last_result_at))
         self._row(trial, "started", int((trial.last_result or {}).get("epoch", 0)), None)
 
@@ -136,7 +157,7 @@ class ConsoleTable(Callback):
         if math.isfinite(previous):
             self.epoch_seconds.append(now - previous)
         self.last_result_at[trial.trial_id] = now
-        self.epochs_settled[trial.trial_id] = epoch
+        self.reached[trial.trial_id] = epoch
         if value is not None:  # an epoch without evaluation keeps the last evaluated value
             self.latest[trial.trial_id] = value
         self._row(trial, "running", epoch, value)
@@ -145,8 +166,10 @@ class ConsoleTable(Callback):
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0))
         self.last_result_at.pop(trial.trial_id, None)
-        self.epochs_settled[trial.trial_id] = self.epochs  # stopped early: its other epochs never run
+        self.reached[trial.trial_id] = epoch
+        self.ended.add(trial.trial_id)
         if FAILURE_KEY in last:
+            self.failed.add(trial.trial_id)
             self.latest.pop(trial.trial_id, None)  # a failed trial's last value is not a result
             reason = str(last[FAILURE_KEY])
             self._row(trial, "diverged" if reason.startswith("diverged") else "failed", epoch, None)
@@ -157,6 +180,8 @@ class ConsoleTable(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.last_result_at.pop(trial.trial_id, None)
         self.latest.pop(trial.trial_id, None)
-        self.epochs_settled[trial.trial_id] = self.epochs
+        self.reached.setdefault(trial.trial_id, 0)
+        self.ended.add(trial.trial_id)
+        self.failed.add(trial.trial_id)
         self._row(trial, "failed", int((trial.last_result or {}).get("epoch", 0)), None)
         self._print(f"  trial {trial.trial_id} failed: {error_summary(trial)}")

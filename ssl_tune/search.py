@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 from ray.tune.schedulers import FIFOScheduler
 
-from ssl_tune import cluster, tracking
+from ssl_tune import budget, cluster, tracking
 from ssl_tune.confirmation import confirmation_configs
+from ssl_tune.shell import ssl_tune_command
 from ssl_tune.space import CONFIRMATION_KEY, SearchSpace, field_values, optuna_names
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.trial import FAILURE_KEY, checkpoint_config, run_trial
@@ -229,7 +230,8 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage,
-            callbacks=[tracking.MlflowTrialLogger(uri, experiment, parent_id, spec)] + ([] if verbose else [ConsoleTable(spec)]),
+            callbacks=[tracking.MlflowTrialLogger(uri, experiment, parent_id, spec)]
+            + ([] if verbose else [ConsoleTable(spec, epochs_after=budget.confirmation_trials(spec) * spec.training.epochs)]),
             checkpoint_config=checkpoint_config(train=False),
             # A trial whose worker died restarts from its latest checkpoint, in the same MLflow run.
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
@@ -259,7 +261,7 @@ def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) 
         raise SpecError(
             f"resume: the search's MLflow run names its Tune state at {tagged or '(nothing)'}, which is not in {given}; "
             "resuming unpickles that state (tuner.pkl), so ssl-tune reads it only from a storage path you name. If you "
-            f"trust that directory: ssl-tune resume {run_ref} --storage-path {parent or 'DIR'}")
+            f"trust that directory: {ssl_tune_command('resume', run_ref, '--storage-path', parent or 'DIR')}")
     return normal(tagged)
 
 
@@ -371,7 +373,7 @@ def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
             name=name,
             storage_path=stage.storage,
             callbacks=[tracking.MlflowTrialLogger(stage.uri, stage.experiment_id, stage.parent_id, spec)]
-            + ([] if stage.verbose else [ConsoleTable(spec, num_samples=len(configs))]),
+            + ([] if stage.verbose else [ConsoleTable(spec, num_samples=len(configs), early_stopping=False)]),
             checkpoint_config=checkpoint_config(train=False),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             verbose=1 if stage.verbose else 0,

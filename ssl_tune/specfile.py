@@ -163,6 +163,22 @@ def _check_range_bounds(spec: SpecBase, source: str) -> None:
         raise SpecError("\n".join(dict.fromkeys([f"invalid spec {source}:"] + problems)))
 
 
+def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """A YAML syntax error as `FILE:LINE:COLUMN: what` (1-based, as editors count), with the line."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and start is not mark:
+        context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+    what = f"{problem} ({context})" if context else problem
+    if mark is None:
+        return f"invalid spec {path}: not valid YAML: {what}"
+    lines = [f"invalid spec {path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {what}"]
+    if mark.buffer and mark.line < len(text := mark.buffer.rstrip("\0").splitlines()):
+        lines += [f"  {text[mark.line]}", f"  {' ' * mark.column}^"]
+    return "\n".join(lines)
+
+
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SpecBase:
     """Read, override and validate a spec file. Raises SpecError with a user-facing message."""
     path = Path(path)
@@ -173,7 +189,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"invalid spec {path}: not valid YAML: {exc}") from None
+        raise SpecError(yaml_error(path, exc)) from None
     raw = copy.deepcopy(raw) if raw is not None else {}
     source = str(path)
     if overrides:

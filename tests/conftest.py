@@ -131,6 +131,19 @@ def output(proc) -> str:
     return Path(proc.log.name).read_text()
 
 
+def printed_command(out: str, label: str) -> list[str]:
+    """The arguments of the `ssl-tune ...` command printed after `label`, checked to run this ssl-tune
+    as printed (by a path, or by name from PATH)."""
+    import shlex
+    import shutil
+
+    line = next(line for line in out.splitlines() if line.startswith(label))
+    program, *args = shlex.split(line.removeprefix(label))
+    found = shutil.which(program)
+    assert found and Path(found).resolve() == Path(SSL_TUNE).resolve(), f"{program!r} does not run ssl-tune: {line}"
+    return args
+
+
 def wait_for(condition, timeout: float, what: str, proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -184,11 +197,22 @@ def namespaces_allowed() -> bool:
     return made
 
 
+# The commands that provide the system packages some tests need (Debian, as root); `.ci/run` runs them.
+CHROMIUM_INSTALL = "apt-get install -y chromium"
+POSTGRES_INSTALL = "apt-get install -y postgresql"
+IPROUTE_INSTALL = "apt-get install -y iproute2 (and run the tests as root, to make network namespaces)"
+
+
+def on_ci() -> bool:
+    """Whether the tests run under CI (`CI` set to anything but empty, 0 or false; `.ci/run` sets it)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def require_system(available: bool, what: str, install: str) -> None:
-    """A test that needs a system facility: skipped where it is missing, with the command that
-    provides it, except on CI (`.ci/run` sets CI=1 and provides it), where it fails."""
+    """A test that needs a system package: outside CI it skips where the package is missing, saying
+    the command that installs it; under CI (which installs it) it fails instead."""
     if available:
         return
-    if os.environ.get("CI"):
+    if on_ci():
         pytest.fail(f"CI lacks {what}: .ci/run must provide it ({install})")
-    pytest.skip(f"needs {what}: {install}")
+    pytest.skip(f"needs {what}; install it with: {install}")

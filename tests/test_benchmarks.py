@@ -10,7 +10,7 @@ import yaml
 from benchmarks import __main__ as harness
 from benchmarks import search_efficiency as se
 from ssl_tune.specfile import load_spec
-from tests.conftest import namespaces_allowed, require_system, tiny_spec_dict
+from tests.conftest import IPROUTE_INSTALL, namespaces_allowed, require_system, tiny_spec_dict
 
 EPOCHS = 8  # search_spaces/twist.yaml
 BEST = (1.0, 0.5)  # (lr, tau) of the synthetic table's best point
@@ -206,7 +206,7 @@ def test_gpu_throughput_counts_flops(tmp_path):
 
 @pytest.mark.slow
 def test_cluster_benchmark_through_the_harness(tmp_path):
-    require_system(namespaces_allowed(), "network namespaces", "run as root with iproute2 (apt-get install iproute2)")
+    require_system(namespaces_allowed(), "network namespaces", IPROUTE_INSTALL)
     harness.main(["--results", str(tmp_path), "--report", str(tmp_path / "b.md"), "cluster", "--epochs", "2",
                   "--repeats", "1"])
     result = json.loads((tmp_path / "cluster.json").read_text())

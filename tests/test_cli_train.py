@@ -6,6 +6,7 @@ import subprocess
 import pytest
 import torch
 
+import ssl_tune
 from tests.conftest import SSL_TUNE, method_names, method_spec_file
 
 FAST = ["--set", "backbone.width=4", "--set", "projector={hidden_dim: 32, output_dim: 16, num_layers: 2}",
@@ -41,6 +42,11 @@ def test_train_then_resume(tmp_path, twist_spec_path):
     assert 10 <= last["knn_top1"] <= 100
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1
+    # the checkpoint carries its input contract: the bundled data's grey 28 x 28 images and their statistics
+    backbone, preprocess = ssl_tune.load_backbone(out / "checkpoint.pt")
+    contract = preprocess.contract
+    assert (contract.channels, contract.image_size, contract.dataset) == (1, 28, "fashion_mnist_subset")
+    assert backbone(preprocess(torch.zeros(3, 1, 28, 28, dtype=torch.uint8))).shape == (3, backbone.output_dim)
 
     proc = run("train", twist_spec_path, "--set", "training.epochs=2", *FAST, "--out", str(out),
                "--resume", str(out / "checkpoint.pt"))

@@ -83,5 +83,5 @@ def test_search_across_methods_end_to_end(tmp_path):
     winner = client.get_run(json.loads((tmp_path / "best" / "metrics.json").read_text())["run_id"])
     exported = yaml.safe_load((tmp_path / "best" / "spec.yaml").read_text())
     assert exported["method"]["name"] == winner.data.tags[tracking.TAG_METHOD] == rows[0]["method.name"]
-    backbone = load_backbone(tmp_path / "best")
-    assert backbone(torch.zeros(2, 1, 28, 28)).shape[0] == 2
+    backbone, preprocess = load_backbone(tmp_path / "best")
+    assert backbone(preprocess(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))).shape[0] == 2

@@ -19,7 +19,8 @@ from ssl_tune.cluster import check_cluster_paths, check_resources
 from ssl_tune.spec import SpecError
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.trial import RESTORED_FROM_KEY
-from tests.conftest import epoch_steps, output, run_cli, runs_of, search_spec, start_cli, tiny_spec_dict, wait_for
+from tests.conftest import (epoch_steps, output, printed_command, run_cli, runs_of, search_spec, start_cli, tiny_spec_dict,
+                            wait_for)
 
 
 
@@ -114,7 +115,7 @@ def test_interrupted_and_killed_driver_then_resume_finishes_every_trial_once(tmp
     out = output(proc)
     assert proc.returncode == 130, out[-4000:]
     client, (parent,), children = runs_of(tmp_path)
-    assert "resume with:  ssl-tune resume " + parent.info.run_id in out
+    assert printed_command(out, "resume with:") == ["resume", parent.info.run_id]
     assert parent.info.status == "KILLED"
     assert "RUNNING" not in {c.info.status for c in children}
     interrupted = [c for c in children if c.info.status == "KILLED"]
@@ -402,12 +403,12 @@ def test_placement_groups_left_by_an_earlier_attempt_are_removed(tmp_path):
         ray.shutdown()
 
 
-def console_table(monkeypatch, epochs: int, num_samples: int):
+def console_table(monkeypatch, epochs: int, num_samples: int, **search):
     """A ConsoleTable on a clock the test sets (`now[0]`), printing into `rows`."""
     from ssl_tune import console
 
     spec = spec_from_dict({**tiny_spec_dict(training={"epochs": epochs, "batch_size": 32, "seed": 0}),
-                           "search": {"num_samples": num_samples, "metric": "loss", "mode": "min"}})
+                           "search": {"num_samples": num_samples, "metric": "loss", "mode": "min", **search}})
     table, rows, now = console.ConsoleTable(spec), [], [0.0]
     monkeypatch.setattr(table, "_print", rows.append)
     monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
@@ -415,7 +416,7 @@ def console_table(monkeypatch, epochs: int, num_samples: int):
 
 
 def test_eta_counts_epochs_not_restarts(monkeypatch):
-    table, rows, now = console_table(monkeypatch, epochs=10, num_samples=1)
+    table, rows, now = console_table(monkeypatch, epochs=10, num_samples=1, scheduler="none")
     trial = FakeTrial("t1", {})
     table.on_trial_start(0, [], trial)
     for epoch, at in [(1, 30.0), (2, 40.0), (3, 50.0)]:  # 30 s to start, then 10 s an epoch
@@ -449,7 +450,7 @@ def test_a_figure_that_fails_while_the_server_answers_is_dropped_not_held(tmp_pa
 
 
 def test_eta_does_not_jump_when_one_of_two_trials_ends(monkeypatch):
-    table, rows, now = console_table(monkeypatch, epochs=4, num_samples=4)
+    table, rows, now = console_table(monkeypatch, epochs=4, num_samples=4, scheduler="none")
     a, b = FakeTrial("a", {}), FakeTrial("b", {})
     table.on_trial_start(0, [], a)
     table.on_trial_start(0, [], b)
@@ -461,3 +462,31 @@ def test_eta_does_not_jump_when_one_of_two_trials_ends(monkeypatch):
     a.last_result = {"epoch": 2.0, "loss": 1.0}
     table.on_trial_complete(0, [], a)  # stopped early: its 2 other epochs never run
     assert before == "1m00s" and rows[-1].split()[-1] == "50s"  # (16 - 6 settled) x 10 s / 2 at once
+
+
+def test_eta_under_asha_counts_the_epochs_trials_are_expected_to_run(monkeypatch):
+    """16 trials of 8 epochs, ASHA rungs at 1 and 3, 1 in 3 promoted: about 36 epochs, not 128; the
+    estimate then follows the promotions that happened, and adds the stages after this one."""
+    from ssl_tune import budget
+
+    table, rows, now = console_table(monkeypatch, epochs=8, num_samples=16, grace_period=1, reduction_factor=3)
+    spec = table.spec
+    assert budget.rungs(spec) == [1, 3]
+    assert budget.expected_epochs_left(spec, 0) == pytest.approx(1 + 2 / 3 + 5 / 9)
+    assert budget.expected_epochs_left(spec, 2) == pytest.approx(1 + 5 / 3)  # to rung 3, then 1 in 3 goes on
+    assert budget.expected_epochs_left(spec, 3) == pytest.approx(5)  # still running at rung 3: promoted, to the end
+    trial = FakeTrial("a", {})
+    table.on_trial_start(0, [], trial)
+    now[0] = 30.0
+    table.on_trial_result(0, [], trial, {"epoch": 1.0, "loss": 1.0})
+    assert rows[-1].split()[-1] == "-"  # the first epoch includes the start-up: not measured
+    now[0] = 40.0
+    table.on_trial_result(0, [], trial, {"epoch": 2.0, "loss": 1.0})  # 10 s an epoch
+    rates = budget.promotion_rates(spec, {"a": 2}, set())  # one trial went on at rung 1
+    assert rates[0] == pytest.approx((1 + 2 / 3) / 3) and rates[1] == pytest.approx(1 / 3)
+    expected = budget.expected_epochs_left(spec, 2, rates) + 15 * budget.expected_epochs_left(spec, 0, rates)
+    assert table.epochs_left() == pytest.approx(expected) and expected < 0.5 * (6 + 15 * 8)
+    minutes, seconds = divmod(round(expected * 10), 60)
+    assert rows[-1].split()[-1] == f"{minutes}m{seconds:02d}s"
+    table.epochs_after = 72  # the confirmation stage's 9 trials of 8 epochs
+    assert table.epochs_left() == pytest.approx(expected + 72)

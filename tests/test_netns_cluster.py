@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ssl_tune import tracking
-from tests.conftest import ROOT, SSL_TUNE, namespaces_allowed, output, require_system, search_spec, wait_for
+from tests.conftest import IPROUTE_INSTALL, ROOT, SSL_TUNE, namespaces_allowed, output, require_system, search_spec, wait_for
 
 SCRIPTS = Path(ROOT) / "scripts"
 PREFIX, SUBNET = f"sslt{os.getpid() % 10000}", f"10.213.{os.getpid() % 200 + 20}"
@@ -22,7 +22,7 @@ PREFIX, SUBNET = f"sslt{os.getpid() % 10000}", f"10.213.{os.getpid() % 200 + 20}
 
 @pytest.fixture
 def two_hosts(tmp_path):
-    require_system(namespaces_allowed(), "network namespaces", "run as root with iproute2 (apt-get install iproute2)")
+    require_system(namespaces_allowed(), "network namespaces", IPROUTE_INSTALL)
     sys.path.insert(0, str(SCRIPTS))
     import netns_cluster
     import services

@@ -2,7 +2,10 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,12 @@ from ssl_tune import load_backbone, tracking
 from ssl_tune.data.datasets import load_dataset
 from ssl_tune.data.loader import Normalizer
 from ssl_tune.evaluation import extract_features, knn_accuracy
-from tests.conftest import SEARCH_EPOCHS, SSL_TUNE, output, run_cli, runs_of, search_spec, start_cli, wait_for
+from tests.conftest import (CHROMIUM_INSTALL, ROOT, SEARCH_EPOCHS, SSL_TUNE, cli_env, output, printed_command,
+                            require_system, run_cli, runs_of, search_spec, start_cli, wait_for)
+
+
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (Path(ROOT) / "README.md").read_text(), flags=re.S)
 
 EPOCHS = SEARCH_EPOCHS
 
@@ -101,30 +109,53 @@ def test_results_leaderboard_and_parquet(finished_search):
 
 
 @pytest.mark.slow
-def test_export_reloads_the_backbone_and_reproduces_logged_knn(finished_search):
-    work, client, _ = finished_search
+def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logged_knn(finished_search):
+    work, client, proc = finished_search
+    # the search's last lines: commands that run as printed
+    assert printed_command(proc.stdout, "export the best backbone:") == ["export", "search-test"]
+    assert printed_command(proc.stdout, "browse the search:") == ["ui"]
+    hint = next(line for line in proc.stdout.splitlines() if line.startswith("export the best backbone:"))
+    pasted = subprocess.run(hint.split(":", 1)[1] + " --out pasted", shell=True, cwd=work, capture_output=True,
+                            text=True, env=cli_env())
+    assert pasted.returncode == 0 and (work / "pasted" / "backbone.pt").is_file(), pasted.stderr
+
     out = run_cli(["export", "search-test", "--out", "exported", "--register", "test-backbone"], cwd=work)
     assert out.returncode == 0, out.stderr
     exported = work / "exported"
-    assert set(p.name for p in exported.iterdir()) >= {"backbone.pt", "head.pt", "spec.yaml", "metrics.json"}
+    assert set(p.name for p in exported.iterdir()) >= {"backbone.pt", "head.pt", "spec.yaml", "input.json", "metrics.json"}
     torch.load(exported / "backbone.pt", weights_only=True)
     info = json.loads((exported / "metrics.json").read_text())
     logged = {m.step: m.value for m in client.get_metric_history(info["run_id"], "knn_top1")}[info["epoch"]]
 
-    backbone = load_backbone(exported)
+    backbone, preprocess = load_backbone(exported)
     data = load_dataset("fashion_mnist_subset")
     norm = Normalizer(data.train_images)
+    # the input contract written at export is the trainer's normalisation of its data
+    contract = json.loads((exported / "input.json").read_text())
+    assert contract == {"channels": 1, "image_size": 28, "mean": pytest.approx(norm.mean.flatten().tolist()),
+                        "std": pytest.approx(norm.std.flatten().tolist()), "dataset": "fashion_mnist_subset"}
+    assert torch.allclose(preprocess(data.test_images), norm.uint8(data.test_images), atol=1e-6)
     feats = [extract_features(backbone, x, norm, device=torch.device("cpu")) for x in (data.train_images, data.test_images)]
     top1, _ = knn_accuracy(feats[0], data.train_labels, feats[1], data.test_labels, num_classes=10)
     assert abs(top1 - logged) <= 0.5
-    # the same backbone straight from MLflow: by the search's experiment name, and as the registered model
-    import mlflow.pytorch
-
+    # the same backbone and preprocessing straight from MLflow: by the search's experiment name, and as
+    # the registered model
     from_run = load_backbone("search-test", tracking_uri=f"sqlite:///{work}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
-    registered = mlflow.pytorch.load_model("models:/test-backbone/1")
-    for a, b, c in zip(backbone.state_dict().values(), from_run.state_dict().values(), registered.state_dict().values()):
+    registered = load_backbone("models:/test-backbone/1", tracking_uri=f"sqlite:///{work}/mlflow.db")
+    for a, b, c in zip(backbone.state_dict().values(), from_run.backbone.state_dict().values(),
+                       registered.backbone.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
+    assert preprocess.contract == from_run.preprocess.contract == registered.preprocess.contract
+
+    # the README's example, as written, next to this export
+    example = next(block for block in readme_python_blocks() if 'load_backbone("best")' in block)
+    (work / "best").symlink_to(exported)
+    (work / "docs" / "images").mkdir(parents=True)
+    shutil.copy(Path(ROOT) / "docs" / "images" / "trouser.png", work / "docs" / "images")
+    ran = subprocess.run([sys.executable, "-c", example], cwd=work, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    width = backbone(preprocess(data.test_images[:1])).shape[1]
+    assert f"torch.Size([1, {width}])" in ran.stdout and "grey 28x28" in ran.stdout
 
 
 @pytest.mark.slow
@@ -165,13 +196,14 @@ def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_s
     _, _, children = runs_of(work)
     came_through = [c for c in children if c.info.status in ("FINISHED", "KILLED")]
     assert came_through and all(c.data.tags.get(tracking.TAG_CHECKPOINT_ARTIFACT) == "checkpoint" for c in came_through)
-    local = load_backbone("search-test", tracking_uri=uri)  # from Ray's storage
+    local = load_backbone("search-test", tracking_uri=uri).backbone  # from Ray's storage
     (work / "ssl_tune_runs").rename(work / "ssl_tune_runs.moved")
     try:
         proc = run_cli(["export", "search-test", "--tracking-uri", uri, "--out", str(tmp_path / "out")], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert not (tmp_path / "mlflow.db").exists()
-        exported, from_artifacts = load_backbone(tmp_path / "out"), load_backbone("search-test", tracking_uri=uri)
+        exported = load_backbone(tmp_path / "out").backbone
+        from_artifacts = load_backbone("search-test", tracking_uri=uri).backbone
         for a, b, c in zip(local.state_dict().values(), exported.state_dict().values(), from_artifacts.state_dict().values()):
             assert torch.equal(a, b) and torch.equal(a, c)
     finally:
@@ -273,27 +305,14 @@ def test_trial_that_errors_is_failed_with_its_error(tmp_path):
 
 
 def chromium() -> str:
-    """Debian's chromium, installed here if missing (the test set-up; needs root and the Debian mirror)."""
-    import shutil
-
+    """Debian's chromium: `.ci/run` installs it; elsewhere the browser test skips without it."""
     found = shutil.which("chromium")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for refresh in (False, True):  # the package lists may be stale on a fresh machine
-        if found is not None:
-            break
-        if refresh:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
-        proc = subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, text=True,
-                              env=env, timeout=900)
-        found = shutil.which("chromium")
-    assert found, "could not install Debian's chromium for the browser test:\n" + proc.stderr[-2000:]
+    require_system(found is not None, "Chromium (headless, for the browser test)", CHROMIUM_INSTALL)
     return found
 
 
 def browse(url: str, *, screenshot: Path | None = None) -> str:
     """The page's text after its scripts ran (headless Chromium), optionally a screenshot too."""
-    import re
-
     # Virtual time lets the page's fetches and charts finish before the DOM or the picture is taken.
     base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
             "--window-size=1400,1000", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw"]
@@ -310,12 +329,14 @@ def test_mlflow_ui_in_a_browser_shows_the_search_its_trials_and_their_knn_curves
     import time
     import urllib.request
 
+    chromium()  # skips here, before the UI starts, where it is missing outside CI
     work, client, _ = finished_search
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    ui_log = tmp_path / "ui.log"
     ui = subprocess.Popen([SSL_TUNE, "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{work}/mlflow.db"],
-                          cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                          cwd=work, stdout=ui_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
         while True:
@@ -344,3 +365,5 @@ def test_mlflow_ui_in_a_browser_shows_the_search_its_trials_and_their_knn_curves
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(timeout=30)
+    log = ui_log.read_text()
+    assert f"at http://127.0.0.1:{port}" in log and "Warning" not in log, log[-3000:]  # no deprecation noise

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ssl_tune import tracking
-from tests.conftest import ROOT, output, require_system, run_cli, search_spec, start_cli, wait_for
+from tests.conftest import POSTGRES_INSTALL, ROOT, output, require_system, run_cli, search_spec, start_cli, wait_for
 
 SERVICES = [sys.executable, str(Path(ROOT) / "scripts" / "services.py")]
 
@@ -26,7 +26,7 @@ def postgres_installed() -> bool:
 @pytest.fixture
 def team_server(tmp_path):
     """PostgreSQL, the S3 endpoint and `mlflow server` over both; stopped (by PID) afterwards."""
-    require_system(postgres_installed(), "PostgreSQL", "apt-get install postgresql")
+    require_system(postgres_installed(), "PostgreSQL", POSTGRES_INSTALL)
 
     def start(*args):
         return json.loads(subprocess.run([*SERVICES, *args], capture_output=True, text=True, check=True, timeout=180).stdout)
@@ -82,8 +82,8 @@ def test_search_on_postgres_and_s3_exports_from_anywhere_without_rays_storage(te
     assert exported.returncode == 0, exported.stderr[-3000:]
     from ssl_tune import load_backbone
 
-    backbone = load_backbone(tmp_path / "elsewhere" / "best")
-    direct = load_backbone("team", tracking_uri=url)
+    backbone = load_backbone(tmp_path / "elsewhere" / "best").backbone
+    direct = load_backbone("team", tracking_uri=url).backbone
     assert all((a == b).all() for a, b in zip(backbone.state_dict().values(), direct.state_dict().values()))
     client = tracking.client_for(url)
     (parent,) = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],

@@ -27,6 +27,7 @@ from ssl_tune.evaluation import (EVALUATION_FILE, confusion_counts, extract_feat
                                  linear_probe, principal_components, rankme, ranking_accuracy, save_arrays,
                                  stratified_subset)
 from ssl_tune.models import build_backbone
+from ssl_tune.preprocess import InputContract
 from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
 from trainers.base import Diverged, Method
@@ -146,7 +147,14 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})},
             "baseline": self.baseline,
             "history": self.history,
+            "input": self.input_contract().to_dict(),
         }
+
+    def input_contract(self) -> InputContract:
+        """What the backbone takes: the data's channels and size, and the normalisation it was trained with."""
+        return InputContract(channels=self.dataset.channels, image_size=self.dataset.image_size,
+                             mean=tuple(self.normalizer.mean.flatten().tolist()),
+                             std=tuple(self.normalizer.std.flatten().tolist()), dataset=self.spec.data.name)
 
     def write_checkpoint(self, directory: Path) -> Path:
         """Write `checkpoint.pt` into `directory` atomically (a crash never leaves half a file)."""

@@ -70,28 +70,42 @@ def list_folder(root: Path) -> FolderListing:
 
 
 def decode(path: str, size: int) -> np.ndarray:
-    """One file -> uint8 RGB, 3 x size x size: shorter side resized to `size` (antialiased), then
-    centre-cropped, as torchvision's Resize + CenterCrop do on the decoded tensor. Grey, palette, RGBA,
-    CMYK and YCbCr become RGB; 16-bit (and 32-bit) grey is scaled to 8 bits. Raises on a file that is
+    """One file -> uint8 RGB, 3 x size x size (`rgb_pixels`, then `fit_size`). Raises on a file that is
     not a whole image (a truncated JPEG too)."""
     from PIL import Image
 
     with Image.open(path) as image:
         image.load()
-        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit (or 32-bit int) grey
-            grey = np.asarray(image, dtype=np.float64)
-            scale = 257.0 if image.mode.startswith("I;16") or grey.max() <= 65535 else grey.max() / 255
-            image = Image.fromarray(np.clip(np.round(grey / scale), 0, 255).astype(np.uint8))
-        elif image.mode == "F":
-            image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
-        pixels = np.asarray(image.convert("RGB")).transpose(2, 0, 1)  # 3 x H x W, a view
+        pixels = rgb_pixels(image)
     if pixels.shape[1:] == (size, size):
         return pixels  # already the cache's size: nothing to resample
     import torch
+
+    return fit_size(torch.from_numpy(np.ascontiguousarray(pixels)), size).numpy()
+
+
+def rgb_pixels(image) -> np.ndarray:
+    """A PIL image -> uint8 RGB, 3 x H x W: grey, palette, RGBA, CMYK and YCbCr become RGB; 16-bit (and
+    32-bit) grey is scaled to 8 bits."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit (or 32-bit int) grey
+        grey = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if image.mode.startswith("I;16") or grey.max() <= 65535 else grey.max() / 255
+        image = Image.fromarray(np.clip(np.round(grey / scale), 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    return np.asarray(image.convert("RGB")).transpose(2, 0, 1)  # 3 x H x W, a view
+
+
+def fit_size(images, size: int):
+    """uint8 images (... x H x W tensor) -> ... x size x size: the shorter side resized to `size`
+    (antialiased), then centre-cropped, as torchvision's Resize + CenterCrop do."""
     from torchvision.transforms.v2 import functional as F
 
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels))
-    return F.center_crop(F.resize(tensor, [size], antialias=True), [size, size]).numpy()
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.center_crop(F.resize(images, [size], antialias=True), [size, size])
 
 
 def _one_thread() -> None:

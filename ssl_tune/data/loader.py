@@ -52,6 +52,10 @@ def channel_stats(images: torch.Tensor, max_images: int = STATS_IMAGES) -> tuple
     return stats_from_histogram(channel_histogram(images))
 
 
+# The smallest standard deviation divided by (a constant channel would otherwise divide by 0).
+MIN_STD = 1e-3
+
+
 class Normalizer:
     """Per-channel standardisation with statistics of the training images (or given ones: a data
     cache stores them, so a memory-mapped data set is not read whole to compute them)."""
@@ -60,7 +64,7 @@ class Normalizer:
                  stats: tuple[list[float], list[float]] | None = None) -> None:
         mean, std = stats if stats is not None else channel_stats(images)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).clamp_min(1e-3).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).clamp_min(MIN_STD).view(1, -1, 1, 1)
 
     def to(self, device: torch.device) -> Normalizer:
         self.mean, self.std = self.mean.to(device), self.std.to(device)

@@ -1,0 +1,68 @@
+"""How much training a search asks for: its trials, and the epochs they are expected to run.
+
+Under ASHA a trial runs to the first rung (``grace_period``), and at each rung (``grace_period x
+reduction_factor^k`` epochs, below ``training.epochs``) goes on only if it ranks in the best
+``1 / reduction_factor`` of the trials that reached that rung. A search of 16 trials of 8 epochs
+with rungs at 1 and 3 (reduction factor 3) is then expected to train about 16 x (1 + 2/3 + 5/9) = 36
+epochs, not the 128 of every trial at the full budget. ASHA decides asynchronously, so early trials
+are promoted more often than the ratio says; `expected_epochs_left` therefore takes the promotion
+rates measured so far where they exist (`promotion_rates`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from ssl_tune.spec import SpecBase
+
+# Weight of the ratio 1 / reduction_factor against the promotions observed at a rung, in trials.
+PRIOR_TRIALS = 2.0
+
+
+def rungs(spec: SpecBase) -> list[int]:
+    """The epochs at which ASHA may stop a trial (none without early stopping)."""
+    s, epochs = spec.search, spec.training.epochs
+    if s.scheduler == "none":
+        return []
+    found, milestone = [], float(min(s.grace_period, epochs))
+    while milestone < epochs:  # Ray's ASHA: grace_period * reduction_factor ** k, below max_t
+        found.append(math.ceil(milestone - 1e-9))  # a trial reports whole epochs
+        milestone *= s.reduction_factor
+    return sorted(set(found))
+
+
+def confirmation_trials(spec: SpecBase) -> int:
+    """Trials of the confirmation stage (every one at the full budget): the `top_k` best
+    configurations and the default, once per seed."""
+    c = spec.search.confirm
+    if not c.top_k:
+        return 0
+    return (min(c.top_k, spec.search.num_samples) + int(c.default)) * c.seeds
+
+
+def promotion_rates(spec: SpecBase, reached: Mapping[str, int], ended: set[str]) -> list[float]:
+    """Per rung, the expected fraction of trials that reach it and go on: the ratio 1 / reduction_factor,
+    moved towards what happened at that rung (`reached`: each trial's last epoch; `ended`: the trials
+    that no longer run, whose last epoch is where they stopped)."""
+    prior = 1 / spec.search.reduction_factor
+    rates = []
+    for rung in rungs(spec):
+        went_on = sum(epoch > rung for epoch in reached.values())
+        stopped = sum(epoch == rung for trial, epoch in reached.items() if trial in ended)
+        rates.append((went_on + PRIOR_TRIALS * prior) / (went_on + stopped + PRIOR_TRIALS))
+    return rates
+
+
+def expected_epochs_left(spec: SpecBase, done: int, rates: Sequence[float] | None = None) -> float:
+    """Epochs a trial that has run `done` epochs is expected to train still, given the promotion rate
+    at each rung (default: 1 / reduction_factor)."""
+    stops = rungs(spec)
+    rates = list(rates) if rates is not None else [1 / spec.search.reduction_factor] * len(stops)
+    left, survive, previous = 0.0, 1.0, done
+    for milestone, rate in [*zip(stops, rates), (spec.training.epochs, 0.0)]:
+        if milestone <= done:
+            continue
+        left += survive * (milestone - previous)
+        previous, survive = milestone, survive * rate
+    return left
