@@ -101,7 +101,8 @@ def learning_curves_figure(curves: Sequence[tuple[str, Sequence[tuple[int, float
     curve says how the trial ended: a filled circle when it reached the last epoch, a hollow square
     when it was stopped early (by ASHA, or interrupted), a red X when it failed.
     """
-    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    # Constrained layout keeps the trials' legend, outside the axes, inside the picture however it is saved.
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
     colours = plt.get_cmap("tab20").colors
     sign = -1 if mode == "max" else 1
     drawn = sorted(((label, sorted(history), status) for label, history, status in curves if history),
@@ -118,15 +119,14 @@ def learning_curves_figure(curves: Sequence[tuple[str, Sequence[tuple[int, float
             ends.add(end)
             ax.plot(steps[-1], values[-1], linestyle="none", **{"color": colour, **END_MARKERS[end]})
     if drawn:
-        ax.legend(title=f"trial: last {metric}", fontsize=7, title_fontsize=8, loc="upper left",
-                  bbox_to_anchor=(1.01, 1.0), ncol=2 if len(drawn) > 16 else 1)
-    if ends:  # a second legend, for the end markers (`ax.legend` would replace the first)
-        from matplotlib.legend import Legend
+        fig.legend(title=f"trial: last {metric}", fontsize=7, title_fontsize=8, loc="outside right upper",
+                   ncol=2 if len(drawn) > 16 else 1)
+    if ends:  # the end markers' key, inside the axes
         from matplotlib.lines import Line2D
 
         handles = [Line2D([], [], linestyle="none", **{"color": "grey", **END_MARKERS[e]}) for e in END_MARKERS if e in ends]
         labels = {"finished": f"reached epoch {epochs}", "stopped": "stopped early", "failed": "failed"}
-        ax.add_artist(Legend(ax, handles, [labels[e] for e in END_MARKERS if e in ends], fontsize=7, loc="lower right"))
+        ax.legend(handles, [labels[e] for e in END_MARKERS if e in ends], fontsize=7, loc="lower right")
     ax.set(title=f"{direction(metric, mode)} by epoch, every trial", xlabel="epoch", ylabel=metric)
     ax.xaxis.get_major_locator().set_params(integer=True)
     return fig

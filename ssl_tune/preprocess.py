@@ -65,7 +65,7 @@ class Preprocess(nn.Module):
     def forward(self, image: Any) -> torch.Tensor:
         from ssl_tune.data.imagefolder import fit_size
 
-        pixels = self._uint8(image)
+        pixels = self._uint8(image).to(self.mean.device)  # where `.to(device)` put this transform
         pixels = fit_size(self._channels(pixels), self.contract.image_size)
         return (pixels.float() / 255 - self.mean) / self.std
 
@@ -88,7 +88,7 @@ class Preprocess(nn.Module):
         if have == 1:
             return pixels.expand(*pixels.shape[:-3], want, *pixels.shape[-2:]).contiguous()
         if have == 3 and want == 1:
-            luma = torch.tensor(LUMA).view(3, 1, 1)
+            luma = torch.tensor(LUMA, device=pixels.device).view(3, 1, 1)
             return (pixels.float() * luma).sum(-3, keepdim=True).round().clamp(0, 255).to(torch.uint8)
         raise ValueError(f"preprocess: the backbone takes {want}-channel images; got {have} channels")
 

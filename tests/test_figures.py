@@ -18,16 +18,16 @@ def test_learning_curves_name_every_trial_best_first_and_mark_how_each_ended():
     fig = figures.learning_curves_figure(curves, "knn_top1", "max", 3)
     ax = fig.axes[0]
     assert ax.get_title(loc="center") == "knn_top1 (higher is better) by epoch, every trial"
-    trials, ends = ax.get_legend(), [a for a in ax.artists if isinstance(a, matplotlib.legend.Legend)]
+    (trials,) = fig.legends
     assert legend_texts(trials) == ["trial-b: 76", "trial-a: 72", "trial-c: 69 (failed)"]  # best first
-    assert legend_texts(ends[0]) == ["reached epoch 3", "stopped early", "failed"]
+    assert legend_texts(ax.get_legend()) == ["reached epoch 3", "stopped early", "failed"]
     markers = {line.get_marker(): line for line in ax.lines if len(line.get_xdata()) == 1}
     assert set(markers) == {"o", "s", "X"}  # three distinct shapes
     assert markers["s"].get_markerfacecolor() == "white" and markers["X"].get_color() == "red"
     figures.close(fig)
     lower = figures.learning_curves_figure(curves[:2], "loss", "min", 3)
     assert lower.axes[0].get_title() == "loss (lower is better) by epoch, every trial"
-    assert legend_texts(lower.axes[0].get_legend()) == ["trial-a: 72", "trial-b: 76"]  # lower is better
+    assert legend_texts(lower.legends[0]) == ["trial-a: 72", "trial-b: 76"]  # lower is better
     figures.close(lower)
 
 
