@@ -130,6 +130,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Check a spec and print what `run` would do: ranges, trials, expected epochs, resources, fit."""
     from ssl_tune import budget, cluster, tracking
     from ssl_tune.search import startup_trials
+    from ssl_tune.space import direction
     from ssl_tune.spec import SpecError
     from ssl_tune.specfile import load_spec
 
@@ -137,7 +138,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     t, s, r = spec.training, spec.search, spec.resources
     print(f"{args.spec}: a valid spec")
     print(f"  method {' or '.join(spec.method_names())} on {spec.data.name}; {t.epochs} epochs of batch {t.batch_size}; "
-          f"objective {s.metric} ({'higher' if s.mode == 'max' else 'lower'} is better)")
+          f"objective {direction(s.metric, s.mode)}")
     ranges = spec.search_ranges()
     if not ranges:
         print(f"error: {args.spec} has no search ranges, so `ssl-tune run` refuses it; `ssl-tune train` trains its one "
@@ -242,6 +243,8 @@ def _report_outcome(outcome, spec) -> int:
     from ssl_tune import tracking
     from ssl_tune.spec import SpecBase
 
+    # The printed commands name the tracking store when it is not the one they would find by default.
+    uri = [] if outcome.tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", outcome.tracking_uri]
     where = f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id} in {outcome.tracking_uri}"
     if outcome.interrupted:
         when = "in its confirmation stage" if outcome.in_confirmation else \
@@ -249,7 +252,6 @@ def _report_outcome(outcome, spec) -> int:
         print(f"\nsearch interrupted {when}; its state and checkpoints are saved, unfinished trials are marked "
               "KILLED in MLflow")
         print(where)
-        uri = [] if outcome.tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", outcome.tracking_uri]
         default_storage = str(Path(SpecBase.model_fields["storage_path"].default).resolve())
         storage = [] if outcome.storage in ("", default_storage) else ["--storage-path", outcome.storage]
         print(f"resume with:  {ssl_tune_command('resume', outcome.parent_run_id, *uri, *storage)}")
@@ -264,7 +266,6 @@ def _report_outcome(outcome, spec) -> int:
         print(f"error: every trial failed; the reasons are in the table above and in each trial run's "
               f"{tracking.TAG_ERROR} tag (the parent run is marked FAILED)", file=sys.stderr)
         return EXIT_ALL_TRIALS_FAILED
-    uri = [] if outcome.tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", outcome.tracking_uri]
     print(f"browse the search:         {ssl_tune_command('ui', *uri)}")
     print(f"export the best backbone:  {ssl_tune_command('export', outcome.experiment, *uri)}")
     return 0

@@ -18,6 +18,8 @@ matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ssl_tune.space import direction  # noqa: E402
+
 
 # The folder of figures next to a run's files and among its MLflow artifacts.
 FIGURE_DIR = "figures"
@@ -80,11 +82,6 @@ def loss_terms_figure(histories: Mapping[str, Sequence[tuple[int, float]]], titl
 
 
 # --- the whole search --------------------------------------------------------------------------
-
-
-def direction(metric: str, mode: str) -> str:
-    """An axis label or title part: the metric and which way is better."""
-    return f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"
 
 
 # How each way a trial can end looks at the end of its curve.

@@ -6,8 +6,8 @@ One home for each meaning the search, tracking, console and figures share:
 * Optuna parameter names <-> spec field paths: a conditional branch's sub-range is named
   ``field.path|value`` so that each branch has its own distribution (`optuna_name`, `field_path`);
 * MLflow's parameter text -> a value (`param_value`);
-* "better" under the objective's mode, and the one rule for the best trial (`better`, `ranked`,
-  `best_trial`);
+* "better" under the objective's mode, how it reads (`direction`), and the one rule for the best
+  trial (`better`, `ranked`, `best_trial`);
 * an in-memory Optuna study rebuilt from finished trials (`study_from_trials`), for figures and
   parameter importance.
 """
@@ -150,6 +150,11 @@ def better(value: float | None, than: float | None, mode: str) -> bool:
     if not counts(than):
         return True
     return value > than if mode == "max" else value < than
+
+
+def direction(metric: str, mode: str) -> str:
+    """The objective as people read it: the metric and which way is better."""
+    return f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)"
 
 
 def best_value(values: Iterable[float | None], mode: str) -> float | None:
