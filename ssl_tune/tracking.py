@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import math
 import os
 import subprocess
@@ -26,7 +27,7 @@ from ssl_tune import confirmation as confirmation_stage
 from ssl_tune.space import (CONFIRMATION_KEY, best_trial, counts, param_value, ranked, resolve_trial,
                             study_from_trials)
 from ssl_tune.spec import SpecBase, SpecError
-from ssl_tune.trial import FAILURE_KEY, RESTORED_FROM_KEY, error_summary, error_text, last_line
+from ssl_tune.trial import FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY, error_summary, error_text, last_line
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -380,6 +381,7 @@ class MlflowTrialLogger(Callback):
         checkpoint_path = self._with_scheme(result.get("checkpoint_path"))
         timestamp = int(time.time() * 1000)  # fixed here: a retried write repeats the same rows, which MLflow ignores
         restored_from = result.get(RESTORED_FROM_KEY)
+        restored_history = json.loads(result.get(RESTORED_HISTORY_KEY) or "[]")
         lost: list[int] = []  # computed once, even if the update is retried
 
         def update() -> None:
@@ -388,6 +390,12 @@ class MlflowTrialLogger(Callback):
                     lost.append(max(0, self.last_epoch.get(trial.trial_id, 0) - int(restored_from)))
                     self.epochs_lost[trial.trial_id] = self.epochs_lost.get(trial.trial_id, 0) + lost[0]
                 self.client.set_tag(self.runs[trial.trial_id], TAG_EPOCHS_LOST, str(self.epochs_lost[trial.trial_id]))
+                # Epochs the checkpoint holds but whose results never arrived (the node died in between).
+                for past in restored_history:
+                    past_epoch = int(past["epoch"])
+                    if self.last_epoch.get(trial.trial_id, 0) < past_epoch <= int(restored_from):
+                        log_metrics(self.client, self.runs[trial.trial_id], past, step=past_epoch, timestamp=timestamp)
+                        self.last_epoch[trial.trial_id] = past_epoch
             if epoch <= self.last_epoch.get(trial.trial_id, 0):
                 return  # logged before a restart; the resumed run recomputed the same epoch
             log_metrics(self.client, self.runs[trial.trial_id], metrics, step=epoch, timestamp=timestamp)

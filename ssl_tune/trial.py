@@ -9,12 +9,13 @@ Each trial trains one resolved spec with the shared loop (`trainers.loop.Trainer
   2-core machine, as much as a short trial's work; running in place costs nothing and is the same
   code, with the same metrics and checkpoints.
 
-What a trial reports beyond the trainer's metrics (`FAILURE_KEY`, `RESTORED_FROM_KEY`) is read by
-the tracking and console callbacks.
+What a trial reports beyond the trainer's metrics (`FAILURE_KEY`, `RESTORED_FROM_KEY`,
+`RESTORED_HISTORY_KEY`) is read by the tracking and console callbacks.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tempfile
@@ -34,6 +35,10 @@ from trainers.loop import Reporter
 FAILURE_KEY = "failure_reason"
 # A result key (a metric too): the epoch of the checkpoint a restarted or resumed trial continued from.
 RESTORED_FROM_KEY = "restored_from_epoch"
+# A result key (a JSON list, not a metric) sent with RESTORED_FROM_KEY: the metrics of every epoch up to
+# that checkpoint. Ray Train persists a checkpoint before its metrics reach Tune, so a node lost in
+# between leaves a checkpoint whose epoch's metrics MLflow never got; the tracker fills them from here.
+RESTORED_HISTORY_KEY = "restored_history"
 
 
 class RayReporter(Reporter):
@@ -134,6 +139,7 @@ def train_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             trainer.load_checkpoint(Path(directory))
         report.once[RESTORED_FROM_KEY] = float(trainer.epoch)
+        report.once[RESTORED_HISTORY_KEY] = json.dumps(trainer.history)
     result = trainer.fit(report)
     if result.status == "diverged":
         fail(result.epochs_completed, f"diverged: {result.message}")

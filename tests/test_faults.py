@@ -18,7 +18,7 @@ from ssl_tune import tracking
 from ssl_tune.cluster import check_cluster_paths, check_resources
 from ssl_tune.spec import SpecError
 from ssl_tune.specfile import spec_from_dict
-from ssl_tune.trial import RESTORED_FROM_KEY
+from ssl_tune.trial import RESTORED_FROM_KEY, RESTORED_HISTORY_KEY
 from tests.conftest import (epoch_steps, output, printed_command, run_cli, runs_of, search_spec, start_cli, tiny_spec_dict,
                             wait_for)
 
@@ -90,8 +90,10 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
     assert child.info.status == "FINISHED" and parents[0].info.status == "FINISHED"
     assert child.data.tags[tracking.TAG_RESTARTS] == "1"
     assert epoch_steps(client, child) == [1, 2, 3, 4]  # every epoch once: none lost, none logged twice
-    pids = {json.loads(line)["pid"] for line in result_file.read_text().splitlines()}
-    assert len(pids) == 2  # a new process finished the trial
+    results = [json.loads(line) for line in result_file.read_text().splitlines()]
+    assert len({r["pid"] for r in results}) == 2  # a new process finished the trial
+    (restored,) = [r for r in results if RESTORED_FROM_KEY in r]  # sent once, with what the checkpoint holds
+    assert [h["epoch"] for h in json.loads(restored[RESTORED_HISTORY_KEY])] == list(range(1, int(restored[RESTORED_FROM_KEY]) + 1))
 
 
 # --- the driver stops -------------------------------------------------------------------------
@@ -224,6 +226,38 @@ def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_retu
     assert err.count("is unreachable") == 1 and err.count("reachable again") == 1, err
     (child,) = [r for r in real.search_runs([experiment]) if r.data.tags.get(tracking.TAG_KIND) == "trial"]
     assert [(m.step, m.value) for m in real.get_metric_history(child.info.run_id, "loss")] == [(1, 3.0), (2, 1.0), (3, 0.0)]
+    assert child.info.status == "FINISHED"
+
+
+def test_epochs_whose_results_died_with_their_node_are_logged_from_the_restored_checkpoint(tmp_path):
+    """Ray Train persists epoch 3's checkpoint, then the node dies before epoch 3's metrics reach Tune:
+    the restarted trial continues from epoch 3, and its first result carries the checkpoint's history."""
+    spec = spec_from_dict({**tiny_spec_dict(training={"epochs": 5, "batch_size": 32, "seed": 0}),
+                           "search": {"metric": "loss", "mode": "min"}})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client_for(uri)
+    experiment = client.create_experiment("gap")
+    parent = client.create_run(experiment, tags={tracking.TAG_KIND: "search"}).info.run_id
+    logger = tracking.MlflowTrialLogger(uri, experiment, parent, spec)
+    trial = FakeTrial("t1", {})
+    history = [{"epoch": float(e), "loss": 10.0 - e} for e in range(1, 6)]
+    logger.on_trial_start(0, [], trial)
+    for entry in history[:2]:
+        logger.on_trial_result(0, [], trial, entry)
+    logger.on_trial_recover(0, [], trial)
+    # Restored from epoch 3, which MLflow never saw; the history repeats epochs 1 and 2, which it did.
+    logger.on_trial_result(0, [], trial, {**history[3], RESTORED_FROM_KEY: 3.0, RESTORED_HISTORY_KEY: json.dumps(history[:3])})
+    # A second loss: restored from epoch 3 again when MLflow has 4 (one epoch trained twice).
+    logger.on_trial_recover(0, [], trial)
+    logger.on_trial_result(0, [], trial, {**history[3], RESTORED_FROM_KEY: 3.0, RESTORED_HISTORY_KEY: json.dumps(history[:3])})
+    logger.on_trial_result(0, [], trial, history[4])
+    trial.last_result = history[4]
+    logger.on_trial_complete(0, [], trial)
+    logger.on_experiment_end([])
+    (child,) = [r for r in client.search_runs([experiment]) if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "loss")] == [
+        (e, 10.0 - e) for e in range(1, 6)]  # every epoch once
+    assert child.data.tags[tracking.TAG_EPOCHS_LOST] == "1" and child.data.tags[tracking.TAG_RESTARTS] == "2"
     assert child.info.status == "FINISHED"
 
 
@@ -367,7 +401,8 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     first_after = next(i for i, r in enumerate(results) if RESTORED_FROM_KEY in r)
     restored, reached = results[first_after][RESTORED_FROM_KEY], max(r["epoch"] for r in results[:first_after])
     assert restored >= 2  # continued from a checkpoint, not from scratch
-    assert int(child.data.tags[tracking.TAG_EPOCHS_LOST]) == reached - restored  # epochs trained twice, counted
+    # Epochs trained twice, counted (none when the node died between a checkpoint and its result).
+    assert int(child.data.tags[tracking.TAG_EPOCHS_LOST]) == max(0, reached - restored)
     print(f"node lost at epoch {reached:.0f}, restored from epoch {restored:.0f}")
     assert child.data.metrics["worker_nodes"] == 2.0  # the restarted trial spread over the head and the new node
     assert sorted(state for state in groups.values() if state != "REMOVED") == ["CREATED", "CREATED"], groups
