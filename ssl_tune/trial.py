@@ -101,6 +101,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.tune
     import torch
 
+    from ssl_tune import distributed
     from ssl_tune.data.cache import open_dataset
     from ssl_tune.data.datasets import DataError
     from trainers.loop import Trainer, default_device
@@ -140,6 +141,11 @@ def train_worker(config: dict[str, Any]) -> None:
             trainer.load_checkpoint(Path(directory))
         report.once[RESTORED_FROM_KEY] = float(trainer.epoch)
         report.once[RESTORED_HISTORY_KEY] = json.dumps(trainer.history)
+        if trainer.epoch >= spec.training.epochs and trainer.history:
+            # The last epoch's checkpoint, whose result may never have reached Tune (see
+            # RESTORED_HISTORY_KEY): report it again, with its checkpoint, so the trial ends on it.
+            report.on_epoch(trainer.history[-1], trainer.write_checkpoint if distributed.rank() == 0 else None)
+            return
     result = trainer.fit(report)
     if result.status == "diverged":
         fail(result.epochs_completed, f"diverged: {result.message}")

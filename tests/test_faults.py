@@ -261,6 +261,39 @@ def test_epochs_whose_results_died_with_their_node_are_logged_from_the_restored_
     assert child.info.status == "FINISHED"
 
 
+def test_a_trial_restored_from_its_last_epoch_reports_that_epoch_again_with_its_checkpoint(tmp_path, monkeypatch):
+    """The node died after Ray Train persisted the last epoch's checkpoint but before its result reached
+    Tune: the restarted trial has nothing left to train, and sends that epoch (metrics, history,
+    checkpoint and final evaluation) instead of ending without a result."""
+    import ray.tune
+
+    from ssl_tune.data.cache import open_dataset
+    from ssl_tune.evaluation import EVALUATION_FILE, load_arrays
+    from ssl_tune.trial import train_worker
+    from trainers.loop import CHECKPOINT_FILE, Reporter, Trainer
+
+    spec = spec_from_dict(tiny_spec_dict(training={"epochs": 1, "batch_size": 32, "seed": 0}))
+
+    class Saver(Reporter):
+        def on_epoch(self, metrics, write_checkpoint):
+            write_checkpoint(tmp_path / "last")
+
+    Trainer(spec, dataset=open_dataset(spec.data)[0]).fit(Saver())
+    reports = []
+
+    def report(metrics, checkpoint=None):
+        reports.append((metrics, checkpoint and sorted(p.name for p in Path(checkpoint.path).iterdir())))
+
+    monkeypatch.setattr(ray.tune, "get_checkpoint", lambda: ray.tune.Checkpoint.from_directory(str(tmp_path / "last")))
+    monkeypatch.setattr(ray.tune, "report", report)
+    train_worker({"spec": spec.model_dump(mode="json"), "via": "tune"})
+    ((metrics, files),) = reports
+    assert metrics["epoch"] == 1.0 and "linear_top1" in metrics and metrics[RESTORED_FROM_KEY] == 1.0
+    assert [h["epoch"] for h in json.loads(metrics[RESTORED_HISTORY_KEY])] == [1.0]
+    assert files == sorted([CHECKPOINT_FILE, EVALUATION_FILE])
+    assert load_arrays(tmp_path / "last" / EVALUATION_FILE).keys() == {"embedding_2d", "labels", "confusion"}
+
+
 @pytest.mark.slow
 def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothing(tmp_path):
     """A real `mlflow server` (on PostgreSQL where it is installed), SIGKILLed for 40 s in the middle of

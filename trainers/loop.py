@@ -24,7 +24,7 @@ from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from ssl_tune.evaluation import (EVALUATION_FILE, confusion_counts, extract_features, knn_ranking,
-                                 linear_probe, principal_components, rankme, ranking_accuracy, save_arrays,
+                                 linear_probe, load_arrays, principal_components, rankme, ranking_accuracy, save_arrays,
                                  stratified_subset)
 from ssl_tune.models import build_backbone
 from ssl_tune.preprocess import InputContract
@@ -185,6 +185,9 @@ class Trainer:
         self.epoch = state["epoch"]
         self.baseline = dict(state["baseline"])
         self.history = [dict(h) for h in state["history"]]
+        evaluation = path.parent / EVALUATION_FILE  # next to the last epoch's checkpoint only
+        self.final_outputs = ({k: torch.from_numpy(v) for k, v in load_arrays(evaluation).items()}
+                              if evaluation.exists() else None)
 
     # --- evaluation ----------------------------------------------------------------------
 
