@@ -390,10 +390,11 @@ class MlflowTrialLogger(Callback):
                     lost.append(max(0, self.last_epoch.get(trial.trial_id, 0) - int(restored_from)))
                     self.epochs_lost[trial.trial_id] = self.epochs_lost.get(trial.trial_id, 0) + lost[0]
                 self.client.set_tag(self.runs[trial.trial_id], TAG_EPOCHS_LOST, str(self.epochs_lost[trial.trial_id]))
-                # Epochs the checkpoint holds but whose results never arrived (the node died in between).
+                # Epochs the checkpoint holds but whose results never arrived (the node died in between);
+                # this result's own epoch is logged below, with its checkpoint.
                 for past in restored_history:
                     past_epoch = int(past["epoch"])
-                    if self.last_epoch.get(trial.trial_id, 0) < past_epoch <= int(restored_from):
+                    if self.last_epoch.get(trial.trial_id, 0) < past_epoch <= min(int(restored_from), epoch - 1):
                         log_metrics(self.client, self.runs[trial.trial_id], past, step=past_epoch, timestamp=timestamp)
                         self.last_epoch[trial.trial_id] = past_epoch
             if epoch <= self.last_epoch.get(trial.trial_id, 0):

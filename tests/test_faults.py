@@ -231,7 +231,8 @@ def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_retu
 
 def test_epochs_whose_results_died_with_their_node_are_logged_from_the_restored_checkpoint(tmp_path):
     """Ray Train persists epoch 3's checkpoint, then the node dies before epoch 3's metrics reach Tune:
-    the restarted trial continues from epoch 3, and its first result carries the checkpoint's history."""
+    the restarted trial continues from epoch 3, and its first result carries the checkpoint's history.
+    The same for the last epoch, which the restored trial sends again with its checkpoint."""
     spec = spec_from_dict({**tiny_spec_dict(training={"epochs": 5, "batch_size": 32, "seed": 0}),
                            "search": {"metric": "loss", "mode": "min"}})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -250,14 +251,17 @@ def test_epochs_whose_results_died_with_their_node_are_logged_from_the_restored_
     # A second loss: restored from epoch 3 again when MLflow has 4 (one epoch trained twice).
     logger.on_trial_recover(0, [], trial)
     logger.on_trial_result(0, [], trial, {**history[3], RESTORED_FROM_KEY: 3.0, RESTORED_HISTORY_KEY: json.dumps(history[:3])})
-    logger.on_trial_result(0, [], trial, history[4])
-    trial.last_result = history[4]
+    # The last epoch, sent again by a trial restored from its checkpoint (its first sending was lost).
+    last = {**history[4], RESTORED_FROM_KEY: 5.0, RESTORED_HISTORY_KEY: json.dumps(history), "checkpoint_path": "/c/5"}
+    logger.on_trial_result(0, [], trial, last)
+    trial.last_result = last
     logger.on_trial_complete(0, [], trial)
     logger.on_experiment_end([])
     (child,) = [r for r in client.search_runs([experiment]) if r.data.tags.get(tracking.TAG_KIND) == "trial"]
     assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "loss")] == [
         (e, 10.0 - e) for e in range(1, 6)]  # every epoch once
     assert child.data.tags[tracking.TAG_EPOCHS_LOST] == "1" and child.data.tags[tracking.TAG_RESTARTS] == "2"
+    assert (child.data.tags[tracking.TAG_CHECKPOINT], child.data.tags[tracking.TAG_CHECKPOINT_EPOCH]) == ("/c/5", "5")
     assert child.info.status == "FINISHED"
 
 
