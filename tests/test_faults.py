@@ -198,16 +198,26 @@ class FakeTrial:
         self.trial_id, self.config, self.last_result, self.error_file = trial_id, config, {}, None
 
 
-def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_returns(tmp_path, capfd):
-    spec = spec_from_dict({**tiny_spec_dict(training={"epochs": 3, "batch_size": 32, "seed": 0}),
+def trial_logger(tmp_path, epochs):
+    """A search's parent run in a fresh sqlite store, and the MLflow callback that logs its trials."""
+    spec = spec_from_dict({**tiny_spec_dict(training={"epochs": epochs, "batch_size": 32, "seed": 0}),
                            "search": {"metric": "loss", "mode": "min"}})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    real = tracking.client_for(uri)
-    experiment = real.create_experiment("flaky")
-    parent = real.create_run(experiment, tags={tracking.TAG_KIND: "search"}).info.run_id
-    logger = tracking.MlflowTrialLogger(uri, experiment, parent, spec)
+    client = tracking.client_for(uri)
+    experiment = client.create_experiment("search")
+    parent = client.create_run(experiment, tags={tracking.TAG_KIND: "search"}).info.run_id
+    return client, experiment, tracking.MlflowTrialLogger(uri, experiment, parent, spec)
+
+
+def only_trial_run(client, experiment):
+    (child,) = [r for r in client.search_runs([experiment]) if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    return child
+
+
+def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_returns(tmp_path, capfd):
+    real, experiment, logger = trial_logger(tmp_path, epochs=3)
     flaky = FlakyClient(real)
-    logger._writer = tracking.MlflowWriter(uri, lambda: flaky, retry_s=0.1)
+    logger._writer = tracking.MlflowWriter(logger.uri, lambda: flaky, retry_s=0.1)
     trial = FakeTrial("t1", {})
     logger.on_trial_start(0, [], trial)
     logger.on_trial_result(0, [], trial, {"epoch": 1.0, "loss": 3.0})
@@ -224,7 +234,7 @@ def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_retu
     logger.on_experiment_end([])
     err = capfd.readouterr().err  # the console's stderr, not Ray's log
     assert err.count("is unreachable") == 1 and err.count("reachable again") == 1, err
-    (child,) = [r for r in real.search_runs([experiment]) if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    child = only_trial_run(real, experiment)
     assert [(m.step, m.value) for m in real.get_metric_history(child.info.run_id, "loss")] == [(1, 3.0), (2, 1.0), (3, 0.0)]
     assert child.info.status == "FINISHED"
 
@@ -233,13 +243,7 @@ def test_epochs_whose_results_died_with_their_node_are_logged_from_the_restored_
     """Ray Train persists epoch 3's checkpoint, then the node dies before epoch 3's metrics reach Tune:
     the restarted trial continues from epoch 3, and its first result carries the checkpoint's history.
     The same for the last epoch, which the restored trial sends again with its checkpoint."""
-    spec = spec_from_dict({**tiny_spec_dict(training={"epochs": 5, "batch_size": 32, "seed": 0}),
-                           "search": {"metric": "loss", "mode": "min"}})
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = tracking.client_for(uri)
-    experiment = client.create_experiment("gap")
-    parent = client.create_run(experiment, tags={tracking.TAG_KIND: "search"}).info.run_id
-    logger = tracking.MlflowTrialLogger(uri, experiment, parent, spec)
+    client, experiment, logger = trial_logger(tmp_path, epochs=5)
     trial = FakeTrial("t1", {})
     history = [{"epoch": float(e), "loss": 10.0 - e} for e in range(1, 6)]
     logger.on_trial_start(0, [], trial)
@@ -257,7 +261,7 @@ def test_epochs_whose_results_died_with_their_node_are_logged_from_the_restored_
     trial.last_result = last
     logger.on_trial_complete(0, [], trial)
     logger.on_experiment_end([])
-    (child,) = [r for r in client.search_runs([experiment]) if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    child = only_trial_run(client, experiment)
     assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "loss")] == [
         (e, 10.0 - e) for e in range(1, 6)]  # every epoch once
     assert child.data.tags[tracking.TAG_EPOCHS_LOST] == "1" and child.data.tags[tracking.TAG_RESTARTS] == "2"
