@@ -221,20 +221,43 @@ class AugmentationSpec(StrictModel):
         return self
 
 
+# The cache holds every image at data.image_size (3 x S x S bytes each): at 1024 px, 3 MiB an image and
+# 3.8 TiB for ImageNet-1k. SSL backbones take 224 px (DINOv2's largest 518); beyond 1024 a typo is likelier.
+MAX_IMAGE_SIZE = 1024
+
+
 class DataSpec(StrictModel):
     name: Literal[DATASET_NAMES] = "fashion_mnist_subset"  # type: ignore[valid-type]
     root: Path | None = Field(None, description="data root; required for cifar10, cifar100, stl10, imagefolder")
-    image_size: int | None = Field(None, ge=8, description="imagefolder only: images are resized to this size (64 if null)")
+    image_size: int | None = Field(None, ge=8, description="imagefolder only: images are resized to this size (64 if null), "
+                                   f"at most {MAX_IMAGE_SIZE}")
     cache_dir: Path | None = Field(None, description="where decoded data sets are cached; null: $SSL_TUNE_CACHE_DIR, "
                                    "else ~/.cache/ssl-tune. On a cluster, a node-local disk")
     skip_corrupt: bool = Field(False, description="imagefolder: leave out images that do not decode (counted, "
                                "printed, logged) instead of stopping")
     augmentation: AugmentationSpec = AugmentationSpec()
 
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, v: int | None) -> int | None:
+        if v is not None and v > MAX_IMAGE_SIZE:
+            raise ValueError(f"at most {MAX_IMAGE_SIZE} px: the cache stores every image at this size (3 x S x S "
+                             f"bytes; {v} px is {3 * v * v / 2**20:,.0f} MiB an image), and SSL backbones take 224 px")
+        return v
+
     @model_validator(mode="after")
     def _root(self) -> DataSpec:
         if self.name in NEEDS_ROOT and self.root is None:
             raise ValueError(f"data set {self.name!r} needs data.root (a directory holding it); nothing is downloaded")
+        # Fields a data set would ignore are refused: a setting that silently does nothing misleads.
+        if self.name != "imagefolder":
+            ignored = [f for f in ("image_size", "skip_corrupt") if getattr(self, f) not in (None, False)]
+            if self.name == "fashion_mnist_subset" and self.root is not None:
+                ignored.append("root")
+            if ignored:
+                raise ValueError(f"data set {self.name!r} ignores data.{', data.'.join(ignored)} (only imagefolder "
+                                 "resizes and skips corrupt files; the bundled set ships inside the package): remove "
+                                 f"{'it' if len(ignored) == 1 else 'them'}")
         if self.root is not None:
             if not self.root.is_dir():
                 raise ValueError(f"data.root {str(self.root)!r} is not an existing directory")

@@ -8,6 +8,7 @@ the schema knows no method, the methods know the schema, and only loading needs 
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,73 @@ from ssl_tune.spec import Choice, SpecBase, SpecError, set_path, range_default
 from trainers import methods, spec_model
 
 
+# A YAML document may name a node once (&anchor) and reuse it (*alias) without copying it; expanded,
+# nine levels of nine aliases are 387 million nodes (the "billion laughs"). Specs are a few hundred.
+MAX_YAML_NODES = 100_000
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 6, 6, 3
+
+
+def short_repr(value: Any) -> str:
+    """`repr` of a value from a spec, cut to about 100 characters whatever its size (for error messages)."""
+    return _short.repr(value)
+
+
+def _expanded_nodes(node: yaml.Node, limit: int) -> int:
+    """How many nodes `node` has with every alias expanded, counting up to just past `limit`."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in open_nodes:
+            raise SpecError("an alias refers to a node that contains it (a recursive structure)")
+        open_nodes.add(id(n))
+        total = 1
+        children = n.value if isinstance(n, yaml.SequenceNode) else \
+            [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else []
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        open_nodes.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load` with aliases bounded (`MAX_YAML_NODES` once expanded); SpecError names `source`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            nodes = _expanded_nodes(node, MAX_YAML_NODES)
+        except SpecError as exc:
+            raise SpecError(f"invalid spec {source}: {exc}") from None
+        except RecursionError:
+            raise SpecError(f"invalid spec {source}: nested too deeply") from None
+        if nodes > MAX_YAML_NODES:
+            raise SpecError(f"invalid spec {source}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} values; "
+                            "a spec needs a few hundred, so write the values out or use fewer aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def apply_override(raw: dict, override: str) -> None:
     """Apply one `a.b=value` override; the value is parsed as YAML (`3`, `0.1`, `[1, 2]`, `{...}`)."""
     path, sep, text = override.partition("=")
     if not sep or not path.strip() or any(not k for k in path.strip().split(".")):
         raise SpecError(f"override {override!r} must look like section.field=value")
     try:
-        value = yaml.safe_load(text)
+        value = safe_yaml(text, f"override {short_repr(override)}")
     except yaml.YAMLError as exc:
-        raise SpecError(f"override {override!r}: value is not valid YAML ({exc})") from exc
+        raise SpecError(f"override {short_repr(override)}: value is not valid YAML ({exc})") from exc
     set_path(raw, path.strip().split("."), value)
 
 
@@ -69,7 +128,7 @@ def _format_errors(exc: ValidationError, raw: dict, source: str) -> str:
             msg = "required field is missing"
         value = err.get("input")
         shown = err["type"] not in ("missing", "extra_forbidden") and not isinstance(value, dict)
-        got = f" (got {value!r})" if shown else ""
+        got = f" (got {short_repr(value)})" if shown else ""
         # errors of the whole spec (cross-field checks) have no path and name their fields themselves
         lines.append(f"  {path}: {msg}{got}" if loc else f"  {msg}")
     return "\n".join(dict.fromkeys(lines))  # unions repeat the same line per branch
@@ -98,7 +157,7 @@ def _check_method_branches(spec: SpecBase, source: str) -> None:
     found, problems = methods(), []
     for value in choice.values:
         if str(value) not in found:
-            problems.append(f"  method.name: {value!r} is not a method; allowed: {', '.join(found)}")
+            problems.append(f"  method.name: {short_repr(value)} is not a method; allowed: {', '.join(found)}")
     for value, branch in choice.branches.items():
         config = found.get(value)
         for sub_path in branch:
@@ -126,9 +185,9 @@ def _check_range_bounds(spec: SpecBase, source: str) -> None:
                     loc = ".".join(_user_loc(err["loc"]))
                     msg = err["msg"].removeprefix("Value error, ")
                     if loc == path:
-                        problems.append(f"  {path}: the range allows {value!r}, which is not allowed here: {msg}")
+                        problems.append(f"  {path}: the range allows {short_repr(value)}, which is not allowed here: {msg}")
                     elif loc not in ranges:  # another range's own defaults are checked on its turn
-                        problems.append(f"  {loc + ': ' if loc else ''}with {path}={value!r}: {msg}")
+                        problems.append(f"  {loc + ': ' if loc else ''}with {path}={short_repr(value)}: {msg}")
     flat = spec.flat()
     for (path, value), branch in spec.branch_ranges().items():
         choice_value = next(v for v in ranges[path].values if str(v) == value)
@@ -145,7 +204,7 @@ def _check_range_bounds(spec: SpecBase, source: str) -> None:
                     spec.resolve({path: choice_value, sub_path: candidate})
                 except ValidationError as exc:
                     for err in exc.errors(include_url=False):
-                        problems.append(f"  {path}.branches.{value}.{sub_path}: the range allows {candidate!r}: "
+                        problems.append(f"  {path}.branches.{value}.{sub_path}: the range allows {short_repr(candidate)}: "
                                         f"{err['msg'].removeprefix('Value error, ')}")
     searchable = spec.searchable_paths()
     for i, point in enumerate(spec.search.points_to_evaluate):
@@ -183,11 +242,17 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     """Read, override and validate a spec file. Raises SpecError with a user-facing message."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise SpecError(f"cannot read spec {path}: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SpecError(f"invalid spec {path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                        f"{exc.start}); a spec is YAML in UTF-8: save it as UTF-8") from None
+    try:
+        raw = safe_yaml(text, str(path))
     except yaml.YAMLError as exc:
         raise SpecError(yaml_error(path, exc)) from None
     raw = copy.deepcopy(raw) if raw is not None else {}

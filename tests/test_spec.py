@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,6 +66,10 @@ BAD_CASES = [
      "training.batch_size", ["divisible by resources.num_workers"]),
     ("batch larger than the data set", None, ["training.batch_size=20000"], "training.batch_size",
      ["larger than data set", "10000 images"]),
+    ("image size past the bound", lambda r: r.update(data={"name": "imagefolder", "root": "/", "image_size": 100000}), [],
+     "data.image_size", ["at most 1024", "MiB an image"]),
+    ("image size a data set ignores", None, ["data.image_size=96"], "data", ["ignores data.image_size", "remove it"]),
+    ("root the bundled data set ignores", None, ["data.root=/"], "data", ["ignores data.root"]),
 ]
 
 
@@ -95,6 +100,42 @@ def test_unreadable_and_non_mapping_files(tmp_path, capsys):
     broken.write_text("training: {epochs: [\n")
     assert main(["train", str(broken)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_a_spec_that_is_not_utf8_is_refused_naming_the_file_and_line(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: x\n# r\u00e9sum\u00e9\ntraining: {epochs: 2}\n".encode("latin-1"))
+    assert main(["validate", str(latin1)]) == 2
+    err = capsys.readouterr().err
+    assert f"{latin1}:2: not UTF-8" in err and "0xe9" in err and "Traceback" not in err
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path, capsys):
+    """Nine levels of nine aliases: 387 million values once expanded, a few hundred bytes as text."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\ntraining: {epochs: *a8}\n")
+    started = time.perf_counter()
+    assert main(["validate", str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert str(bomb) in err and "aliases" in err and "100,000" in err
+    assert time.perf_counter() - started < 10  # refused from the node graph, not by running out of memory
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("training: &t {epochs: *t}\n")
+    assert main(["validate", str(recursive)]) == 2
+    assert "recursive" in capsys.readouterr().err
+    ordinary = tmp_path / "aliases.yaml"  # aliases within the bound are YAML as usual
+    ordinary.write_text("method: {name: twist, lam1: &w 0.5, lam2: *w}\ntraining: {epochs: 2, batch_size: 32}\n")
+    assert load_spec(ordinary).method.lam2 == 0.5
+
+
+def test_a_long_bad_value_is_cut_in_the_error_message(tmp_path, capsys):
+    raw = tiny_spec_dict()
+    raw["training"]["epochs"] = ["y" * 10_000] * 1000
+    assert main(["validate", str(write_spec(tmp_path, raw))]) == 2
+    err = capsys.readouterr().err
+    assert "training.epochs" in err and len(err) < 1000, err
 
 
 def test_console_script_reports_bad_spec_without_traceback(tmp_path):
