@@ -13,9 +13,11 @@ from ssl_tune.shell import ssl_tune_command
 
 # Exit statuses (README, "Exit status"): 0 a search that completed with at least one trial through;
 # 1 an unexpected error (a traceback); 2 bad input or a failed pre-flight check, before any trial;
-# 3 a search that completed but in which every trial failed; 130 stopped by Ctrl-C or SIGTERM.
+# 3 a search that completed but in which every trial failed; 4 a search that completed whose MLflow
+# record could not be completed (the server stayed away; `resume` completes it); 130 stopped by Ctrl-C or SIGTERM.
 EXIT_BAD_INPUT = 2
 EXIT_ALL_TRIALS_FAILED = 3
+EXIT_TRACKING_INCOMPLETE = 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 UI_QUIET_WARNING = "ignore:starlette.middleware.wsgi is deprecated"
 
@@ -179,6 +181,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     at_once = min(s.max_concurrent or fits, s.num_samples)
     print(f"cluster: {where} ({len(nodes)} node(s): {offered}) fits {fits} trial(s) at once; {at_once} will run at once"
           + (" (search.max_concurrent)" if s.max_concurrent and s.max_concurrent < fits else ""))
+    try:
+        needed = cluster.check_disk_space(spec, spec.storage_path, at_once)
+    except SpecError as exc:
+        print(f"error: {args.spec}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"checkpoints: {cluster.checkpoint_bytes(spec) / 2**20:,.1f} MiB each, about {needed / 2**30:,.2f} GiB on "
+          f"{spec.storage_path} while {at_once} trial(s) run")
     uri = tracking.resolve_uri(spec.mlflow.tracking_uri)
     print(f"tracking: {uri}, experiment {spec.mlflow.experiment_name or spec.name!r}; Ray storage: {spec.storage_path}")
     print(f"start it with:  {ssl_tune_command('run', str(args.spec), *[f'--set={o}' for o in args.set])}")
@@ -247,14 +256,12 @@ def _report_outcome(outcome, spec) -> int:
     uri = [] if outcome.tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", outcome.tracking_uri]
     where = f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id} in {outcome.tracking_uri}"
     if outcome.interrupted:
-        when = "in its confirmation stage" if outcome.in_confirmation else \
-            f"after {outcome.trials_done} finished trial(s)"
+        when = (f"in its confirmation stage, after {outcome.trials_done} finished confirmation trial(s)"
+                if outcome.in_confirmation else f"after {outcome.trials_done} finished trial(s)")
         print(f"\nsearch interrupted {when}; its state and checkpoints are saved, unfinished trials are marked "
               "KILLED in MLflow")
         print(where)
-        default_storage = str(Path(SpecBase.model_fields["storage_path"].default).resolve())
-        storage = [] if outcome.storage in ("", default_storage) else ["--storage-path", outcome.storage]
-        print(f"resume with:  {ssl_tune_command('resume', outcome.parent_run_id, *uri, *storage)}")
+        print(f"resume with:  {_resume_command(outcome.parent_run_id, outcome.tracking_uri, outcome.storage)}")
         return EXIT_INTERRUPTED
     objective = f", objective {spec.search.metric} ({spec.search.mode})" if spec is not None else ""
     print(f"\nsearch finished: {len(outcome.rows)} trials{objective}")
@@ -269,6 +276,17 @@ def _report_outcome(outcome, spec) -> int:
     print(f"browse the search:         {ssl_tune_command('ui', *uri)}")
     print(f"export the best backbone:  {ssl_tune_command('export', outcome.experiment, *uri)}")
     return 0
+
+
+def _resume_command(parent_run_id: str, tracking_uri: str, storage: str) -> str:
+    """`ssl-tune resume` for a search, naming the tracking store and the storage path where they are not the defaults."""
+    from ssl_tune import tracking
+    from ssl_tune.spec import SpecBase
+
+    uri = [] if tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", tracking_uri]
+    default_storage = str(Path(SpecBase.model_fields["storage_path"].default).resolve())
+    storage_arg = [] if storage in ("", default_storage) else ["--storage-path", storage]
+    return ssl_tune_command("resume", parent_run_id, *uri, *storage_arg)
 
 
 def _print_best_per_method(rows: list[dict], mode: str) -> None:
@@ -325,12 +343,16 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ssl_tune import tracking
+    from ssl_tune.checkpoints import CheckpointError
     from ssl_tune.export import export_run
 
     out = args.out or Path("exports") / args.experiment_or_run
     uri = tracking.resolve_uri(args.tracking_uri)
     try:
         export_run(uri, args.experiment_or_run, out, register=args.register)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except LookupError as exc:
         print(f"error: {_naming_store(exc, uri)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -485,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ssl_tune.replay import TrackingIncomplete
     from ssl_tune.spec import SpecError
 
     args = build_parser().parse_args(argv)
@@ -496,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TrackingIncomplete as exc:
+        print(f"\nsearch complete, tracking incomplete: {exc}.\nNothing is lost: every result and checkpoint is in "
+              f"Ray Tune's files under {exc.storage}; once the server answers, resume replays them into MLflow.\n"
+              f"complete the record with:  {_resume_command(exc.parent_run_id, exc.uri, exc.storage)}", file=sys.stderr)
+        return EXIT_TRACKING_INCOMPLETE
 
 
 if __name__ == "__main__":

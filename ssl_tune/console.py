@@ -16,7 +16,7 @@ from ray.tune import Callback
 from ssl_tune import budget
 from ssl_tune.space import best_value, field_values
 from ssl_tune.spec import SpecBase
-from ssl_tune.trial import FAILURE_KEY, error_summary
+from ssl_tune.trial import DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, error_summary
 
 
 @contextlib.contextmanager
@@ -152,6 +152,8 @@ class ConsoleTable(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if FAILURE_KEY in result:
             return
+        if result.get(DAMAGED_CHECKPOINT_KEY):
+            self._print(f"  trial {trial.trial_id} skipped a damaged checkpoint: {str(result[DAMAGED_CHECKPOINT_KEY])[:300]}")
         epoch, value, now = int(result.get("epoch", 0)), result.get(self.metric), time.monotonic()
         previous = self.last_result_at.get(trial.trial_id, math.nan)
         if math.isfinite(previous):

@@ -31,8 +31,9 @@ class Pretrained(NamedTuple):
 
 
 def _checkpoint_state(path: Path) -> dict:
-    path = path / "checkpoint.pt" if path.is_dir() else path
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from ssl_tune import checkpoints
+
+    return checkpoints.load(path)  # verified: a damaged file is named with its reason
 
 
 def input_contract(state: dict, where: str) -> InputContract:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from ray.tune.schedulers import FIFOScheduler
 
-from ssl_tune import budget, cluster, tracking
+from ssl_tune import budget, cluster, replay, tracking
 from ssl_tune.confirmation import confirmation_configs
 from ssl_tune.shell import ssl_tune_command
 from ssl_tune.space import CONFIRMATION_KEY, SearchSpace, field_values, optuna_names
@@ -172,21 +172,51 @@ def _trainable(spec: SpecBase, data):
                                                     data_fingerprint=fingerprint), cluster.tune_trial_resources(spec))
 
 
-@contextlib.contextmanager
-def _sigterm_stops_like_ctrl_c():
-    """SIGTERM (e.g. a scheduler ending the job) takes Tune's graceful Ctrl-C path: trials stop,
-    the experiment state is saved, and `ssl-tune resume` can continue."""
-    import signal
-    import threading
+class StopSignals:
+    """How a search ended, known rather than counted: the first SIGINT (Ctrl-C) or SIGTERM (a batch
+    scheduler ending the job) is recorded here and passed to Tune as its own graceful stop (SIGUSR1):
+    trials stop, the experiment state is saved with them unfinished, and `ssl-tune resume` continues
+    them. Tune, told by SIGINT, would record them TERMINATED like trials that finished. A second
+    signal stops at once (KeyboardInterrupt), as does one that arrives before Tune listens."""
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def _handle(self, signum: int, frame) -> None:
+        import signal
+
+        first = self.received is None
+        self.received = self.received or signal.Signals(signum).name
+        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        if not first or not tune_listens:
+            raise KeyboardInterrupt
+        print(f"\n{self.received}: stopping the trials at their last checkpoint (again to stop at once)",
+              file=sys.__stdout__, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    @contextlib.contextmanager
+    def installed(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        # Tune then leaves SIGINT to us and listens for SIGUSR1 only (ray.tune.tune._setup_signal_catching).
+        saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous_usr1 = signal.getsignal(signal.SIGUSR1)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            signal.signal(signal.SIGUSR1, previous_usr1)
+            if saved_env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
 
 
 def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, address: str | None = None,
@@ -214,6 +244,7 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
     experiment_name = spec.mlflow.experiment_name or spec.name
     ray_address, fits = cluster.prepare_cluster(spec, storage, uri, address, verbose)
     max_concurrent = min(spec.search.max_concurrent or fits, spec.search.num_samples)
+    cluster.check_disk_space(spec, storage, max_concurrent)
 
     client = tracking.client_for(uri)
     experiment = tracking.experiment_id(client, experiment_name)
@@ -295,6 +326,7 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     root, name = _storage_root_and_name(storage)
     with _console(_driver_log(root, name), verbose):
         _, fits = cluster.prepare_cluster(spec, root, uri, address, verbose)
+        cluster.check_disk_space(spec, root, min(spec.search.max_concurrent or fits, spec.search.num_samples))
         tracking.reopen_search_run(client, parent)
         # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
         tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, data), resume_unfinished=True,
@@ -302,7 +334,7 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
         experiment_name = client.get_experiment(parent.info.experiment_id).name
         stage = _Stage(spec, data, client, parent.info.run_id, parent.info.experiment_id, experiment_name, uri, root,
                        parent.info.run_name, verbose, min(spec.search.max_concurrent or fits, spec.search.num_samples))
-        return _fit_and_record(tuner, stage, confirming=confirming)
+        return _fit_and_record(tuner, stage, confirming=confirming, resumed=True)
 
 
 @dataclass
@@ -322,31 +354,61 @@ class _Stage:
     max_concurrent: int
 
 
-def _fit_and_record(tuner, stage: _Stage, *, confirming: bool) -> SearchOutcome:
+def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = False) -> SearchOutcome:
     """Run the Tuner (the search, or with `confirming` its confirmation stage); then close the MLflow
     runs: the leaderboard if the stage finished, else every unfinished trial's run KILLED and the
     parent KILLED, ready for `ssl-tune resume`. A finished search with `search.confirm.top_k` goes
-    on to the confirmation stage."""
-    spec, client, parent_id = stage.spec, stage.client, stage.parent_id
+    on to the confirmation stage. A resumed stage first completes the record from Tune's files
+    (`ssl_tune.replay`); a tracking server away at the end raises `replay.TrackingIncomplete`."""
+    stop = StopSignals()
+    tracking.updates_given_up(reset=True)
     try:
-        with _sigterm_stops_like_ctrl_c():
+        with stop.installed():
             results = tuner.fit()
     except BaseException:
-        tracking.close_search_run(client, parent_id, interrupted=True)
+        with contextlib.suppress(*replay.tracking_errors()):  # the record stays RUNNING; resume closes it
+            tracking.close_search_run(stage.client, stage.parent_id, interrupted=True)
         raise
+    # Tune counts trials it stopped on a signal as TERMINATED, like finished ones: the signal decides.
+    interrupted = stop.received is not None
+    try:
+        if tracking.updates_given_up():
+            raise ConnectionError(f"{tracking.updates_given_up()} updates held past the end of the stage")
+        if resumed and not interrupted:  # what an earlier driver could not give MLflow
+            replay.replay(results, tracking.MlflowTrialLogger(stage.uri, stage.experiment_id, stage.parent_id,
+                                                              stage.spec))
+        return _record(results, stage, confirming=confirming, interrupted=interrupted)
+    except replay.tracking_errors() as exc:
+        # Nothing is lost: Tune's files hold every result and checkpoint, and resume replays them.
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise replay.TrackingIncomplete(stage.uri, stage.parent_id, stage.storage,
+                                        f"{type(exc).__name__}: {first}") from None
+
+
+def _record(results, stage: _Stage, *, confirming: bool, interrupted: bool) -> SearchOutcome:
+    spec, client, parent_id = stage.spec, stage.client, stage.parent_id
     if confirming:
-        return _record_confirmation(results, stage)
-    done = results.num_terminated + results.num_errors
+        return _record_confirmation(results, stage, interrupted)
     ok = sum(r.error is None and FAILURE_KEY not in (r.metrics or {}) for r in results)
-    interrupted = done < spec.search.num_samples
-    confirm = bool(spec.search.confirm.top_k) and ok > 0 and not interrupted
-    rows, best = tracking.close_search_run(client, parent_id, interrupted=interrupted, spec=spec, trials_ok=ok,
+    done = results.num_terminated + results.num_errors
+    if interrupted:
+        done = _ended_on_their_own(client, parent_id, tracking.KIND_TRIAL)
+        rows, _ = tracking.close_search_run(client, parent_id, interrupted=True, spec=spec)
+        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, None, interrupted=True,
+                             trials_done=done, trials_ok=ok, storage=stage.storage)
+    confirm = bool(spec.search.confirm.top_k) and ok > 0
+    rows, best = tracking.close_search_run(client, parent_id, interrupted=False, spec=spec, trials_ok=ok,
                                            confirming=confirm)
     if not confirm:
-        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, best, interrupted=interrupted,
-                             trials_done=done, trials_ok=ok, storage=stage.storage)
+        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, best, trials_done=done, trials_ok=ok,
+                             storage=stage.storage)
     configs = {r.metrics["trial_id"]: field_values(r.config) for r in results if r.metrics and "trial_id" in r.metrics}
     return _confirm(confirmation_configs(spec, rows, configs), stage)
+
+
+def _ended_on_their_own(client, parent_id: str, kind: str) -> int:
+    """Trials of a stopped stage that ended before the stop: their runs are closed (the rest still RUNNING)."""
+    return sum(run.info.status != "RUNNING" for run in tracking.child_runs(client, client.get_run(parent_id), kind))
 
 
 def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
@@ -388,15 +450,14 @@ def _confirmation_dirname(trial) -> str:
     return f"confirm_{trial.trial_id}_{c['of'][:8]}_seed{c['seed']}"
 
 
-def _record_confirmation(results, stage: _Stage) -> SearchOutcome:
+def _record_confirmation(results, stage: _Stage, interrupted: bool) -> SearchOutcome:
     client, parent_id = stage.client, stage.parent_id
-    done = results.num_terminated + results.num_errors
     parent = client.get_run(parent_id)
-    expected = int(parent.data.tags[tracking.TAG_CONFIRMATION_TRIALS])
     rows = tracking.leaderboard(client, parent)
     ok = sum(r["status"] != "FAILED" for r in rows)
     common = dict(trials_done=len(rows), trials_ok=ok, storage=stage.storage)
-    if done < expected:  # stopped during the confirmation stage (Ctrl-C, SIGTERM)
+    if interrupted:  # stopped during the confirmation stage (Ctrl-C, SIGTERM)
+        common["trials_done"] = _ended_on_their_own(client, parent_id, tracking.KIND_CONFIRMATION)
         tracking.close_search_run(client, parent_id, interrupted=True)
         return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, None, interrupted=True,
                              in_confirmation=True, **common)

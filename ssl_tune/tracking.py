@@ -27,7 +27,8 @@ from ssl_tune import confirmation as confirmation_stage
 from ssl_tune.space import (CONFIRMATION_KEY, best_trial, counts, param_value, ranked, resolve_trial,
                             study_from_trials)
 from ssl_tune.spec import SpecBase, SpecError
-from ssl_tune.trial import FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY, error_summary, error_text, last_line
+from ssl_tune.trial import (DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY, error_summary,
+                            error_text, last_line)
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -53,6 +54,7 @@ TAG_METRIC = "ssl_tune.metric"
 TAG_MODE = "ssl_tune.mode"
 TAG_SEARCHED = "ssl_tune.searched_params"
 TAG_ERROR = "ssl_tune.error"
+TAG_DAMAGED_CHECKPOINT = "ssl_tune.damaged_checkpoint"  # on trials: a checkpoint skipped at a restore, and why
 TAG_RESTARTS = "ssl_tune.restarts"
 TAG_LAST_RESTART = "ssl_tune.last_restart_reason"
 # Statuses of a search's parent run that `ssl-tune resume` cannot continue (KILLED means interrupted).
@@ -64,8 +66,23 @@ TAG_EPOCHS_LOST = "ssl_tune.epochs_lost"  # completed epochs trained again after
 TAG_CHECKPOINT_ARTIFACT = "ssl_tune.checkpoint_artifact"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 TAG_METHOD = "ssl_tune.method"  # on parents: the method(s) searched, comma-separated; on children: the trial's
-# How long the end of a search waits for held MLflow updates before giving up on them.
+# How long the end of a search waits for held MLflow updates before giving up on them (seconds;
+# $SSL_TUNE_TRACKING_WAIT_S changes it).
 FINAL_FLUSH_S = 120.0
+
+
+def final_flush_s() -> float:
+    return float(os.environ.get("SSL_TUNE_TRACKING_WAIT_S") or FINAL_FLUSH_S)
+# Updates this process gave up on at the end of a stage (the server stayed away): the stage's record is
+# then incomplete, and `ssl-tune resume` completes it from Tune's files (`ssl_tune.replay`).
+_given_up: list[int] = [0]
+
+
+def updates_given_up(reset: bool = False) -> int:
+    count = _given_up[0]
+    if reset:
+        _given_up[0] = 0
+    return count
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -327,10 +344,11 @@ class MlflowTrialLogger(Callback):
         self.writer.submit(update)
 
     def on_experiment_end(self, trials, **info) -> None:
-        if self.writer.drain(timeout=FINAL_FLUSH_S):
+        if self.writer.drain(timeout=final_flush_s()):
             return
+        _given_up[0] += self.writer.pending
         print(f"warning: {self.writer.pending} MLflow updates could not be written to {self.uri} within "
-              f"{FINAL_FLUSH_S:g} s; the metrics are in Tune's result files under the search's storage directory",
+              f"{final_flush_s():g} s; the metrics are in Tune's result files under the search's storage directory",
               file=sys.__stderr__)
 
     # --- trials --------------------------------------------------------------------------
@@ -382,9 +400,12 @@ class MlflowTrialLogger(Callback):
         timestamp = int(time.time() * 1000)  # fixed here: a retried write repeats the same rows, which MLflow ignores
         restored_from = result.get(RESTORED_FROM_KEY)
         restored_history = json.loads(result.get(RESTORED_HISTORY_KEY) or "[]")
+        damaged = result.get(DAMAGED_CHECKPOINT_KEY)
         lost: list[int] = []  # computed once, even if the update is retried
 
         def update() -> None:
+            if damaged:
+                self.client.set_tag(self.runs[trial.trial_id], TAG_DAMAGED_CHECKPOINT, str(damaged)[:5000])
             if restored_from is not None:
                 if not lost:
                     lost.append(max(0, self.last_epoch.get(trial.trial_id, 0) - int(restored_from)))
@@ -411,9 +432,13 @@ class MlflowTrialLogger(Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         # Single-worker trials report through Tune: the checkpoint belongs to the last result.
         last = trial.last_result or {}
-        path, value, epoch = self._with_scheme(checkpoint.path), last.get(self.metric), int(last.get("epoch", 0))
-        self.last_checkpoint[trial.trial_id] = path
-        self._submit(lambda: self._checkpoint(trial.trial_id, path, value, epoch))
+        self.checkpoint_reported(trial.trial_id, checkpoint.path, last.get(self.metric), int(last.get("epoch", 0)))
+
+    def checkpoint_reported(self, trial_id: str, path: str, value: float | None, epoch: int) -> None:
+        """A one-worker trial's checkpoint at `path` (as Tune names it), written with the result of `epoch`."""
+        path = self._with_scheme(path)
+        self.last_checkpoint[trial_id] = path
+        self._submit(lambda: self._checkpoint(trial_id, path, value, epoch))
 
     def _with_scheme(self, path: str | None) -> str | None:
         """Ray names a checkpoint on object storage by its path inside the bucket; give it back its
@@ -460,6 +485,7 @@ class MlflowTrialLogger(Callback):
             run_id, reached = self.runs[trial.trial_id], self.last_epoch.get(trial.trial_id, 0)
             if reason is not None:
                 self.client.set_tag(run_id, TAG_ERROR, reason[:5000])
+                self.client.log_text(run_id, reason + "\n", "error.txt")  # whole, as for a trial that raised
                 self.client.set_terminated(run_id, "FAILED")
             elif reached < self.spec.training.epochs:
                 self.client.set_tag(run_id, TAG_STOPPED_AT, str(reached))

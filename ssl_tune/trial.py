@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ssl_tune.checkpoints import CheckpointError
 from ssl_tune.space import resolve_trial
 from ssl_tune.spec import SpecBase
 from trainers import spec_model
@@ -39,6 +40,8 @@ RESTORED_FROM_KEY = "restored_from_epoch"
 # that checkpoint. Ray Train persists a checkpoint before its metrics reach Tune, so a node lost in
 # between leaves a checkpoint whose epoch's metrics MLflow never got; the tracker fills them from here.
 RESTORED_HISTORY_KEY = "restored_history"
+# A result key (a string, not a metric): the damaged checkpoint(s) a restored trial skipped, with the reason.
+DAMAGED_CHECKPOINT_KEY = "damaged_checkpoint"
 
 
 class RayReporter(Reporter):
@@ -137,8 +140,11 @@ def train_worker(config: dict[str, Any]) -> None:
         fail(0, f"data: {exc}")
         return
     if checkpoint is not None:  # a restarted or resumed trial
-        with checkpoint.as_directory() as directory:
-            trainer.load_checkpoint(Path(directory))
+        try:
+            restore(trainer, checkpoint, report)
+        except CheckpointError as exc:  # retrying cannot mend a damaged file: fail now, naming it
+            fail(0, f"no usable checkpoint to continue from: {exc}")
+            return
         report.once[RESTORED_FROM_KEY] = float(trainer.epoch)
         report.once[RESTORED_HISTORY_KEY] = json.dumps(trainer.history)
         if trainer.epoch >= spec.training.epochs and trainer.history:
@@ -149,6 +155,41 @@ def train_worker(config: dict[str, Any]) -> None:
     result = trainer.fit(report)
     if result.status == "diverged":
         fail(result.epochs_completed, f"diverged: {result.message}")
+
+
+def restore(trainer, checkpoint, report: RayReporter) -> None:
+    """Load the trial's latest checkpoint into `trainer`; if it is damaged (`ssl_tune.checkpoints`), name it
+    (printed, and sent as DAMAGED_CHECKPOINT_KEY for the run's tags) and fall back to the one before it
+    (two are kept). Raises CheckpointError, naming the latest, when none of them loads."""
+    damaged: list[str] = []
+    for candidate in [checkpoint, *_earlier_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as directory:
+                trainer.load_checkpoint(Path(directory))
+        except CheckpointError as exc:
+            damaged.append(f"checkpoint {candidate.path}: {exc.reason}")  # the stored path, not a download's
+            print(f"warning: {damaged[-1]}", flush=True)
+            continue
+        if damaged:
+            print(f"continuing from the earlier checkpoint {candidate.path} (epoch {trainer.epoch})", flush=True)
+            report.once[DAMAGED_CHECKPOINT_KEY] = "; ".join(damaged)[:5000]
+        return
+    raise CheckpointError(checkpoint.path, "; ".join(damaged)[:2000].removeprefix(f"checkpoint {checkpoint.path}: "))
+
+
+def _earlier_checkpoints(checkpoint) -> list:
+    """The checkpoints kept beside `checkpoint` (Tune's checkpoint_NNNNNN, Ray Train's dated names), newest first."""
+    import pyarrow.fs
+    import ray.tune
+
+    parent, _, name = checkpoint.path.rstrip("/").rpartition("/")
+    try:
+        infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:
+        return []
+    names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name != name), reverse=True)
+    return [ray.tune.Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in names if n < name]
 
 
 def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprint: str | None = None) -> None:
@@ -199,14 +240,18 @@ def _fit_train_run(spec: SpecBase, payload: dict[str, Any], storage_path: str, n
     ).fit()
 
 
+# Checkpoints kept per trial: the latest, which the objective was measured on (its last evaluated epoch,
+# `ssl_tune.space`) and a restarted trial continues from, and the one before, should the latest be damaged.
+CHECKPOINTS_KEPT = 2
+
+
 def checkpoint_config(*, train: bool):
-    """Keep the latest checkpoint only: it is the one a trial's objective (its last evaluated epoch,
-    `ssl_tune.space`) was measured on, and the one a restarted trial continues from."""
+    """Keep `CHECKPOINTS_KEPT` checkpoints per trial, the same for one-worker (Tune) and multi-worker (Ray Train) trials."""
     import ray.train
     import ray.tune
 
     cls = ray.train.CheckpointConfig if train else ray.tune.CheckpointConfig
-    return cls(num_to_keep=1)
+    return cls(num_to_keep=CHECKPOINTS_KEPT)
 
 
 def error_text(trial) -> str:

@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: tiny specs and data, the method registry's test specs, and running
 the `ssl-tune` console script. Test modules import helpers from here, never from one another."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -216,3 +217,17 @@ def require_system(available: bool, what: str, install: str) -> None:
     if on_ci():
         pytest.fail(f"CI lacks {what}: .ci/run must provide it ({install})")
     pytest.skip(f"needs {what}; install it with: {install}")
+
+
+@contextlib.contextmanager
+def small_disk(directory: Path, megabytes: int):
+    """A tmpfs of `megabytes` mounted at `directory` (root only): a disk that fills. Unmounted after."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(directory)],
+                             capture_output=True).returncode == 0
+    require_system(mounted, "a small tmpfs to fill (mount -t tmpfs needs root)",
+                   "run the tests as root (CI does)")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)

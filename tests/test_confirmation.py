@@ -74,16 +74,21 @@ def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_pat
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
 
-    def confirmation_running():
+    def last_round_of_confirmation():
+        # Every confirmation trial has started (2 at a time, 4 in all): Tune counts the running ones
+        # TERMINATED on Ctrl-C, so a count of trials took the stage for finished.
         _, parents, _ = runs_of(tmp_path)
-        return parents and any(c.info.status == "RUNNING"
-                               for c in tracking.child_runs(client, parents[0], tracking.KIND_CONFIRMATION))
+        runs = tracking.child_runs(client, parents[0], tracking.KIND_CONFIRMATION) if parents else []
+        running = [c for c in runs if c.info.status == "RUNNING"]
+        return (sum(c.info.status == "FINISHED" for c in runs) == 2 and len(running) == 2
+                and any(c.data.metrics.get("epoch", 0) >= 1 for c in running))
 
     run = start_cli(["run", "spec.yaml", "--name", "c1"], cwd=tmp_path)
-    wait_for(confirmation_running, 300, "a confirmation trial", run)
+    wait_for(last_round_of_confirmation, 400, "the last two confirmation trials", run)
     os.kill(run.pid, signal.SIGINT)
     run.wait(timeout=120)
-    assert run.returncode == 130 and "search interrupted in its confirmation stage" in output(run), output(run)[-3000:]
+    assert run.returncode == 130, output(run)[-3000:]
+    assert "search interrupted in its confirmation stage, after 2 finished confirmation trial(s)" in output(run)
     parent = tracking.find_parent_run(client, "c1")
     assert parent.info.status == "KILLED" and parent.data.tags[tracking.TAG_STAGE] == tracking.KIND_CONFIRMATION
     proc = run_cli(["resume", "c1"], cwd=tmp_path)

@@ -148,6 +148,40 @@ def test_interrupted_and_killed_driver_then_resume_finishes_every_trial_once(tmp
     assert len(sampled) == 4  # the Optuna study went on: no point repeated, none lost
 
 
+@pytest.mark.slow
+def test_sigterm_in_the_last_round_leaves_the_search_resumable_and_resume_continues_it(tmp_path):
+    """Every trial has started when SIGTERM comes: Tune marks the running one TERMINATED like a finished
+    one, so counting trials took the search for finished (exit 0, parent FINISHED, resume refused)."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(slow_search_spec(num_samples=2, epochs=4)))
+    proc = start_cli(["run", "spec.yaml", "--name", "t"], cwd=tmp_path)
+
+    def last_round():
+        _, _, children = runs_of(tmp_path)
+        return (sum(c.info.status == "FINISHED" for c in children) == 1
+                and any(c.info.status == "RUNNING" and c.data.metrics.get("epoch", 0) >= 1 for c in children))
+
+    wait_for(last_round, 300, "the second and last trial past its first epoch", proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    out = output(proc)
+    assert proc.returncode == 130, out[-4000:]
+    assert "search interrupted after 1 finished trial(s)" in out, out[-3000:]
+    client, (parent,), children = runs_of(tmp_path)
+    assert parent.info.status == "KILLED"
+    (stopped,) = [c for c in children if c.info.status == "KILLED"]
+    assert tracking.TAG_INTERRUPTED_AT in stopped.data.tags and tracking.TAG_STOPPED_AT not in stopped.data.tags
+    assert printed_command(out, "resume with:") == ["resume", parent.info.run_id]
+
+    proc = run_cli(["resume", "t"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    client, (parent,), children = runs_of(tmp_path)
+    assert parent.info.status == "FINISHED" and {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        assert epoch_steps(client, child) == [1, 2, 3, 4]  # every epoch logged once
+    resumed = client.get_run(stopped.info.run_id)
+    assert resumed.data.metrics[RESTORED_FROM_KEY] >= 1  # continued from its checkpoint, not from scratch
+
+
 # --- a multi-node cluster ---------------------------------------------------------------------
 
 
@@ -278,6 +312,7 @@ def test_a_trial_restored_from_its_last_epoch_reports_that_epoch_again_with_its_
     from ssl_tune.data.cache import open_dataset
     from ssl_tune.evaluation import EVALUATION_FILE, load_arrays
     from ssl_tune.trial import train_worker
+    from ssl_tune.checkpoints import RECORD_FILE
     from trainers.loop import CHECKPOINT_FILE, Reporter, Trainer
 
     spec = spec_from_dict(tiny_spec_dict(training={"epochs": 1, "batch_size": 32, "seed": 0}))
@@ -298,7 +333,7 @@ def test_a_trial_restored_from_its_last_epoch_reports_that_epoch_again_with_its_
     ((metrics, files),) = reports
     assert metrics["epoch"] == 1.0 and "linear_top1" in metrics and metrics[RESTORED_FROM_KEY] == 1.0
     assert [h["epoch"] for h in json.loads(metrics[RESTORED_HISTORY_KEY])] == [1.0]
-    assert files == sorted([CHECKPOINT_FILE, EVALUATION_FILE])
+    assert files == sorted([CHECKPOINT_FILE, RECORD_FILE, EVALUATION_FILE])
     assert load_arrays(tmp_path / "last" / EVALUATION_FILE).keys() == {"embedding_2d", "labels", "confusion"}
 
 
@@ -371,6 +406,68 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (tmp_path / "elsewhere" / "best" / "backbone.pt").is_file()
     assert steps == list(range(1, 31))
+
+
+def tune_results(experiment_dir: Path) -> dict[str, list[dict]]:
+    """Trial id -> every result Tune wrote for it (result.json)."""
+    found = {}
+    for path in experiment_dir.glob("run_trial_*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines:
+            found[lines[-1]["trial_id"]] = lines
+    return found
+
+
+@pytest.mark.slow
+def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tunes_files(tmp_path, monkeypatch):
+    """A real `mlflow server` stopped before the last trial's last epoch and started again after the
+    search ended: the search exits 4 with no traceback and prints the command that completes the
+    record; after it, MLflow holds exactly what Tune's result files hold."""
+    services = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "services.py"), "mlflow"]
+    server_dir = tmp_path / "mlflow-server"
+    started = json.loads(subprocess.run([*services, "start", "--dir", str(server_dir)], capture_output=True, text=True,
+                                        check=True, timeout=180).stdout)
+    raw = slow_search_spec(num_samples=2, epochs=3)
+    raw["mlflow"] = {"tracking_uri": started["url"]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("SSL_TUNE_TRACKING_WAIT_S", "5")  # how long the end waits for the server (default 120 s)
+    experiment_dir = tmp_path / "ssl_tune_runs" / "e"
+    proc = start_cli(["run", "spec.yaml", "--name", "e"], cwd=tmp_path)
+    try:
+        wait_for(lambda: len(tune_results(experiment_dir)) == 2 and
+                 len(min(tune_results(experiment_dir).values(), key=len)) == 1, 300, "the last trial's first epoch", proc)
+        subprocess.run([*services, "stop", "--dir", str(server_dir), "--kill"], check=True, timeout=60)
+        proc.wait(timeout=300)
+        out = output(proc)
+        assert proc.returncode == 4, out[-4000:]
+        assert "search complete, tracking incomplete" in out and "Traceback" not in out, out[-4000:]
+        command = printed_command(out, "complete the record with:  ")
+        assert command[:1] == ["resume"] and started["url"] in command
+        subprocess.run([*services, "start", "--dir", str(server_dir), "--port", str(started["port"])],
+                       check=True, capture_output=True, timeout=180)
+        completed = run_cli(command, cwd=tmp_path)
+        again = run_cli(command, cwd=tmp_path)
+        client = tracking.client_for(started["url"])
+        parent = tracking.find_parent_run(client, "e")
+        children = tracking.child_runs(client, parent)
+        logged = {(c.info.run_id, key): sorted((m.step, m.value) for m in client.get_metric_history(c.info.run_id, key))
+                  for c in children for key in ("epoch", "loss", "knn_top1")}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([*services, "stop", "--dir", str(server_dir)], timeout=60)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "completed the MLflow record of 1 trial(s)" in completed.stdout and "search finished: 2 trials" in completed.stdout
+    assert again.returncode == 2 and "already ended" in again.stderr  # nothing left to do
+    assert parent.info.status == "FINISHED" and parent.data.tags.get(tracking.TAG_BEST_TRIAL_RUN)
+    files = tune_results(experiment_dir)
+    assert sorted(files) == sorted(c.data.tags[tracking.TAG_TRIAL_ID] for c in children)
+    for child in children:
+        lines = files[child.data.tags[tracking.TAG_TRIAL_ID]]
+        assert child.info.status == "FINISHED" and child.data.tags.get(tracking.TAG_CHECKPOINT_ARTIFACT)
+        assert int(child.data.tags[tracking.TAG_CHECKPOINT_EPOCH]) == 3
+        for key in ("epoch", "loss", "knn_top1"):
+            assert logged[child.info.run_id, key] == [(int(line["epoch"]), pytest.approx(line[key])) for line in lines]
 
 
 # --- a node dies under a multi-worker trial -----------------------------------------------------

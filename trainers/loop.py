@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_tune import distributed
+from ssl_tune import checkpoints, distributed
+from ssl_tune.checkpoints import CHECKPOINT_FILE, CheckpointError  # noqa: F401  (re-exported)
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
@@ -33,7 +34,6 @@ from trainers import methods
 from trainers.base import Diverged, Method
 from trainers.optim import build_optimizers, warmup_cosine
 
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 
 CheckpointWriter = Callable[[Path], None]
@@ -157,12 +157,9 @@ class Trainer:
                              std=tuple(self.normalizer.std.flatten().tolist()), dataset=self.spec.data.name)
 
     def write_checkpoint(self, directory: Path) -> Path:
-        """Write `checkpoint.pt` into `directory` atomically (a crash never leaves half a file)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CHECKPOINT_FILE
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        """Write `checkpoint.pt` into `directory`, whole and verified (`ssl_tune.checkpoints.save`);
+        raises CheckpointError naming the path when it cannot."""
+        path = checkpoints.save(self.state_dict(), directory)
         if self.final_outputs is not None:
             save_arrays(directory / EVALUATION_FILE, self.final_outputs)
         return path
@@ -170,7 +167,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `write_checkpoint` saved; `path` is the file or its directory."""
         path = path / CHECKPOINT_FILE if path.is_dir() else path
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = checkpoints.load(path, map_location=self.device)  # CheckpointError names a damaged one
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
         self.method.load_state_dict(state["model"])

@@ -251,6 +251,14 @@ def _build_imagefolder(data, root: Path, tmp: Path, stream) -> tuple[dict, list[
 
     size = data.image_size or DEFAULT_IMAGE_SIZE
     listing = list_folder(root)
+    # The arrays are sparse files filled as images decode: a disk too small fails hours in, so check first.
+    needed = (len(listing.train.files) + len(listing.test.files)) * 3 * size * size
+    free = shutil.disk_usage(tmp).free
+    if needed > free:
+        raise DataError(f"the cache needs {needed / 2**30:,.2f} GiB ({len(listing.train.files) + len(listing.test.files):,} "
+                        f"images x 3 x {size} x {size} bytes) but {tmp.parent} has {free / 2**30:,.2f} GiB free; free "
+                        "space there, point data.cache_dir (or $SSL_TUNE_CACHE_DIR) at a larger disk, or lower "
+                        "data.image_size")
     splits, skipped = {}, []
     for name, split in (("train", listing.train), ("test", listing.test)):
         progress = Progress(f"decoding {root.name}/{split.directory.name}", len(split.files), stream)

@@ -1,0 +1,105 @@
+"""Checkpoint files that can be trusted: written whole or not at all, and checked before they are used.
+
+`save` writes `checkpoint.pt` under a temporary name, reads it back to record its size and SHA-256
+in `checkpoint.json`, and only then renames it into place; a write that fails (a full disk) leaves
+no file behind and raises `CheckpointError` naming the path. `load` checks the file against that
+record before unpickling it, so a damaged or truncated checkpoint is named with its reason, not
+reported as a zip-reader error. Checkpoints written before the record existed load unchecked.
+
+Cost: one extra sequential read per checkpoint (ResNet-50 with LARS: about 200 MB, well under a
+second from the page cache), and a 150-byte JSON file beside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+RECORD_FILE = "checkpoint.json"  # {"file", "bytes", "sha256"} of the checkpoint beside it
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written, or that cannot be loaded; the message names its path."""
+
+    def __init__(self, path: Path | str, reason: str, *, disk_full: bool = False) -> None:
+        super().__init__(f"checkpoint {path}: {reason}")
+        self.path, self.reason, self.disk_full = str(path), reason, disk_full
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def save(state: dict[str, Any], directory: Path) -> Path:
+    """Write `state` to `directory/checkpoint.pt` with its record (see the module docstring)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CHECKPOINT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:  # through a Python file, so that the OS's own error reaches us
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the previous one
+        size, sha = _digest(tmp)
+        record = directory / RECORD_FILE
+        record_tmp = record.with_name(record.name + ".tmp")
+        record_tmp.write_text(json.dumps({"file": CHECKPOINT_FILE, "bytes": size, "sha256": sha}))
+        os.replace(tmp, path)  # both written before either replaces the previous pair
+        os.replace(record_tmp, record)
+    except (OSError, RuntimeError) as exc:  # torch.save wraps the file's OSError in a RuntimeError
+        tmp.unlink(missing_ok=True)
+        (directory / (RECORD_FILE + ".tmp")).unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+    return path
+
+
+def write_error(path: Path | str, exc: BaseException) -> CheckpointError:
+    """A failed checkpoint write as a CheckpointError; a full disk (or quota) is said in those words."""
+    chain, seen = exc, []
+    while chain is not None and len(seen) < 5:
+        seen.append(chain)
+        chain = chain.__cause__ or chain.__context__
+    full = any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in seen)
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    reason = "the disk is full" if full else f"{type(exc).__name__}: {first}"
+    return CheckpointError(path, f"cannot be written: {reason}", disk_full=full)
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError if `path` (a checkpoint.pt) is missing, or differs from its record."""
+    if not path.is_file():
+        raise CheckpointError(path, "is missing")
+    record_path = path.with_name(RECORD_FILE)
+    if not record_path.is_file():
+        return  # written before checkpoints carried a record
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(path, f"its record {RECORD_FILE} is unreadable ({exc})") from None
+    size, sha = _digest(path)
+    if size != record["bytes"]:
+        raise CheckpointError(path, f"is damaged: {size:,} bytes on disk, {record['bytes']:,} written")
+    if sha != record["sha256"]:
+        raise CheckpointError(path, "is damaged: its SHA-256 differs from the one recorded when it was written")
+
+
+def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The state in `path` (a checkpoint.pt or its directory), verified first; CheckpointError otherwise."""
+    path = path / CHECKPOINT_FILE if path.is_dir() else path
+    verify(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a file from before the record, damaged: the zip reader's error
+        raise CheckpointError(path, f"cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None

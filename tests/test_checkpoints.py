@@ -1,0 +1,109 @@
+"""Checkpoints that can be trusted: written whole or not at all, verified before use, a damaged latest
+skipped for the one before it, and a disk that fills named in one line."""
+
+import json
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from ssl_tune import checkpoints, tracking
+from ssl_tune.checkpoints import CHECKPOINT_FILE, RECORD_FILE, CheckpointError
+from ssl_tune.trial import CHECKPOINTS_KEPT, DAMAGED_CHECKPOINT_KEY, RayReporter, restore
+from tests.conftest import epoch_steps, output, run_cli, runs_of, search_spec, small_disk, start_cli, wait_for
+
+
+def state(epoch: int) -> dict:
+    return {"epoch": epoch, "weights": torch.arange(50_000, dtype=torch.float32) * epoch}
+
+
+def test_a_checkpoint_is_recorded_and_a_truncated_or_altered_one_is_named_with_its_reason(tmp_path):
+    path = checkpoints.save(state(3), tmp_path / "c")
+    record = json.loads((tmp_path / "c" / RECORD_FILE).read_text())
+    assert record["bytes"] == path.stat().st_size and len(record["sha256"]) == 64
+    assert checkpoints.load(tmp_path / "c")["epoch"] == 3
+    assert not list((tmp_path / "c").glob("*.tmp"))
+
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: is damaged: [\d,]+ bytes on disk, [\d,]+ written"):
+        checkpoints.load(path)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        checkpoints.load(path)
+    (tmp_path / "c" / RECORD_FILE).unlink()  # a checkpoint from before the record: torch's own error, named
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: cannot be loaded \("):
+        checkpoints.load(path)
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_leaves_nothing_and_says_so(tmp_path):
+    with small_disk(tmp_path / "disk", 1) as disk:
+        checkpoints.save(state(1), disk / "c")  # 200 kB: fits
+        before = (disk / "c" / CHECKPOINT_FILE).read_bytes()
+        with pytest.raises(CheckpointError, match=r"cannot be written: the disk is full") as caught:
+            checkpoints.save({"epoch": 2, "weights": torch.zeros(400_000)}, disk / "c")  # 1.6 MB
+        assert caught.value.disk_full and str(disk / "c" / CHECKPOINT_FILE) in str(caught.value)
+        assert sorted(p.name for p in (disk / "c").iterdir()) == [RECORD_FILE, CHECKPOINT_FILE]
+        assert (disk / "c" / CHECKPOINT_FILE).read_bytes() == before  # the previous one is intact
+        assert checkpoints.load(disk / "c")["epoch"] == 1
+
+
+class _Trainer:
+    """What `restore` needs of a Trainer: load_checkpoint (verified) and the epoch it reached."""
+
+    epoch = 0
+
+    def load_checkpoint(self, directory: Path) -> None:
+        self.epoch = checkpoints.load(directory)["epoch"]
+
+
+def test_restore_skips_a_damaged_latest_checkpoint_for_the_one_before_and_fails_when_none_loads(tmp_path):
+    import ray.tune
+
+    for epoch in (1, 2):
+        checkpoints.save(state(epoch), tmp_path / f"checkpoint_00000{epoch - 1}")
+    latest = tmp_path / "checkpoint_000001" / CHECKPOINT_FILE
+    latest.write_bytes(latest.read_bytes()[:1000])
+    trainer, report = _Trainer(), RayReporter(lambda *a, **k: None, ray.tune.Checkpoint)
+    restore(trainer, ray.tune.Checkpoint(str(tmp_path / "checkpoint_000001")), report)
+    assert trainer.epoch == 1
+    assert f"checkpoint {tmp_path / 'checkpoint_000001'}: is damaged" in report.once[DAMAGED_CHECKPOINT_KEY]
+
+    earlier = tmp_path / "checkpoint_000000" / CHECKPOINT_FILE
+    earlier.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'checkpoint_000001'}: is damaged.*"
+                                              f"checkpoint {tmp_path / 'checkpoint_000000'}: is damaged"):
+        restore(_Trainer(), ray.tune.Checkpoint(str(tmp_path / "checkpoint_000001")), report)
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_at_resume_is_named_and_the_trial_goes_on_from_the_one_before(tmp_path):
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_concurrent=1)
+    raw["training"] = {"epochs": 6, "batch_size": 250, "seed": 0}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = start_cli(["run", "spec.yaml", "--name", "k"], cwd=tmp_path)
+    wait_for(lambda: any(c.data.metrics.get("epoch", 0) >= 2 for c in runs_of(tmp_path)[2]), 300, "epoch 2", proc)
+    os.kill(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    assert proc.returncode == 130, output(proc)[-3000:]
+    _, _, (child,) = runs_of(tmp_path)
+    # Tune's latest checkpoint (a later one may be on disk, written as the signal came but never registered)
+    latest_dir = Path(child.data.tags[tracking.TAG_CHECKPOINT])
+    earlier_dir = latest_dir.with_name(f"checkpoint_{int(latest_dir.name[-6:]) - 1:06d}")
+    assert earlier_dir.is_dir()  # the one before it is kept (CHECKPOINTS_KEPT)
+    latest = latest_dir / CHECKPOINT_FILE
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+
+    resumed = run_cli(["resume", "k"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"skipped a damaged checkpoint: checkpoint {latest_dir}: is damaged" in resumed.stdout
+    client, _, (child,) = runs_of(tmp_path)
+    assert child.info.status == "FINISHED" and epoch_steps(client, child) == [1, 2, 3, 4, 5, 6]
+    assert str(latest_dir) in child.data.tags[tracking.TAG_DAMAGED_CHECKPOINT]
+    assert len(list(latest_dir.parent.glob("checkpoint_*"))) == CHECKPOINTS_KEPT  # when the trial has ended
+    assert int(child.data.tags[tracking.TAG_EPOCHS_LOST]) == 1  # the damaged checkpoint's epoch, trained again
