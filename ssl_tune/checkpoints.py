@@ -65,13 +65,20 @@ def save(state: dict[str, Any], directory: Path) -> Path:
     return path
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from or during, is a full disk or quota (Ray passes
+    some errors on only as text)."""
+    seen: list[BaseException] = []
+    while exc is not None and len(seen) < 10 and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+               or (isinstance(e, CheckpointError) and e.disk_full) for e in seen)
+
+
 def write_error(path: Path | str, exc: BaseException) -> CheckpointError:
     """A failed checkpoint write as a CheckpointError; a full disk (or quota) is said in those words."""
-    chain, seen = exc, []
-    while chain is not None and len(seen) < 5:
-        seen.append(chain)
-        chain = chain.__cause__ or chain.__context__
-    full = any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in seen)
+    full = disk_full(exc)
     first = str(exc).splitlines()[0][:200] if str(exc) else ""
     reason = "the disk is full" if full else f"{type(exc).__name__}: {first}"
     return CheckpointError(path, f"cannot be written: {reason}", disk_full=full)

@@ -14,10 +14,12 @@ from ssl_tune.shell import ssl_tune_command
 # Exit statuses (README, "Exit status"): 0 a search that completed with at least one trial through;
 # 1 an unexpected error (a traceback); 2 bad input or a failed pre-flight check, before any trial;
 # 3 a search that completed but in which every trial failed; 4 a search that completed whose MLflow
-# record could not be completed (the server stayed away; `resume` completes it); 130 stopped by Ctrl-C or SIGTERM.
+# record could not be completed (the server stayed away; `resume` completes it); 5 the storage path's disk
+# filled during the search (free space, then `resume`); 130 stopped by Ctrl-C or SIGTERM.
 EXIT_BAD_INPUT = 2
 EXIT_ALL_TRIALS_FAILED = 3
 EXIT_TRACKING_INCOMPLETE = 4
+EXIT_STORAGE_FULL = 5
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 UI_QUIET_WARNING = "ignore:starlette.middleware.wsgi is deprecated"
 
@@ -507,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ssl_tune.replay import TrackingIncomplete
+    from ssl_tune.replay import StorageFull, TrackingIncomplete
     from ssl_tune.spec import SpecError
 
     args = build_parser().parse_args(argv)
@@ -519,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except StorageFull as exc:
+        print(f"\nerror: {exc}; the search stopped. Free space there, then resume with:  "
+              f"{_resume_command(exc.parent_run_id, exc.uri, exc.storage)}", file=sys.stderr)
+        return EXIT_STORAGE_FULL
     except TrackingIncomplete as exc:
         print(f"\nsearch complete, tracking incomplete: {exc}.\nNothing is lost: every result and checkpoint is in "
               f"Ray Tune's files under {exc.storage}; once the server answers, resume replays them into MLflow.\n"

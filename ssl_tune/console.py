@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from ray.tune import Callback
 from ssl_tune import budget
 from ssl_tune.space import best_value, field_values
 from ssl_tune.spec import SpecBase
-from ssl_tune.trial import DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, error_summary
+from ssl_tune.trial import DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, STORAGE_FULL_KEY, error_summary
 
 
 @contextlib.contextmanager
@@ -27,8 +28,7 @@ def ray_output_to(log_path: Path):
     not forwarded to the driver at all (`ray.init(log_to_driver=False)`); Ray keeps it in its
     session logs.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", buffering=1) as log:
+    with _LogFile(log_path) as log:
         handlers = [h for name in ["ray", *logging.root.manager.loggerDict]
                     if name == "ray" or name.startswith("ray.")
                     for h in getattr(logging.getLogger(name), "handlers", [])
@@ -40,6 +40,59 @@ def ray_output_to(log_path: Path):
         finally:
             for handler, stream in saved:
                 handler.setStream(stream)
+
+
+class _LogFile:
+    """The driver's log file, which never fails the search: it often lies on the storage path's disk,
+    and when that fills (or cannot be opened) the log says so once on stderr and drops what follows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file = path, None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", buffering=1)
+        except OSError as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: OSError) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+        self.file = None
+        print(f"warning: Ray's output cannot be written to {self.path} ({exc.strerror or exc}); it is dropped from "
+              "here on", file=sys.__stderr__, flush=True)
+
+    def write(self, text: str) -> int:
+        if self.file is not None:
+            try:
+                self.file.write(text)
+            except OSError as exc:
+                self._lost(exc)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.flush()
+            except OSError as exc:
+                self._lost(exc)
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:  # Ray's faulthandler writes to the descriptor of the (redirected) stderr
+        if self.file is None:
+            self.file_lost = getattr(self, "file_lost", None) or open(os.devnull, "w")
+            return self.file_lost.fileno()
+        return self.file.fileno()
+
+    def __enter__(self) -> _LogFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
 
 
 def _fmt(value: Any) -> str:
@@ -151,6 +204,9 @@ class ConsoleTable(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if FAILURE_KEY in result:
+            return
+        if STORAGE_FULL_KEY in result:
+            self._print(f"  trial {trial.trial_id}: {str(result[STORAGE_FULL_KEY])[:300]}; stopping the search")
             return
         if result.get(DAMAGED_CHECKPOINT_KEY):
             self._print(f"  trial {trial.trial_id} skipped a damaged checkpoint: {str(result[DAMAGED_CHECKPOINT_KEY])[:300]}")

@@ -29,6 +29,14 @@ class TrackingIncomplete(RuntimeError):
         self.uri, self.parent_run_id, self.storage, self.reason = uri, parent_run_id, storage, reason
 
 
+class StorageFull(RuntimeError):
+    """The disk of the search's storage path filled during the search; Tune stopped it."""
+
+    def __init__(self, storage: str, parent_run_id: str, uri: str, detail: str = "") -> None:
+        super().__init__(f"the disk of the storage path {storage} is full" + (f" ({detail})" if detail else ""))
+        self.storage, self.parent_run_id, self.uri = storage, parent_run_id, uri
+
+
 def tracking_errors() -> tuple[type[BaseException], ...]:
     """What a call to an unreachable tracking server raises (MLflow wraps most, not all, of them)."""
     import requests

@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
 
-from ssl_tune import budget, cluster, replay, tracking
+from ssl_tune import budget, checkpoints, cluster, replay, tracking
 from ssl_tune.confirmation import confirmation_configs
 from ssl_tune.shell import ssl_tune_command
 from ssl_tune.space import CONFIRMATION_KEY, SearchSpace, field_values, optuna_names
 from ssl_tune.spec import SpecBase, SpecError
-from ssl_tune.trial import FAILURE_KEY, checkpoint_config, run_trial
+from ssl_tune.trial import FAILURE_KEY, STORAGE_FULL_KEY, checkpoint_config, run_trial
 from trainers import spec_model
 
 
@@ -172,6 +173,22 @@ def _trainable(spec: SpecBase, data):
                                                     data_fingerprint=fingerprint), cluster.tune_trial_resources(spec))
 
 
+class StopWhenStorageFull(Callback):
+    """A trial that cannot write its checkpoint to a full disk (`STORAGE_FULL_KEY`) stops the whole search
+    the way Ctrl-C does (Tune's SIGUSR1): every trial would meet the same disk, and stopped trials stay
+    unfinished, so `ssl-tune resume` goes on once there is room. Trials failed for it would not."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        import signal
+
+        if result.get(STORAGE_FULL_KEY) and not _storage_full:
+            _storage_full.append(str(result[STORAGE_FULL_KEY]))
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+_storage_full: list[str] = []  # what the first trial that met a full disk said, in this process
+
+
 class StopSignals:
     """How a search ended, known rather than counted: the first SIGINT (Ctrl-C) or SIGTERM (a batch
     scheduler ending the job) is recorded here and passed to Tune as its own graceful stop (SIGUSR1):
@@ -261,7 +278,7 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage,
-            callbacks=[tracking.MlflowTrialLogger(uri, experiment, parent_id, spec)]
+            callbacks=[tracking.MlflowTrialLogger(uri, experiment, parent_id, spec), StopWhenStorageFull()]
             + ([] if verbose else [ConsoleTable(spec, epochs_after=budget.confirmation_trials(spec) * spec.training.epochs)]),
             checkpoint_config=checkpoint_config(train=False),
             # A trial whose worker died restarts from its latest checkpoint, in the same MLflow run.
@@ -362,13 +379,20 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = F
     (`ssl_tune.replay`); a tracking server away at the end raises `replay.TrackingIncomplete`."""
     stop = StopSignals()
     tracking.updates_given_up(reset=True)
+    _storage_full.clear()
     try:
         with stop.installed():
             results = tuner.fit()
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(*replay.tracking_errors()):  # the record stays RUNNING; resume closes it
             tracking.close_search_run(stage.client, stage.parent_id, interrupted=True)
+        if checkpoints.disk_full(exc):  # Tune could not write its own state there: one line, not its traceback
+            raise replay.StorageFull(stage.storage, stage.parent_id, stage.uri, str(exc).splitlines()[0][:300]) from None
         raise
+    if _storage_full:  # a trial met a full disk and the search was stopped for it (`StopWhenStorageFull`)
+        with contextlib.suppress(*replay.tracking_errors()):
+            tracking.close_search_run(stage.client, stage.parent_id, interrupted=True)
+        raise replay.StorageFull(stage.storage, stage.parent_id, stage.uri, _storage_full[0])
     # Tune counts trials it stopped on a signal as TERMINATED, like finished ones: the signal decides.
     interrupted = stop.received is not None
     try:
@@ -434,7 +458,8 @@ def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
         run_config=tune.RunConfig(
             name=name,
             storage_path=stage.storage,
-            callbacks=[tracking.MlflowTrialLogger(stage.uri, stage.experiment_id, stage.parent_id, spec)]
+            callbacks=[tracking.MlflowTrialLogger(stage.uri, stage.experiment_id, stage.parent_id, spec),
+                       StopWhenStorageFull()]
             + ([] if stage.verbose else [ConsoleTable(spec, num_samples=len(configs), early_stopping=False)]),
             checkpoint_config=checkpoint_config(train=False),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),

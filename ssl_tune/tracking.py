@@ -27,8 +27,8 @@ from ssl_tune import confirmation as confirmation_stage
 from ssl_tune.space import (CONFIRMATION_KEY, best_trial, counts, param_value, ranked, resolve_trial,
                             study_from_trials)
 from ssl_tune.spec import SpecBase, SpecError
-from ssl_tune.trial import (DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY, error_summary,
-                            error_text, last_line)
+from ssl_tune.trial import (DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY,
+                            STORAGE_FULL_KEY, error_summary, error_text, last_line)
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -393,6 +393,8 @@ class MlflowTrialLogger(Callback):
             return
         if FAILURE_KEY in result:
             self.failed[trial.trial_id] = str(result[FAILURE_KEY])
+            return
+        if STORAGE_FULL_KEY in result:  # not an epoch: the search is being stopped (`search.StopWhenStorageFull`)
             return
         metrics = result_metrics(result)
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))

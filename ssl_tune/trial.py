@@ -19,11 +19,12 @@ import json
 import math
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ssl_tune.checkpoints import CheckpointError
+from ssl_tune.checkpoints import CheckpointError, write_error
 from ssl_tune.space import resolve_trial
 from ssl_tune.spec import SpecBase
 from trainers import spec_model
@@ -40,6 +41,10 @@ RESTORED_FROM_KEY = "restored_from_epoch"
 # that checkpoint. Ray Train persists a checkpoint before its metrics reach Tune, so a node lost in
 # between leaves a checkpoint whose epoch's metrics MLflow never got; the tracker fills them from here.
 RESTORED_HISTORY_KEY = "restored_history"
+# A result key (a string, not a metric): the trial cannot write its checkpoint because the storage path's
+# disk is full. The driver then stops the whole search the way Ctrl-C does, so that it can be resumed.
+STORAGE_FULL_KEY = "storage_full"
+STORAGE_FULL_WAIT_S = 120.0
 # A result key (a string, not a metric): the damaged checkpoint(s) a restored trial skipped, with the reason.
 DAMAGED_CHECKPOINT_KEY = "damaged_checkpoint"
 
@@ -48,17 +53,25 @@ class RayReporter(Reporter):
     """Sends each epoch's metrics and checkpoint to Tune or Ray Train: `report` and `checkpoint_class`
     are `ray.tune.report` and `ray.tune.Checkpoint`, or their `ray.train` counterparts."""
 
-    def __init__(self, report: Callable[..., None], checkpoint_class: type, extra: dict[str, float] | None = None) -> None:
+    def __init__(self, report: Callable[..., None], checkpoint_class: type, extra: dict[str, float] | None = None,
+                 storage: str = "") -> None:
         self.report, self.checkpoint_class, self.extra = report, checkpoint_class, extra or {}
+        self.storage = storage  # where Ray keeps this trial's checkpoints (for error messages)
         self.once: dict[str, float] = {}  # sent with the next result only
 
     def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
         with tempfile.TemporaryDirectory(prefix="ssl-tune-ckpt-") as tmp:
             checkpoint = None
             if write_checkpoint is not None:
-                write_checkpoint(Path(tmp))
+                write_checkpoint(Path(tmp))  # CheckpointError when it cannot be written whole
                 checkpoint = self.checkpoint_class.from_directory(tmp)
-            self.report({**metrics, **self.extra, **self.once}, checkpoint=checkpoint)
+            try:  # Ray copies the checkpoint into the storage path here
+                self.report({**metrics, **self.extra, **self.once}, checkpoint=checkpoint)
+            except Exception as exc:
+                error = write_error(self.storage or "in the storage path", exc)
+                if error.disk_full:  # every retry would fill the same disk
+                    raise error from None
+                raise
             self.once = {}
 
 
@@ -125,7 +138,7 @@ def train_worker(config: dict[str, Any]) -> None:
     else:
         api, device = ray.tune, default_device()
     checkpoint = api.get_checkpoint()
-    report = RayReporter(api.report, api.Checkpoint, extra)
+    report = RayReporter(api.report, api.Checkpoint, extra, storage=config.get("checkpoints_in") or _trial_storage())
 
     def fail(epoch: int, reason: str) -> None:
         # Deterministic failures end the trial without an exception, so Tune does not retry them. A NaN
@@ -152,9 +165,30 @@ def train_worker(config: dict[str, Any]) -> None:
             # RESTORED_HISTORY_KEY): report it again, with its checkpoint, so the trial ends on it.
             report.on_epoch(trainer.history[-1], trainer.write_checkpoint if distributed.rank() == 0 else None)
             return
-    result = trainer.fit(report)
+    try:
+        result = trainer.fit(report)
+    except CheckpointError as exc:
+        if config["via"] == "train":  # the other ranks wait at the next collective: end the whole run
+            raise
+        if exc.disk_full:  # not this trial's fault: the driver stops the search, resumable once there is room
+            # (the epoch before: this one's metrics were never reported, its checkpoint being unwritable)
+            api.report({"epoch": float(trainer.epoch - 1), spec.search.metric: math.nan, STORAGE_FULL_KEY: str(exc)})
+            time.sleep(STORAGE_FULL_WAIT_S)  # stopped meanwhile, unfinished; else (no driver heard) failed
+        fail(trainer.epoch, str(exc))
+        return
     if result.status == "diverged":
         fail(result.epochs_completed, f"diverged: {result.message}")
+
+
+def _trial_storage() -> str:
+    """Where Tune keeps this trial's checkpoints (its directory in the storage path), for messages."""
+    import ray.tune
+
+    context = ray.tune.get_context()
+    try:
+        return context.get_storage().trial_fs_path
+    except Exception:  # a DeveloperAPI: fall back to the trial's local directory
+        return context.get_trial_dir()
 
 
 def restore(trainer, checkpoint, report: RayReporter) -> None:
@@ -203,17 +237,19 @@ def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprin
         train_worker({**payload, "via": "tune"})
         return
     context = ray.tune.get_context()
-    storage_path, name = str(Path(context.get_trial_dir()).parent), f"train-{context.get_trial_id()}"
-    run_dir = Path(storage_path) / name
+    name = f"train-{context.get_trial_id()}"
+    # The placement-group record stays in the trial's local directory on this node; the checkpoints go
+    # to the search's storage path (every node reaches it, and it outlives this Ray session).
+    run_dir = Path(context.get_trial_dir()).parent / name
     if remove_leftover_placement_groups(run_dir):  # left by an attempt that died with its node
         print(f"removed placement groups left behind by an earlier attempt of trial {context.get_trial_id()}")
     try:
-        _fit_train_run(spec, payload, storage_path, name, run_dir)
+        _fit_train_run(spec, payload, name, run_dir, context.get_storage())
     finally:
         remove_leftover_placement_groups(run_dir)
 
 
-def _fit_train_run(spec: SpecBase, payload: dict[str, Any], storage_path: str, name: str, run_dir: Path) -> None:
+def _fit_train_run(spec: SpecBase, payload: dict[str, Any], name: str, run_dir: Path, storage) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -221,14 +257,15 @@ def _fit_train_run(spec: SpecBase, payload: dict[str, Any], storage_path: str, n
     r = spec.resources
     TorchTrainer(
         train_worker,
-        train_loop_config={**payload, "via": "train", "run_dir": str(run_dir)},
+        train_loop_config={**payload, "via": "train", "run_dir": str(run_dir),
+                           "checkpoints_in": f"{storage.experiment_fs_path}/{name}"},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, placement_strategy=r.placement_strategy,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=name,  # fixed per trial: a retried trial finds its checkpoints
-            storage_path=storage_path,
+            name=name,  # fixed per trial: a retried or resumed trial finds its checkpoints
+            storage_path=storage.experiment_fs_path, storage_filesystem=storage.storage_filesystem,
             callbacks=[TuneReportCallback()],
             checkpoint_config=checkpoint_config(train=True),
             # A dead worker or node, or workers that cannot be placed within the worker-group start

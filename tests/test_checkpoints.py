@@ -107,3 +107,39 @@ def test_a_truncated_checkpoint_at_resume_is_named_and_the_trial_goes_on_from_th
     assert str(latest_dir) in child.data.tags[tracking.TAG_DAMAGED_CHECKPOINT]
     assert len(list(latest_dir.parent.glob("checkpoint_*"))) == CHECKPOINTS_KEPT  # when the trial has ended
     assert int(child.data.tags[tracking.TAG_EPOCHS_LOST]) == 1  # the damaged checkpoint's epoch, trained again
+
+
+@pytest.mark.slow
+def test_a_storage_disk_that_fills_stops_the_search_in_one_line_and_resume_finishes_it(tmp_path):
+    """The storage path on a 20 MB tmpfs, filled while the first trial trains: exit 5 with one line naming
+    the path (no traceback, though Ray's own log lies on that disk too); once there is room, resume
+    trains every epoch once."""
+    raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[], max_concurrent=1)
+    raw["training"] = {"epochs": 5, "batch_size": 250, "seed": 0}
+    with small_disk(tmp_path / "disk", 20) as disk:
+        raw["storage_path"] = str(disk)
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+        proc = start_cli(["run", "spec.yaml", "--name", "full"], cwd=tmp_path)
+        wait_for(lambda: any(c.data.metrics.get("epoch", 0) >= 2 for c in runs_of(tmp_path)[2]), 300, "epoch 2", proc)
+        with open(disk / "filler", "wb") as filler:  # every byte the disk has left
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    filler.write(b"\0" * (1 << 20))
+                    filler.flush()
+        proc.wait(timeout=300)
+        out = output(proc)
+        assert proc.returncode == 5, out[-4000:]
+        assert "Traceback" not in out, out[-4000:]
+        assert f"error: the disk of the storage path {disk} is full" in out and "cannot be written: the disk is full" in out
+        client, (parent,), _ = runs_of(tmp_path)
+        assert parent.info.status == "KILLED"
+        line = next(line for line in out.splitlines() if line.startswith("error: the disk"))
+        assert line.endswith(f" resume {parent.info.run_id} --storage-path {disk}"), line
+
+        (disk / "filler").unlink()
+        resumed = run_cli(["resume", "full", "--storage-path", str(disk)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client, (parent,), children = runs_of(tmp_path)
+    assert parent.info.status == "FINISHED"
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 2 and all(epoch_steps(client, c) == [1, 2, 3, 4, 5] for c in finished)

@@ -16,6 +16,7 @@ from ssl_tune import load_backbone, tracking
 from ssl_tune.data.datasets import load_dataset
 from ssl_tune.data.loader import Normalizer
 from ssl_tune.evaluation import extract_features, knn_accuracy
+from ssl_tune.trial import CHECKPOINTS_KEPT
 from tests.conftest import (CHROMIUM_INSTALL, ROOT, SEARCH_EPOCHS, SSL_TUNE, cli_env, output, printed_command,
                             require_system, run_cli, runs_of, search_spec, start_cli, wait_for)
 
@@ -230,7 +231,7 @@ def test_list_shows_the_search(finished_search):
 @pytest.mark.slow
 def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-    raw["training"]["epochs"] = 1
+    raw["training"]["epochs"] = 4
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.5}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
@@ -238,7 +239,10 @@ def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     _, _, (child,) = runs_of(tmp_path)
     assert child.info.status == "FINISHED" and "knn_top1" in child.data.metrics
     checkpoint = Path(child.data.tags[tracking.TAG_CHECKPOINT])
-    assert torch.load(checkpoint / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(checkpoint / "checkpoint.pt", weights_only=True)["epoch"] == 4
+    # Ray Train keeps as many as a one-worker trial: the latest and the one before it.
+    assert len([p for p in checkpoint.parent.glob("checkpoint_*") if p.is_dir()]) == CHECKPOINTS_KEPT
+    assert checkpoint.is_relative_to(tmp_path / "ssl_tune_runs")  # in the storage path, not Ray's session directory
 
 
 @pytest.mark.slow

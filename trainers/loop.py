@@ -161,7 +161,10 @@ class Trainer:
         raises CheckpointError naming the path when it cannot."""
         path = checkpoints.save(self.state_dict(), directory)
         if self.final_outputs is not None:
-            save_arrays(directory / EVALUATION_FILE, self.final_outputs)
+            try:
+                save_arrays(directory / EVALUATION_FILE, self.final_outputs)
+            except OSError as exc:
+                raise checkpoints.write_error(directory / EVALUATION_FILE, exc) from None
         return path
 
     def load_checkpoint(self, path: Path) -> None:
