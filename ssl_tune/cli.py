@@ -208,6 +208,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ssl_tune.checkpoints import CheckpointError
     from ssl_tune.spec import SpecError
     from ssl_tune.specfile import load_spec
     from ssl_tune.training import train
@@ -225,6 +226,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except SpecError as exc:  # checks that need the data, e.g. the batch size against its size
         print(f"error: invalid spec {args.spec}:\n  {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except CheckpointError as exc:  # --resume names a damaged file, or the disk filled
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.disk_full:
+            return EXIT_STORAGE_FULL
+        return 1 if exc.reason.startswith("cannot be written") else EXIT_BAD_INPUT
     print(_summary(result, time.perf_counter() - started, out_dir))
     if result.status == "diverged":
         print(f"error: training diverged: {result.message}; the last good checkpoint is in {out_dir}", file=sys.stderr)
@@ -252,7 +258,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _report_outcome(outcome, spec) -> int:
     from ssl_tune import tracking
-    from ssl_tune.spec import SpecBase
 
     # The printed commands name the tracking store when it is not the one they would find by default.
     uri = [] if outcome.tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", outcome.tracking_uri]

@@ -47,7 +47,7 @@ class _LogFile:
     and when that fills (or cannot be opened) the log says so once on stderr and drops what follows."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.file = path, None
+        self.path, self.file, self.devnull = path, None, None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", buffering=1)
@@ -82,17 +82,18 @@ class _LogFile:
 
     def fileno(self) -> int:  # Ray's faulthandler writes to the descriptor of the (redirected) stderr
         if self.file is None:
-            self.file_lost = getattr(self, "file_lost", None) or open(os.devnull, "w")
-            return self.file_lost.fileno()
+            self.devnull = self.devnull or open(os.devnull, "w")
+            return self.devnull.fileno()
         return self.file.fileno()
 
     def __enter__(self) -> _LogFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.file is not None:
-            with contextlib.suppress(OSError):
-                self.file.close()
+        for f in (self.file, self.devnull):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
 
 
 def _fmt(value: Any) -> str:

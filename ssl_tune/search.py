@@ -377,6 +377,10 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = F
     parent KILLED, ready for `ssl-tune resume`. A finished search with `search.confirm.top_k` goes
     on to the confirmation stage. A resumed stage first completes the record from Tune's files
     (`ssl_tune.replay`); a tracking server away at the end raises `replay.TrackingIncomplete`."""
+    # Tune saves its experiment state every 10 s or more ("auto"), and after every second checkpoint of a
+    # trial when two are kept: a driver killed in between loses the trials started since, which a resume
+    # then proposes again. Every 2 s keeps that window short (about 25 KB a trial; $TUNE_GLOBAL_CHECKPOINT_S wins).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     stop = StopSignals()
     tracking.updates_given_up(reset=True)
     _storage_full.clear()
@@ -396,9 +400,10 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = F
     # Tune counts trials it stopped on a signal as TERMINATED, like finished ones: the signal decides.
     interrupted = stop.received is not None
     try:
-        if tracking.updates_given_up():
-            raise ConnectionError(f"{tracking.updates_given_up()} updates held past the end of the stage")
-        if resumed and not interrupted:  # what an earlier driver could not give MLflow
+        given_up = tracking.updates_given_up()
+        if given_up and interrupted:
+            raise ConnectionError(f"{given_up} updates held past the end of the stage")
+        if (resumed or given_up) and not interrupted:  # what this or an earlier driver could not give MLflow
             replay.replay(results, tracking.MlflowTrialLogger(stage.uri, stage.experiment_id, stage.parent_id,
                                                               stage.spec))
         return _record(results, stage, confirming=confirming, interrupted=interrupted)

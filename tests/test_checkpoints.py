@@ -5,7 +5,6 @@ import json
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,6 +50,17 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_leaves_nothing_and_says_so(t
         assert sorted(p.name for p in (disk / "c").iterdir()) == [RECORD_FILE, CHECKPOINT_FILE]
         assert (disk / "c" / CHECKPOINT_FILE).read_bytes() == before  # the previous one is intact
         assert checkpoints.load(disk / "c")["epoch"] == 1
+
+
+def test_train_resume_from_a_damaged_checkpoint_is_exit_2_naming_it(tmp_path, capsys):
+    from ssl_tune.cli import main
+    from tests.conftest import tiny_spec_dict, write_spec
+
+    path = checkpoints.save(state(1), tmp_path / "c")
+    path.write_bytes(path.read_bytes()[:100])
+    assert main(["train", str(write_spec(tmp_path, tiny_spec_dict())), "--resume", str(path),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert f"error: checkpoint {path}: is damaged" in capsys.readouterr().err
 
 
 class _Trainer:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_tune import checkpoints, distributed
-from ssl_tune.checkpoints import CHECKPOINT_FILE, CheckpointError  # noqa: F401  (re-exported)
+from ssl_tune.checkpoints import CHECKPOINT_FILE  # noqa: F401  (re-exported)
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
