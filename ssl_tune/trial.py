@@ -56,7 +56,7 @@ class RayReporter(Reporter):
     def __init__(self, report: Callable[..., None], checkpoint_class: type, extra: dict[str, float] | None = None,
                  storage: str = "") -> None:
         self.report, self.checkpoint_class, self.extra = report, checkpoint_class, extra or {}
-        self.storage = storage  # where Ray keeps this trial's checkpoints (for error messages)
+        self.storage = storage  # where Ray keeps this trial's checkpoints (for error messages; "": Tune's trial directory)
         self.once: dict[str, float] = {}  # sent with the next result only
 
     def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
@@ -68,7 +68,7 @@ class RayReporter(Reporter):
             try:  # Ray copies the checkpoint into the storage path here
                 self.report({**metrics, **self.extra, **self.once}, checkpoint=checkpoint)
             except Exception as exc:
-                error = write_error(self.storage or "in the storage path", exc)
+                error = write_error(self.storage or _trial_storage(), exc)
                 if error.disk_full:  # every retry would fill the same disk
                     raise error from None
                 raise
@@ -138,7 +138,7 @@ def train_worker(config: dict[str, Any]) -> None:
     else:
         api, device = ray.tune, default_device()
     checkpoint = api.get_checkpoint()
-    report = RayReporter(api.report, api.Checkpoint, extra, storage=config.get("checkpoints_in") or _trial_storage())
+    report = RayReporter(api.report, api.Checkpoint, extra, storage=config.get("checkpoints_in", ""))
 
     def fail(epoch: int, reason: str) -> None:
         # Deterministic failures end the trial without an exception, so Tune does not retry them. A NaN
@@ -188,7 +188,7 @@ def _trial_storage() -> str:
     try:
         return context.get_storage().trial_fs_path
     except Exception:  # a DeveloperAPI: fall back to the trial's local directory
-        return context.get_trial_dir()
+        return context.get_trial_dir() or "the storage path"
 
 
 def restore(trainer, checkpoint, report: RayReporter) -> None:

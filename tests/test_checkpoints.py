@@ -153,3 +153,40 @@ def test_a_storage_disk_that_fills_stops_the_search_in_one_line_and_resume_finis
     assert parent.info.status == "FINISHED"
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert len(finished) == 2 and all(epoch_steps(client, c) == [1, 2, 3, 4, 5] for c in finished)
+
+
+def test_a_storage_path_too_small_for_the_checkpoints_is_refused_before_any_trial(tmp_path, capsys):
+    """ResNet-50 checkpoints (about 190 MiB each, 3 per running trial) against a 64 MB disk: exit 2 naming the
+    path, its free space and the estimate; `validate` shows the estimate when it fits."""
+    from ssl_tune.cli import main
+    from ssl_tune.cluster import checkpoint_bytes
+    from ssl_tune.specfile import load_spec
+
+    raw = search_spec()
+    raw["backbone"] = {"name": "resnet50"}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    each = checkpoint_bytes(load_spec(spec_file))
+    assert 150 * 2**20 < each < 300 * 2**20  # ResNet-50 and its projector, with LARS's momentum
+    with small_disk(tmp_path / "disk", 64) as disk:
+        assert main(["validate", str(spec_file), "--set", f"storage_path={disk}"]) == 2
+        err = capsys.readouterr().err
+        assert f"storage_path: {disk} has 0.06 GiB free" in err and "need about" in err and "MiB each" in err
+    assert main(["validate", str(spec_file), "--set", f"storage_path={tmp_path}"]) == 0
+    assert f"checkpoints: {each / 2**20:,.1f} MiB each" in capsys.readouterr().out
+
+
+def test_an_image_cache_that_does_not_fit_its_disk_is_refused_before_decoding(tmp_path, capsys):
+    from ssl_tune.cli import main
+    from tests.test_preflight import image_folder
+
+    root = image_folder(tmp_path / "images", per_class=4)
+    raw = search_spec()
+    with small_disk(tmp_path / "cache", 1) as cache:
+        raw["data"] = {"name": "imagefolder", "root": str(root), "image_size": 512, "cache_dir": str(cache)}
+        spec_file = tmp_path / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(raw))
+        assert main(["prepare", str(spec_file)]) == 2
+        err = capsys.readouterr().err
+        assert "the cache needs 0.01 GiB (16 images x 3 x 512 x 512 bytes)" in err and str(cache) in err
+        assert not list(cache.rglob("*.u8"))  # nothing decoded, no arrays left
