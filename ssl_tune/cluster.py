@@ -227,7 +227,7 @@ def checkpoint_bytes(spec: SpecBase, channels: int = 3) -> int:
     numeric range at its upper bound, each method of a choice over methods).
 
     ResNet-50 with LARS (computed here): 190 MiB with the default 512-256 projector, 276 MiB with a
-    2048-2048 one; AdamW's two moments make it about a third larger again. The bundled TWIST spec: 3.5 MiB
+    2048-2048 one; AdamW's two moments make it half as large again. The bundled TWIST spec: 3.5 MiB
     (a written checkpoint: 3.48 MiB).
     """
     import torch
