@@ -417,7 +417,7 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = F
 def _record(results, stage: _Stage, *, confirming: bool, interrupted: bool) -> SearchOutcome:
     spec, client, parent_id = stage.spec, stage.client, stage.parent_id
     if confirming:
-        return _record_confirmation(results, stage, interrupted)
+        return _record_confirmation(stage, interrupted)
     ok = sum(r.error is None and FAILURE_KEY not in (r.metrics or {}) for r in results)
     done = results.num_terminated + results.num_errors
     if interrupted:
@@ -480,7 +480,7 @@ def _confirmation_dirname(trial) -> str:
     return f"confirm_{trial.trial_id}_{c['of'][:8]}_seed{c['seed']}"
 
 
-def _record_confirmation(results, stage: _Stage, interrupted: bool) -> SearchOutcome:
+def _record_confirmation(stage: _Stage, interrupted: bool) -> SearchOutcome:
     client, parent_id = stage.client, stage.parent_id
     parent = client.get_run(parent_id)
     rows = tracking.leaderboard(client, parent)
