@@ -2,11 +2,13 @@
 
     python -m benchmarks throughput          # trainer vs bare loop per method, data share (any device)
     python -m benchmarks gpu-throughput      # ResNet-18, CIFAR-sized inputs, bf16: images/s, % of peak
+    python -m benchmarks gpu-check           # ResNet-50 at 96 and 160 px, bf16, streamed vs resident (GPU)
     python -m benchmarks search-overhead     # ssl-tune run vs bare trainer calls, 1 and 2 workers
     python -m benchmarks efficiency-table    # trains the grid the efficiency benchmark replays
     python -m benchmarks efficiency          # TPE + ASHA vs random vs TPE alone, same compute
     python -m benchmarks noise               # seed noise of one configuration; RankMe vs kNN top-1
     python -m benchmarks label-free          # RankMe vs kNN top-1 over each method's search trials
+    python -m benchmarks knn-bank            # a subset kNN bank against the whole training split, a search's trials
     python -m benchmarks loss-scaling        # SSL-HSIC exact vs random features, CorInfoMax D, ISD K
     python -m benchmarks data                # the decoded data cache vs decoding an ImageFolder, 100k JPEGs
     python -m benchmarks cluster             # a 2-worker trial on two hosts (network namespaces) vs one; root
@@ -22,17 +24,19 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks import (cluster, common, data, label_free, loss_scaling, noise, report, search_efficiency, search_overhead,
-                        throughput)
+from benchmarks import (cluster, common, data, gpu_check, knn_bank, label_free, loss_scaling, noise, report, search_efficiency,
+                        search_overhead, throughput)
 
 BENCHMARKS = {  # name -> (add_arguments, run)
     "throughput": (throughput.add_arguments, throughput.run),
     "gpu-throughput": (throughput.add_gpu_arguments, throughput.run_gpu),
+    "gpu-check": (gpu_check.add_arguments, gpu_check.run),
     "search-overhead": (search_overhead.add_arguments, search_overhead.run),
     "efficiency-table": (lambda p: search_efficiency.add_arguments(p, table=True), search_efficiency.run_table),
     "efficiency": (lambda p: search_efficiency.add_arguments(p, table=False), search_efficiency.run),
     "noise": (noise.add_arguments, noise.run),
     "label-free": (label_free.add_arguments, label_free.run),
+    "knn-bank": (knn_bank.add_arguments, knn_bank.run),
     "loss-scaling": (loss_scaling.add_arguments, loss_scaling.run),
     "data": (data.add_arguments, data.run),
     "cluster": (cluster.add_arguments, cluster.run),

@@ -17,8 +17,14 @@ Measured in one run, each against its baseline:
    what the data added to their proportional set sizes (PSS: a page shared by two processes counts half
    in each) over the size of one copy of the training split, for the mapped cache and for private
    in-memory copies.
-4. training throughput (the shared trainer, TWIST, the shipped spec's network) on the mapped cache
-   against the same images as in-memory tensors, interleaved A B B A.
+4. training throughput (the shared trainer, TWIST, the shipped spec's network): batches streamed from
+   the mapped cache (a background thread gathers each batch's rows, `data.on_device: false`, the CPU's
+   default) against the same images resident as in-memory tensors, interleaved A B B A.
+5. a training process's peak anonymous memory (training steps, then one evaluated epoch's evaluation),
+   and 6. evaluation time per evaluated epoch over training time per epoch (the measured step time x
+   the steps of an epoch): today's defaults (a 25,600-image bank, kNN in 256 x 16,384 blocks, streamed)
+   against the way it was before (every training image in the bank, kNN over 1,024 test rows x the whole
+   bank at once, resident), each in a fresh process.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ def image_folder_generator():
 def _data_section(folder: Path, size: int, cache_dir: Path):
     from ssl_tune.spec import DataSpec
 
-    return DataSpec(name="imagefolder", root=folder, image_size=size, cache_dir=cache_dir)
+    # The JPEGs are squares of `size` already: storing them larger would only upsample them.
+    return DataSpec(name="imagefolder", root=folder, image_size=size, cache_size=size, cache_dir=cache_dir)
 
 
 def _read_all(folder: Path) -> int:
@@ -97,7 +104,7 @@ sys.path.insert(0, {repo!r})
 from ssl_tune.spec import DataSpec
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from ssl_tune.data.augment import preset_views
-data = DataSpec(name="imagefolder", root={folder!r}, image_size={size}, cache_dir={cache!r})
+data = DataSpec(name="imagefolder", root={folder!r}, image_size={size}, cache_size={size}, cache_dir={cache!r})
 imported = time.perf_counter()
 if {old!r}:
     from benchmarks.data import decode_in_process
@@ -124,7 +131,7 @@ def decode_in_process(data):
     listing = list_folder(Path(data.root))
 
     def split(s):
-        return (torch.stack([torch.from_numpy(decode(f, data.image_size)) for f in s.files]),
+        return (torch.stack([torch.from_numpy(decode(f, data.image_size)[0]) for f in s.files]),
                 torch.tensor(s.labels, dtype=torch.int64))
 
     (xtr, ytr), (xte, yte) = split(listing.train), split(listing.test)
@@ -146,7 +153,7 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from ssl_tune.spec import DataSpec
 from ssl_tune.data.cache import open_dataset
-data = DataSpec(name="imagefolder", root={folder!r}, image_size={size}, cache_dir={cache!r})
+data = DataSpec(name="imagefolder", root={folder!r}, image_size={size}, cache_size={size}, cache_dir={cache!r})
 
 def pss():
     rollup = Path("/proc/self/smaps_rollup").read_text().splitlines()
@@ -186,43 +193,109 @@ def resident_bytes(folder: Path, size: int, cache: Path, expected: str, *, priva
     return {"pss_sum": sum(s["pss"] for s in sizes)}
 
 
+def _twist_spec(batch_size: int, extra: list[str] | None = None):
+    from ssl_tune.specfile import load_spec
+
+    return load_spec(common.REPO / "search_spaces" / "twist.yaml", [f"training.batch_size={batch_size}",
+                                                                   *(extra or [])]).resolve()
+
+
+def train_steps(trainer, steps: int) -> float:
+    """Images/s of `steps` of the trainer's own steps (its loader, streamed or resident; its precision).
+    The loss is read after the last step, so a GPU has finished the work timed."""
+    trainer.model.train()
+    batches = trainer.loader.epoch(0)
+    start, seen = time.perf_counter(), 0
+    try:
+        for step in range(steps):
+            views = next(batches)
+            out = trainer.train_step(views, step / trainer.total_steps)
+            seen += len(views[0])
+        out.loss.item()
+    finally:
+        batches.close()
+    return seen / (time.perf_counter() - start)
+
+
 def throughput(dataset, batch_size: int, steps: int, repeats: int) -> dict[str, Any]:
-    """Images/s of the trainer on the mapped cache (A) and on an in-memory copy (B), A B B A."""
+    """Images/s of the trainer streaming from the mapped cache (A) and with the images resident in
+    memory (B), A B B A."""
     import torch
 
     from ssl_tune.data.datasets import ImageDataset
-    from ssl_tune.specfile import load_spec
     from trainers.loop import Trainer
 
-    spec = load_spec(common.REPO / "search_spaces" / "twist.yaml", [f"training.batch_size={batch_size}"]).resolve()
     in_memory = ImageDataset(dataset.name, dataset.train_images.clone(), dataset.train_labels,
                              dataset.test_images.clone(), dataset.test_labels, dataset.num_classes,
                              channel_stats=dataset.channel_stats)
-    trainers = {"mapped": Trainer(spec, dataset=dataset), "in_memory": Trainer(spec, dataset=in_memory)}
-
-    def rate(name: str) -> float:
-        trainer = trainers[name]
-        trainer.model.train()
-        batches = trainer.loader.epoch(0)
-        start, seen = time.perf_counter(), 0
-        for _ in range(steps):
-            views = next(batches)
-            out = trainer.model(views)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            trainer.optimizer.step()
-            seen += len(views[0])
-        return seen / (time.perf_counter() - start)
+    trainers = {"streamed": Trainer(_twist_spec(batch_size, ["data.on_device=false"]), dataset=dataset),
+                "resident": Trainer(_twist_spec(batch_size, ["data.on_device=true"]), dataset=in_memory)}
+    assert trainers["streamed"].loader.stream and not trainers["resident"].loader.stream
 
     torch.manual_seed(0)
-    rate("mapped"), rate("in_memory")  # warm-up: first touches, allocator
+    train_steps(trainers["streamed"], steps), train_steps(trainers["resident"], steps)  # warm-up
     pairs = []
     for _ in range(repeats):
-        a1, b1, b2, a2 = rate("mapped"), rate("in_memory"), rate("in_memory"), rate("mapped")
+        a1, b1 = train_steps(trainers["streamed"], steps), train_steps(trainers["resident"], steps)
+        b2, a2 = train_steps(trainers["resident"], steps), train_steps(trainers["streamed"], steps)
         pairs.append(((a1 + a2) / 2, (b1 + b2) / 2))
-    return {"mapped_images_per_s": statistics.median(a for a, _ in pairs),
-            "in_memory_images_per_s": statistics.median(b for _, b in pairs),
+    return {"streamed_images_per_s": statistics.median(a for a, _ in pairs),
+            "resident_images_per_s": statistics.median(b for _, b in pairs),
             "ratio": statistics.median(a / b for a, b in pairs), "pairs": pairs}
+
+
+# A trial's training process in a fresh interpreter: a few training steps, then one evaluated epoch's
+# evaluation; its peak anonymous memory (sampled) and the times. `before` runs the way it was.
+EVALUATION = """
+import json, re, sys, threading, time
+sys.path.insert(0, {repo!r})
+import torch
+from benchmarks.data import _twist_spec, train_steps
+from ssl_tune import evaluation
+from ssl_tune.spec import DataSpec
+from ssl_tune.data.cache import open_dataset
+from trainers.loop import Reporter, Trainer
+
+def anon():
+    return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+peak = [0]
+def sample():
+    while True:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.01)
+
+data = DataSpec(name="imagefolder", root={folder!r}, image_size={size}, cache_size={size}, cache_dir={cache!r})
+dataset, _ = open_dataset(data, expected={expected!r})
+if {before!r}:
+    evaluation.KNN_CHUNK = (1024, 1 << 40)
+    extra = ["evaluation.bank_size=null", "data.on_device=true"]
+else:
+    extra = []
+trainer = Trainer(_twist_spec({batch_size}, extra), dataset=dataset)
+base = anon()
+threading.Thread(target=sample, daemon=True).start()
+rate = train_steps(trainer, {steps})
+start = time.perf_counter()
+metrics = trainer.evaluate(Reporter(), last=False)
+eval_s = time.perf_counter() - start
+time.sleep(0.05)
+print(json.dumps({{"images_per_s": rate, "epoch_s": trainer.loader.steps_per_epoch * {batch_size} / rate,
+                  "eval_s": eval_s, "anon_base": base, "anon_peak": peak[0], "knn_top1": metrics["knn_top1"],
+                  "bank": len(trainer.bank) if trainer.bank is not None else len(dataset.train_images)}}))
+"""
+
+
+def evaluation_run(folder: Path, size: int, cache: Path, expected: str, *, before: bool, batch_size: int,
+                   steps: int) -> dict[str, Any]:
+    code = EVALUATION.format(repo=str(common.REPO), folder=str(folder), size=size, cache=str(cache),
+                             expected=expected, before=before, batch_size=batch_size, steps=steps)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=common.REPO)
+    if out.returncode:
+        raise RuntimeError(f"the evaluation probe failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["ratio"] = result["eval_s"] / result["epoch_s"]
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -264,8 +337,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shared = resident_bytes(folder, size, work / "cache", expected, private=False)
         private = resident_bytes(folder, size, work / "cache", expected, private=True)
 
-        print("4. training throughput", flush=True)
+        print("4. training throughput, streamed and resident", flush=True)
         train = throughput(dataset, args.batch_size, args.steps, args.repeats)
+
+        print("5-6. a training process's memory and its evaluation time, before and now", flush=True)
+        evaluations = {name: evaluation_run(folder, size, work / "cache", expected, before=name == "before",
+                                            batch_size=args.batch_size, steps=args.steps)
+                       for name in ("before", "now")}
+        for name, e in evaluations.items():
+            print(f"   {name}: evaluation {e['eval_s']:.1f} s / epoch {e['epoch_s']:.1f} s = {e['ratio']:.3f}; "
+                  f"anonymous memory {e['anon_base'] / 2**20:,.0f} -> {e['anon_peak'] / 2**20:,.0f} MiB", flush=True)
     finally:
         import shutil
 
@@ -281,6 +362,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "in_memory_pss_over_one_copy": private["pss_sum"] / train_bytes,
                    "mapped": shared, "in_memory": private},
         "throughput": train,
+        "evaluation": evaluations,
     }
 
 
@@ -298,6 +380,24 @@ def report(result: dict[str, Any], figures: str) -> str:
         f"| node memory, 2 concurrent trials (the data's share of their PSS / one copy of the training split) | "
         f"{m['mapped_pss_over_one_copy']:.2f} | {m['in_memory_pss_over_one_copy']:.2f} (private copies) | "
         f"{m['mapped_pss_over_one_copy'] / m['in_memory_pss_over_one_copy']:.2f} | about one copy |",
-        f"| training images/s (trainer, TWIST spec) | {t['mapped_images_per_s']:,.0f} | "
-        f"{t['in_memory_images_per_s']:,.0f} (in memory) | {t['ratio']:.3f} | >= 0.97 |",
+        f"| training images/s (trainer, TWIST spec) | {t['streamed_images_per_s']:,.0f} (streamed from the cache) | "
+        f"{t['resident_images_per_s']:,.0f} (resident in memory) | {t['ratio']:.3f} | >= 0.97 |",
+        *_evaluation_rows(result),
     ])
+
+
+def _evaluation_rows(result: dict[str, Any]) -> list[str]:
+    if "evaluation" not in result:
+        return []
+    now, before = result["evaluation"]["now"], result["evaluation"]["before"]
+
+    def growth(e: dict[str, Any]) -> float:
+        return (e["anon_peak"] - e["anon_base"]) / 2**20
+
+    return [
+        f"| a training process's anonymous memory beyond the trainer's, peak over steps + an evaluation (MiB) | "
+        f"{growth(now):,.0f} (bank {now['bank']:,}) | {growth(before):,.0f} (before: bank {before['bank']:,}, kNN over "
+        f"the whole bank) | {growth(now) / growth(before):.2f} | O(batch) |",
+        f"| evaluation time per evaluated epoch / training time per epoch | {now['ratio']:.3f} | {before['ratio']:.3f} "
+        f"(before) | {now['ratio'] / before['ratio']:.2f} | <= 0.1 |",
+    ]

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster, data, label_free, loss_scaling, noise, search_efficiency, search_overhead, throughput
+from benchmarks import (cluster, data, gpu_check, knn_bank, label_free, loss_scaling, noise, search_efficiency, search_overhead,
+                        throughput)
 
 # (result file, title, what it measures, renderer, command to run when there is no result yet)
 SECTIONS = [
@@ -18,6 +19,11 @@ SECTIONS = [
     ("gpu-throughput", "Step throughput on a GPU: ResNet-18, CIFAR-sized inputs, bf16",
      "The same comparison on a GPU, with absolute images/s and the fraction of the GPU's peak dense bf16 FLOP/s.",
      throughput.report_gpu),
+    ("gpu-check", "The ImageNet-scale path on one GPU: ResNet-50, streamed against resident",
+     "ResNet-50 (TWIST, bf16, batch 256) at 96 and 160 px on a synthetic image-folder cache: training images/s "
+     "with the images streamed from the node's mapped cache through pinned memory and with them resident on the "
+     "GPU, peak device memory of the rank, and the evaluation's share of an epoch.",
+     gpu_check.report),
     ("search-overhead", "Search overhead",
      "Wall time of an N-trial `ssl-tune run` (one trial at a time, no early stopping) over the wall time of "
      "the same configurations trained by bare `Trainer` calls, and the fixed cost per trial.",
@@ -38,6 +44,11 @@ SECTIONS = [
      "Each method's shipped search (without its confirmation stage) on the bundled data: how well the "
      "label-free RankMe ranks the search's trials the way kNN top-1 does.",
      label_free.report),
+    ("knn-bank", "The kNN bank: a stratified subset against the whole training split",
+     "The shipped TWIST search on the bundled data: kNN top-1 of every trial's last checkpoint with banks of "
+     "a few images per class (what `evaluation.bank_size` selects) against the whole training split, and how "
+     "well each ranks the trials the same way.",
+     knn_bank.report),
     ("loss-scaling", "Scaling of the losses",
      "Forward + backward of each loss alone, relative to the smallest size measured in the same run.",
      loss_scaling.report),
@@ -76,7 +87,7 @@ def render(results: Path, report: Path) -> str:
                     f"{_machine(result['machine'])}.", "", render_section(result, figures), ""]
         else:
             out += [f"Not measured yet. Command: `python -m benchmarks {name}`"
-                    + (" on a machine with a CUDA GPU." if name == "gpu-throughput" else "."), ""]
+                    + (" on a machine with a CUDA GPU." if name.startswith("gpu-") else "."), ""]
         notes = results / "notes" / f"{name}.md"  # hand-written reading of the result
         if notes.exists():
             out += [notes.read_text().strip(), ""]

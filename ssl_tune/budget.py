@@ -25,9 +25,13 @@ def rungs(spec: SpecBase) -> list[int]:
     s, epochs = spec.search, spec.training.epochs
     if s.scheduler == "none":
         return []
+    every = spec.evaluation.eval_every
     found, milestone = [], float(min(s.grace_period, epochs))
     while milestone < epochs:  # Ray's ASHA: grace_period * reduction_factor ** k, below max_t
-        found.append(math.ceil(milestone - 1e-9))  # a trial reports whole epochs
+        # A trial reports whole epochs, and the objective only at evaluated ones (every `eval_every`-th
+        # and the last): ASHA skips results without it, so it decides at the first evaluated epoch past
+        # the milestone.
+        found.append(min(epochs, math.ceil(math.ceil(milestone - 1e-9) / every) * every))
         milestone *= s.reduction_factor
     return sorted(set(found))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,14 +82,14 @@ def _summary(result, seconds: float, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _open_data(spec, spec_path: Path):
-    """The spec's data set from its cache (built first if needed), with the cache's summary printed;
-    None (after printing the error) when the data is not usable."""
+def _open_data(spec, spec_path: Path, *, refresh: bool = False):
+    """The spec's data set from its cache (built first if needed, rebuilt with `refresh`), with the
+    cache's summary printed; None (after printing the error) when the data is not usable."""
     from ssl_tune.data.cache import open_dataset
     from ssl_tune.data.datasets import DataError
 
     try:
-        dataset, info = open_dataset(spec.data)
+        dataset, info = open_dataset(spec.data, refresh=refresh)
     except DataError as exc:
         print(f"error: data set {spec.data.name!r} (spec {spec_path}, field data.root): {exc}", file=sys.stderr)
         return None, None
@@ -112,7 +113,6 @@ def _describe_range(r) -> str:
 def _cluster_nodes(address: str | None) -> tuple[str, list[dict]]:
     """The nodes trials would run on: the Ray cluster at `address` (or $RAY_ADDRESS), else this machine
     as a local Ray instance would see it."""
-    import os
 
     from ssl_tune import cluster
 
@@ -203,8 +203,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if spec.data.name == "fashion_mnist_subset":
         print("the bundled data set (fashion_mnist_subset) ships decoded inside the package: nothing to prepare")
         return 0
-    dataset, _ = _open_data(spec, args.spec)
-    return 0 if dataset is not None else EXIT_BAD_INPUT
+    if not (args.address or os.environ.get("RAY_ADDRESS")):  # this machine, in this process
+        dataset, _ = _open_data(spec, args.spec, refresh=args.refresh)
+        return 0 if dataset is not None else EXIT_BAD_INPUT
+    import ray
+
+    from ssl_tune import cluster
+
+    where = cluster.init_ray(args.address, log_to_driver=False)
+    try:
+        nodes = cluster.trial_nodes(spec, cluster.node_resources())
+        print(f"building the data cache on {len(nodes)} node(s) of the Ray cluster at {where}", flush=True)
+        cluster.prepare_data(spec, nodes, refresh=args.refresh)
+    finally:
+        ray.shutdown()
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -212,6 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ssl_tune.spec import SpecError
     from ssl_tune.specfile import load_spec
     from ssl_tune.training import train
+    from trainers.loop import DeviceOutOfMemory
 
     spec = load_spec(args.spec, args.set).resolve()
     out_dir = args.out or Path("ssl_tune_runs") / "train" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -226,6 +240,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except SpecError as exc:  # checks that need the data, e.g. the batch size against its size
         print(f"error: invalid spec {args.spec}:\n  {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DeviceOutOfMemory as exc:  # names the stage and the field to change
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except CheckpointError as exc:  # --resume names a damaged file, or the disk filled
         print(f"error: {exc}", file=sys.stderr)
         if exc.disk_full:
@@ -385,7 +402,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import os
     import shutil
 
     from ssl_tune import tracking
@@ -432,9 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="decode the spec's data set into its cache (run and train do it when needed)",
                              description="Decode the spec's data set once, in parallel on every core, into a memory-mapped "
                              "cache (data.cache_dir, else $SSL_TUNE_CACHE_DIR, else ~/.cache/ssl-tune) that every trial "
-                             "and worker on this machine shares; reuse it if it is up to date with its source files. "
-                             "Optional: `ssl-tune run` and `ssl-tune train` build a missing or stale cache themselves.")
+                             "and worker on a machine shares; reuse it if it is up to date with its source (directory "
+                             "listings and times). With --address, on every node of that Ray cluster that can run "
+                             "a trial worker. Optional: `ssl-tune run` and `resume` do it on every node before any "
+                             "trial, `ssl-tune train` in its own process.")
     spec_args(prepare)
+    prepare.add_argument("--address", help="build on every node of this Ray cluster (auto, HOST:PORT); default "
+                         "$RAY_ADDRESS, else this machine")
+    prepare.add_argument("--refresh", action="store_true", help="rebuild even if the cache looks up to date: for "
+                         "image files rewritten in place under the same name, which the listings do not show")
     prepare.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser("train", help="train one configuration without Ray (ranges at their defaults)",

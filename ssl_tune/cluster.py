@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -147,32 +148,136 @@ def init_ray(address: str | None, *, log_to_driver: bool = True) -> str:
     return address or "local"
 
 
-def check_data(spec: SpecBase):
-    """Build or check the spec's data cache on this node once, before any trial: a missing root, an
-    empty class folder or a file that does not decode is the user's to fix (exit 2), not a trial
-    failure to retry. Returns the cache's `CacheInfo` (None for the bundled data set)."""
-    from ssl_tune.data.cache import open_dataset
-    from ssl_tune.data.datasets import DataError
-
-    try:
-        dataset, info = open_dataset(spec.data)
-    except DataError as exc:
-        raise SpecError(f"data: {spec.data.name} (data.root {spec.data.root}): {exc}") from None
-    if info is not None:
-        print(info.summary(), flush=True)
-    if spec.training.batch_size > len(dataset.ssl_images):
+def _check_batch(spec: SpecBase, images: int) -> None:
+    if spec.training.batch_size > images:
         raise SpecError(f"training.batch_size ({spec.training.batch_size}) is larger than data set "
-                        f"{spec.data.name!r} ({len(dataset.ssl_images)} images)")
-    return info
+                        f"{spec.data.name!r} ({images} images)")
 
 
-def prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None, verbose: bool) -> tuple[str, int]:
-    """Connect to Ray and check, before any trial, that the trials fit and can write where they must."""
+def trial_nodes(spec: SpecBase, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The nodes where at least one of the spec's trial workers fits (those that will run trials)."""
+    r = spec.resources
+    return [n for n in nodes if n["CPU"] >= r.cpus_per_worker - 1e-9
+            and (not r.gpus_per_worker or n["GPU"] >= r.gpus_per_worker - 1e-9)]
+
+
+class _Lines:
+    """A text stream that sends each complete line to the driver's `_ProgressBoard` actor."""
+
+    def __init__(self, board, node: str) -> None:
+        self.board, self.node, self.partial, self.last = board, node, "", None
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text.replace("\r", "\n")).split("\n")
+        for line in lines:
+            if line.strip():
+                self.last = self.board.add.remote(self.node, line.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing is held back: every complete line was sent when written (`posted` waits for them)."""
+
+    def posted(self) -> None:
+        """Wait until every line is on the board (an actor runs one caller's calls in order)."""
+        import ray
+
+        if self.last is not None:
+            ray.get(self.last)
+
+
+def _build_cache_on_node(data, refresh: bool, workers: int, board) -> tuple[str, Any, int]:
+    """A Ray task on one node: build or reuse that node's cache with `workers` processes; returns the
+    node's address, the cache's `CacheInfo` and the number of pretraining images."""
+    import ray
+
+    from ssl_tune.data.cache import open_dataset
+
+    node = ray.util.get_node_ip_address()
+    lines = _Lines(board, node)
+    try:
+        dataset, info = open_dataset(data, stream=lines, refresh=refresh, workers=workers)
+    finally:
+        lines.posted()  # the driver prints them all before it reads this task's result
+    return node, info, len(dataset.ssl_images)
+
+
+def prepare_data(spec: SpecBase, nodes: list[dict[str, Any]], *, refresh: bool = False, stream=None):
+    """Build (or check) the spec's data cache on every node that will run trials, before any trial:
+    one Ray task per node, pinned to it and holding all its CPUs, which it decodes with. Their
+    progress is printed here, one line per update, prefixed with the node. A data set the user must
+    fix (exit 2), or nodes that see different sources, raise SpecError naming the node. Trials then
+    only map the cache (`open_dataset(build=False)`) and never decode while they hold GPUs.
+    Returns one node's `CacheInfo` (None for the bundled data set, which ships decoded)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ssl_tune.data.datasets import DataError, load_bundled
+
+    stream = stream or sys.stdout
+    if spec.data.name == "fashion_mnist_subset":
+        _check_batch(spec, len(load_bundled().ssl_images))
+        return None
+    targets = trial_nodes(spec, nodes)
+    board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
+    task = ray.remote(_build_cache_on_node)
+    refs = {task.options(num_cpus=n["CPU"], scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False))
+            .remote(spec.data, refresh, max(1, int(n["CPU"])), board): n for n in targets}
+    pending, shown = list(refs), 0
+    while True:
+        _, pending = ray.wait(pending, timeout=1.0)
+        lines = ray.get(board.lines.remote(shown))
+        shown += len(lines)
+        for node_ip, line in lines:
+            print(f"[{node_ip}] {line}", file=stream, flush=True)
+        if not pending:
+            break
+    results = []
+    for ref, node in refs.items():
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, DataError) else None
+            if cause is None:
+                raise
+            raise SpecError(f"data: {spec.data.name} (data.root {spec.data.root}) on node {node['address']}: "
+                            f"{cause}") from None
+    ray.kill(board)
+    fingerprints = {info.manifest["fingerprint"]: address for address, info, _ in results}
+    if len(fingerprints) > 1:
+        raise SpecError(f"data.root {spec.data.root}: the nodes see different files ({', '.join(fingerprints.values())} "
+                        "differ); give every node the same data")
+    for address, info, _ in results:
+        print(f"[{address}] {info.summary()}", file=stream, flush=True)
+    _check_batch(spec, results[0][2])
+    return results[0][1]
+
+
+class _ProgressBoard:
+    """A Ray actor the per-node cache tasks post their progress lines to, for the driver to print."""
+
+    def __init__(self) -> None:
+        self.posted: list[tuple[str, str]] = []
+
+    def add(self, node: str, line: str) -> None:
+        self.posted.append((node, line))
+
+    def lines(self, start: int) -> list[tuple[str, str]]:
+        return self.posted[start:]
+
+
+def prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None, verbose: bool) -> tuple[str, int, Any]:
+    """Connect to Ray and, before any trial, check that the trials fit and can write where they must,
+    and build the data cache on every node that will run them (`prepare_data`). Returns the address,
+    how many trials fit at once, and the cache's `CacheInfo`."""
     ray_address = init_ray(address, log_to_driver=verbose)
     nodes = node_resources()
     fits = check_resources(spec, nodes)
     check_cluster_paths(storage, uri, ray_address, nodes)
-    return ray_address, fits
+    data = prepare_data(spec, nodes, stream=sys.__stdout__)  # our console, not Ray's log
+    return ray_address, fits, data
 
 
 def check_object_storage(storage: str, nodes: list[dict[str, Any]], ray_address: str) -> None:

@@ -8,6 +8,8 @@ gradient of one process on the whole batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 # torch's autograd-aware collectives; torch.distributed.nn.functional, their older home, is deprecated
@@ -55,6 +57,29 @@ def gather_uneven(x: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     return torch.cat([part[:n] for part, n in zip(gather(padded).split(max(counts)), counts)])
+
+
+@torch.no_grad()
+def gather_to_first(x: torch.Tensor) -> torch.Tensor | None:
+    """Rank-local rows (counts may differ) concatenated in rank order on rank 0; None on the others.
+    Only rank 0 holds the result (a feature bank: 1.28M x 2048 floats is 10.5 GB)."""
+    if not is_distributed():
+        return x
+    counts = gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts] if dist.get_rank() == 0 else None
+    dist.gather(padded, parts, dst=0)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]) if parts is not None else None
+
+
+def broadcast_from_first(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank; the others wait for it."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @torch.no_grad()

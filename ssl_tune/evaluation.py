@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_tune import distributed
+from ssl_tune.data.augment import centre_view
 from ssl_tune.data.loader import Normalizer
 
 # Next to a run's final checkpoint: the arrays of its final evaluation (the test embedding's first
@@ -37,27 +39,73 @@ def effective_rank(embeddings: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 RANKME_SAMPLES = 25_600
 
 
+def rankme_rows(n: int, max_samples: int = RANKME_SAMPLES) -> torch.Tensor:
+    """The rows RankMe is estimated on: at most `max_samples` of `n`, evenly spaced (the same every epoch)."""
+    return torch.arange(0, n, max(1, math.ceil(n / max_samples)))
+
+
 @torch.no_grad()
 def rankme(features: torch.Tensor, max_samples: int = RANKME_SAMPLES) -> float:
     """The label-free objective `search.metric: rankme`: `effective_rank` of at most `max_samples`
-    representations, evenly spaced over the split (the same rows every epoch)."""
-    step = max(1, math.ceil(len(features) / max_samples))
-    return effective_rank(features[::step]).item()
+    representations (`rankme_rows`)."""
+    return effective_rank(features[rankme_rows(len(features), max_samples)]).item()
+
+
+def bank_rows(labels: torch.Tensor, size: int | None) -> torch.Tensor | None:
+    """The labelled training images evaluation uses (`evaluation.bank_size`): a stratified subset of
+    `size` rows, fixed (seed 0: the same for every trial, epoch and seed, so trials compare on the same
+    bank), in increasing order; None for all of them."""
+    if size is None or size >= len(labels):
+        return None
+    return stratified_subset(labels, size / len(labels), seed=0)
 
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, images: torch.Tensor, normalizer: Normalizer, *, batch_size: int = 512, device: torch.device
-) -> torch.Tensor:
-    """Pooled features of all `images` (uint8); the work is sharded over DDP ranks and gathered."""
+    backbone: nn.Module, images: torch.Tensor, normalizer: Normalizer, *, batch_size: int = 512, device: torch.device,
+    rows: torch.Tensor | None = None, dtype: torch.dtype | None = None, to_all: bool = True,
+    aspects: torch.Tensor | None = None, size: int | None = None,
+) -> torch.Tensor | None:
+    """Pooled features (float32) of `images` (uint8; `rows` of them if given), in order.
+
+    Each DDP rank extracts its own shard, a batch at a time from wherever the images are (a memory-mapped
+    cache: only the batch is read), under autocast to `dtype` (the training precision) if given. The
+    shards are gathered on every rank (`to_all`) or on rank 0 only, the others getting None. Images
+    that hold whole pictures resized to a square (`aspects`: each one's width / height) are seen as
+    their centre square at `size` pixels (`centre_view`), as torchvision's Resize + CenterCrop would.
+    """
+
+    def view(batch: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(device, non_blocking=True)
+        if aspects is None and (size is None or size == batch.shape[-1]):
+            return normalizer.uint8(batch)
+        aspect = aspects[picked].to(device) if aspects is not None else None
+        return normalizer(centre_view(batch.float() / 255, aspect, size or batch.shape[-1]))
+
     was_training = backbone.training
     backbone.eval()
-    n, world, rank = len(images), distributed.world_size(), distributed.rank()
-    shard = images[rank * n // world : (rank + 1) * n // world]
-    feats = [backbone(normalizer.uint8(shard[i : i + batch_size].to(device))).float() for i in range(0, len(shard), batch_size)]
-    local = torch.cat(feats) if feats else torch.zeros(0, 1, device=device)
+    n = len(images) if rows is None else len(rows)
+    world, rank = distributed.world_size(), distributed.rank()
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
+    feats = []
+    with autocast:
+        for i in range(lo, hi, batch_size):
+            j = min(i + batch_size, hi)
+            picked = torch.arange(i, j) if rows is None else rows[i:j]
+            batch = images[i:j] if rows is None else images[picked]
+            feats.append(backbone(view(batch, picked)).float())
     backbone.train(was_training)
-    return distributed.gather_uneven(local)
+    local = torch.cat(feats) if feats else None
+    if local is None:  # this rank's shard is empty: the feature width from one image
+        with autocast:
+            width = backbone(view(images[:1], torch.zeros(1, dtype=torch.long))).shape[1]
+        local = torch.zeros(0, width, device=device)
+    return distributed.gather_uneven(local) if to_all else distributed.gather_to_first(local)
+
+
+# Test rows x bank rows compared at once by `knn_ranking`: 16 MB of float32 similarities.
+KNN_CHUNK = (256, 16_384)
 
 
 @torch.no_grad()
@@ -69,22 +117,37 @@ def knn_ranking(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    bank_chunk: int | None = None,
 ) -> torch.Tensor:
     """Classes ranked per test sample (N x C, best first) by a cosine kNN classifier with
     exp(sim / T)-weighted votes.
 
     Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", 2018.
+
+    Memory beyond the inputs is O(chunk_size x bank_chunk) (default `KNN_CHUNK`): each chunk of test
+    rows is compared with the bank a chunk at a time, keeping a running top-k (at ImageNet scale a full
+    row block would be a 1,024 x 1.28M matrix, 5.2 GB).
     """
+    chunk_size, bank_chunk = chunk_size or KNN_CHUNK[0], bank_chunk or KNN_CHUNK[1]
     train = F.normalize(train_features, dim=1)
     test = F.normalize(test_features, dim=1)
     train_labels = train_labels.to(train.device)
     k = min(k, len(train))
     ranked = []
     for start in range(0, len(test), chunk_size):
-        sim, idx = (test[start : start + chunk_size] @ train.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=train.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        query = test[start : start + chunk_size]
+        best_sim = best_idx = None
+        for b in range(0, len(train), bank_chunk):
+            sim, idx = (query @ train[b : b + bank_chunk].T).topk(min(k, len(train) - b), dim=1)
+            idx += b
+            if best_sim is not None:
+                sim, idx = torch.cat([best_sim, sim], 1), torch.cat([best_idx, idx], 1)
+                sim, pick = sim.topk(k, dim=1)
+                idx = idx.gather(1, pick)
+            best_sim, best_idx = sim, idx
+        votes = torch.zeros(len(query), num_classes, device=train.device)
+        votes.scatter_add_(1, train_labels[best_idx], (best_sim / temperature).exp())
         ranked.append(votes.argsort(dim=1, descending=True))
     return torch.cat(ranked) if ranked else torch.zeros(0, num_classes, dtype=torch.long)
 
@@ -113,13 +176,16 @@ def ranking_accuracy(ranked: torch.Tensor, labels: torch.Tensor) -> tuple[float,
 
 
 def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Indices of `fraction` of the samples of every class (at least one per class)."""
+    """Indices of `fraction` of the samples of every class (at least one per class), in increasing order.
+    One sort of the labels, not a pass per class (1,000 passes over 1.28M labels for ImageNet)."""
     g = torch.Generator().manual_seed(seed)
+    by_class = torch.argsort(labels.cpu(), stable=True)
+    counts = torch.bincount(labels.cpu())
     picks = []
-    for c in labels.unique():
-        members = (labels == c).nonzero().squeeze(1)
-        count = max(1, round(fraction * len(members)))
-        picks.append(members[torch.randperm(len(members), generator=g)[:count]])
+    for members in by_class.split(counts.tolist()):
+        if len(members):
+            count = max(1, round(fraction * len(members)))
+            picks.append(members[torch.randperm(len(members), generator=g)[:count]])
     return torch.cat(picks).sort().values
 
 

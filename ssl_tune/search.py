@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from ssl_tune import budget, checkpoints, cluster, replay, tracking
 from ssl_tune.confirmation import confirmation_configs
@@ -40,6 +41,15 @@ def startup_trials(spec: SpecBase) -> int:
     return spec.search.startup_trials or min(10, 2 * len(spec.searchable_paths()))
 
 
+class EvaluatedOptunaSearch(OptunaSearch):
+    """OptunaSearch that passes over the epochs between evaluations (`evaluation.eval_every`), whose
+    results carry no objective (Ray's would fail on them)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
 def build_search_algorithm(spec: SpecBase, max_concurrent: int):
     """OptunaSearch with the spec's seeded sampler (TPE or random), limited to `max_concurrent` open trials.
 
@@ -49,11 +59,10 @@ def build_search_algorithm(spec: SpecBase, max_concurrent: int):
     """
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     s = spec.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    algorithm = OptunaSearch(
+    algorithm = EvaluatedOptunaSearch(
         space=SearchSpace(spec),
         metric=s.metric,
         mode=s.mode,
@@ -246,20 +255,19 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     uri = tracking.resolve_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
     tracking.bound_http_retries()
-    data = cluster.check_data(spec)
     storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
     with _console(_driver_log(storage, run_name), verbose):
-        return _start_search(spec, spec_source, run_name, uri, storage, address, verbose, data)
+        return _start_search(spec, spec_source, run_name, uri, storage, address, verbose)
 
 
 def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, storage: str, address: str | None,
-                  verbose: bool, data) -> SearchOutcome:
+                  verbose: bool) -> SearchOutcome:
     from ray import tune
 
     from ssl_tune.console import ConsoleTable
 
     experiment_name = spec.mlflow.experiment_name or spec.name
-    ray_address, fits = cluster.prepare_cluster(spec, storage, uri, address, verbose)
+    ray_address, fits, data = cluster.prepare_cluster(spec, storage, uri, address, verbose)
     max_concurrent = min(spec.search.max_concurrent or fits, spec.search.num_samples)
     cluster.check_disk_space(spec, storage, max_concurrent)
 
@@ -339,10 +347,9 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     with tempfile.TemporaryDirectory() as tmp:
         spec_text = Path(client.download_artifacts(parent_id, "spec.yaml", tmp)).read_text()
     spec = spec_model().model_validate(yaml.safe_load(spec_text))
-    data = cluster.check_data(spec)
     root, name = _storage_root_and_name(storage)
     with _console(_driver_log(root, name), verbose):
-        _, fits = cluster.prepare_cluster(spec, root, uri, address, verbose)
+        _, fits, data = cluster.prepare_cluster(spec, root, uri, address, verbose)
         cluster.check_disk_space(spec, root, min(spec.search.max_concurrent or fits, spec.search.num_samples))
         tracking.reopen_search_run(client, parent)
         # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
@@ -381,6 +388,9 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = F
     # trial when two are kept: a driver killed in between loses the trials started since, which a resume
     # then proposes again. Every 2 s keeps that window short (about 25 KB a trial; $TUNE_GLOBAL_CHECKPOINT_S wins).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Epochs between evaluations (`evaluation.eval_every`) report no objective; ASHA and Optuna act on
+    # the evaluated ones only, and Tune must not refuse the others.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     stop = StopSignals()
     tracking.updates_given_up(reset=True)
     _storage_full.clear()

@@ -221,9 +221,14 @@ class AugmentationSpec(StrictModel):
         return self
 
 
+# data.on_device: auto keeps the training images resident on a GPU when they take at most this fraction
+# of its free memory at start (the rest is the model's, the activations' and the evaluation's).
+RESIDENT_FRACTION = 0.25
+
 # The cache holds every image at data.image_size (3 x S x S bytes each): at 1024 px, 3 MiB an image and
 # 3.8 TiB for ImageNet-1k. SSL backbones take 224 px (DINOv2's largest 518); beyond 1024 a typo is likelier.
 MAX_IMAGE_SIZE = 1024
+MAX_CACHE_SIZE = 1280
 
 
 class DataSpec(StrictModel):
@@ -231,10 +236,16 @@ class DataSpec(StrictModel):
     root: Path | None = Field(None, description="data root; required for cifar10, cifar100, stl10, imagefolder")
     image_size: int | None = Field(None, ge=8, description="imagefolder only: images are resized to this size (64 if null), "
                                    f"at most {MAX_IMAGE_SIZE}")
+    cache_size: int | None = Field(None, description="imagefolder only: the square each whole picture is stored in "
+                                   "(its aspect ratio recorded), at least image_size; null: 1.15 x image_size")
     cache_dir: Path | None = Field(None, description="where decoded data sets are cached; null: $SSL_TUNE_CACHE_DIR, "
                                    "else ~/.cache/ssl-tune. On a cluster, a node-local disk")
     skip_corrupt: bool = Field(False, description="imagefolder: leave out images that do not decode (counted, "
                                "printed, logged) instead of stopping")
+    on_device: Literal["auto"] | bool = Field(
+        "auto", description="keep the training images in each GPU's memory (true), or stream each rank's rows of "
+        "every batch from the node's cache through pinned memory (false); auto: resident when they take at most "
+        f"{int(RESIDENT_FRACTION * 100)}% of the GPU's free memory, streamed on a CPU")
     augmentation: AugmentationSpec = AugmentationSpec()
 
     @field_validator("image_size")
@@ -246,12 +257,19 @@ class DataSpec(StrictModel):
         return v
 
     @model_validator(mode="after")
+    def _cache_size(self) -> DataSpec:
+        if self.cache_size is not None and not (self.image_size or 64) <= self.cache_size <= MAX_CACHE_SIZE:
+            raise ValueError(f"data.cache_size ({self.cache_size}) must be at least data.image_size "
+                             f"({self.image_size or 64}: crops are cut from it) and at most {MAX_CACHE_SIZE}")
+        return self
+
+    @model_validator(mode="after")
     def _root(self) -> DataSpec:
         if self.name in NEEDS_ROOT and self.root is None:
             raise ValueError(f"data set {self.name!r} needs data.root (a directory holding it); nothing is downloaded")
         # Fields a data set would ignore are refused: a setting that silently does nothing misleads.
         if self.name != "imagefolder":
-            ignored = [f for f in ("image_size", "skip_corrupt") if getattr(self, f) not in (None, False)]
+            ignored = [f for f in ("image_size", "cache_size", "skip_corrupt") if getattr(self, f) not in (None, False)]
             if self.name == "fashion_mnist_subset" and self.root is not None:
                 ignored.append("root")
             if ignored:
@@ -297,8 +315,20 @@ class TrainingSpec(StrictModel):
     )
 
 
+# Evaluation's cap on labelled training images, RankMe's sample size (`ssl_tune.evaluation.RANKME_SAMPLES`):
+# all of the bundled set's 10,000; 25 per class of ImageNet-1k, where the whole split made each evaluation
+# a third of a training epoch. On 100,000 images at 96 px it keeps an evaluation under a tenth of an
+# epoch on a CPU (docs/benchmarks.md, data), and it ranks a search's trials as the whole split does (knn-bank).
+DEFAULT_BANK_SIZE = 25_600
+
+
 class EvaluationSpec(StrictModel):
-    eval_every: Annotated[int, Field(ge=1)] = 1
+    eval_every: Annotated[int, Field(ge=1)] = Field(
+        1, description="epochs between evaluations (and the last epoch); ASHA decides at evaluated epochs only")
+    bank_size: Annotated[int, Field(ge=1)] | None = Field(
+        DEFAULT_BANK_SIZE, description="labelled training images evaluation uses (kNN bank, linear probes, label "
+        "fractions): a stratified subset, the same for every trial and epoch; null: all of them")
+    batch_size: Annotated[int, Field(ge=1)] = Field(512, description="images per batch of feature extraction")
     knn_k: Annotated[int, Field(ge=1)] = 20
     knn_temperature: Annotated[float, Field(gt=0)] = 0.07
     linear_probe: bool = True
@@ -387,15 +417,6 @@ class SpecBase(StrictModel):
         if self.training.batch_size % self.resources.num_workers:
             raise ValueError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
                              f"resources.num_workers ({self.resources.num_workers}): it is the global batch")
-        return self
-
-    @model_validator(mode="after")
-    def _objective_every_epoch(self) -> SpecBase:
-        if self.search.metric.startswith("knn") and self.evaluation.eval_every != 1:
-            raise ValueError(
-                f"search.metric {self.search.metric!r} must be measured every epoch for the scheduler: "
-                "set evaluation.eval_every to 1, or use search.metric 'loss'"
-            )
         return self
 
     # --- searchable fields ---

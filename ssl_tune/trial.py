@@ -120,7 +120,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from ssl_tune import distributed
     from ssl_tune.data.cache import open_dataset
     from ssl_tune.data.datasets import DataError
-    from trainers.loop import Trainer, default_device
+    from trainers.loop import DeviceOutOfMemory, Trainer, default_device
 
     spec = spec_model().model_validate(config["spec"])
     torch.set_num_threads(max(1, math.ceil(spec.resources.cpus_per_worker)))
@@ -146,11 +146,16 @@ def train_worker(config: dict[str, Any]) -> None:
         api.report({"epoch": float(epoch), spec.search.metric: math.nan, FAILURE_KEY: reason})
 
     try:
-        # This node's copy of the cache, built here (once per node, under a lock) if it has none.
-        dataset, _ = open_dataset(spec.data, expected=config.get("data_fingerprint"))
+        # This node's copy of the cache, which the driver had built on every node before any trial.
+        dataset, _ = open_dataset(spec.data, expected=config.get("data_fingerprint"), build=False)
         trainer = Trainer(spec, dataset=dataset, device=device)
     except DataError as exc:  # the driver checked the data; this node sees something else
         fail(0, f"data: {exc}")
+        return
+    except DeviceOutOfMemory as exc:  # a restart would run out of memory again
+        if config["via"] == "train":
+            raise
+        fail(0, str(exc))
         return
     if checkpoint is not None:  # a restarted or resumed trial
         try:
@@ -167,6 +172,11 @@ def train_worker(config: dict[str, Any]) -> None:
             return
     try:
         result = trainer.fit(report)
+    except DeviceOutOfMemory as exc:
+        if config["via"] == "train":  # the other ranks wait at the next collective: end the run (see run_trial)
+            raise
+        fail(trainer.epoch, str(exc))
+        return
     except CheckpointError as exc:
         if config["via"] == "train":  # the other ranks wait at the next collective: end the whole run
             raise
@@ -245,6 +255,12 @@ def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprin
         print(f"removed placement groups left behind by an earlier attempt of trial {context.get_trial_id()}")
     try:
         _fit_train_run(spec, payload, name, run_dir, context.get_storage())
+    except Exception as exc:
+        reason = re.search(r"out of device memory during [^\n]*", str(exc))
+        if reason is None:
+            raise  # Tune restarts the trial (search.max_failures)
+        # A worker ran out of device memory: deterministic, so the trial ends failed instead of restarting.
+        ray.tune.report({spec.search.metric: math.nan, FAILURE_KEY: reason.group(0)[:2000]})
     finally:
         remove_leftover_placement_groups(run_dir)
 

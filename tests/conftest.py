@@ -231,3 +231,50 @@ def small_disk(directory: Path, megabytes: int):
         yield directory
     finally:
         subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+def _memory_cgroup_parent() -> tuple[Path, str] | None:
+    """Where this process may make a child memory cgroup, and its limit file: cgroup v2 (`memory.max`)
+    where the unified hierarchy has the memory controller, else v1 (`memory.limit_in_bytes`)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        number, controllers, path = line.split(":", 2)
+        if number == "0" and controllers == "":
+            for mount in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+                controllers_file = mount / "cgroup.controllers"
+                if controllers_file.exists() and "memory" in controllers_file.read_text().split():
+                    return mount / path.lstrip("/"), "memory.max"
+        elif "memory" in controllers.split(","):
+            here = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            if here.is_dir():
+                return here, "memory.limit_in_bytes"
+    return None
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_bytes: int):
+    """A child memory cgroup limited to `limit_bytes` (root, with the kernel's memory controller, v1 or
+    v2); yields a command prefix that runs a command inside it. Removed after, by its PIDs first."""
+    parent = _memory_cgroup_parent()
+    group = None
+    if parent is not None:
+        group = parent[0] / f"ssl-tune-test-{os.getpid()}"
+        try:
+            group.mkdir(exist_ok=True)
+            (group / parent[1]).write_text(str(limit_bytes))
+        except OSError:
+            group = None
+    require_system(group is not None, "the kernel's cgroup memory controller (writable, as root)",
+                   "run the tests as root on a kernel with the memory cgroup (CI does)")
+    try:
+        yield ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$@"', "in-cgroup"]
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), 9)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.2)

@@ -174,3 +174,42 @@ def test_a_spec_saved_with_the_older_crop_scale_still_loads():
 
     spec = spec_from_dict(tiny_spec_dict(data={"augmentation": {"preset": "byol", "crop_scale": [0.5, 0.9]}}))
     assert (spec.data.augmentation.crop_min_scale, spec.data.augmentation.crop_max_scale) == (0.5, 0.9)
+
+
+# --- crops of the whole picture (the image-folder cache stores it squashed, with its aspect ratio) ---
+
+
+def _box_stats(area, ratio, left, top, w, h):
+    """Area fraction quantiles, mean log aspect ratio (in the original's pixels), and how often the box
+    reaches into each corner's tenth of the picture."""
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    corners = [((left < 0.1) & (top < 0.1)), ((left + w > 0.9) & (top < 0.1)),
+               ((left < 0.1) & (top + h > 0.9)), ((left + w > 0.9) & (top + h > 0.9))]
+    return (torch.quantile(area.double(), q), ratio.double().log().mean(), torch.stack([c.double().mean() for c in corners]))
+
+
+@pytest.mark.parametrize("height, width", [(300, 400), (180, 320), (400, 300), (100, 500)])
+def test_crops_follow_torchvision_random_resized_crop_on_the_original_picture(height, width):
+    from torchvision.transforms import RandomResizedCrop
+
+    n, scale, ratio = 20_000, (0.08, 1.0), (3 / 4, 4 / 3)
+    torch.manual_seed(0)
+    picture = torch.empty(1, height, width)
+    boxes = torch.tensor([RandomResizedCrop.get_params(picture, list(scale), list(ratio)) for _ in range(n)], dtype=torch.float64)
+    i, j, h, w = boxes.unbind(1)
+    theirs = _box_stats(h * w / (height * width), w / h, j / width, i / height, w / width, h / height)
+
+    view = ViewAugmentation(crop_scale=scale, crop_ratio=ratio)
+    fw, fh, cx, cy = augment.sample_crops(n, view, torch.Generator().manual_seed(1), torch.device("cpu"),
+                                          torch.full((n,), width / height))
+    fw, fh, cx, cy = (t.double() for t in (fw, fh, cx, cy))
+    assert (fw <= 1).all() and (fh <= 1).all()
+    left, top = (cx + 1) / 2 - fw / 2, (cy + 1) / 2 - fh / 2
+    assert (left >= -1e-6).all() and (left + fw <= 1 + 1e-6).all() and (top >= -1e-6).all() and (top + fh <= 1 + 1e-6).all()
+    ours = _box_stats(fw * fh, fw * width / (fh * height), left, top, fw, fh)
+
+    # torchvision rounds boxes to whole pixels; 20,000 draws leave about 0.005 of sampling error.
+    torch.testing.assert_close(ours[0], theirs[0], atol=0.02, rtol=0)
+    torch.testing.assert_close(ours[1], theirs[1], atol=0.02, rtol=0)
+    torch.testing.assert_close(ours[2], theirs[2], atol=0.02, rtol=0)
+    assert (ours[2] > 0.02).all()  # every corner of the picture is reached, a 16:9 one's too

@@ -183,7 +183,10 @@ def test_data_benchmark_through_the_harness(tmp_path):
     assert 0 < result["first_step"]["cache_s"] and 0 < result["throughput"]["ratio"]
     # Two trials share the mapped pages; private copies are one each (PSS adds up to what the node holds).
     assert result["memory"]["mapped_pss_over_one_copy"] < result["memory"]["in_memory_pss_over_one_copy"]
-    assert "| decode, images/s" in report.read_text()
+    e = result["evaluation"]
+    assert e["before"]["bank"] == e["now"]["bank"] == 270 and 0 < e["now"]["ratio"]  # 300 is below the bank's cap
+    assert e["now"]["anon_peak"] >= e["now"]["anon_base"] > 0
+    assert "| decode, images/s" in report.read_text() and "| evaluation time per evaluated epoch" in report.read_text()
 
 
 def test_gpu_throughput_counts_flops(tmp_path):
@@ -202,6 +205,19 @@ def test_gpu_throughput_counts_flops(tmp_path):
     assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert throughput.peak_flops("NVIDIA H100 PCIe") == 756e12 and throughput.peak_flops("cpu") is None
     assert "| 32 | fp32 |" in throughput.report_gpu(result, ".")
+
+
+def test_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path):
+    """The GPU check's code, with a small network and cache on the CPU (it measures only on a GPU)."""
+    results, report = tmp_path / "results", tmp_path / "benchmarks.md"
+    harness.main(["--results", str(results), "--report", str(report), "gpu-check", "--allow-cpu", "--backbone",
+                  "small_cnn", "--sizes", "16", "--images", "96", "--test-images", "32", "--batch-size", "16",
+                  "--steps", "2"])
+    result = json.loads((results / "gpu-check.json").read_text())
+    streamed, resident = result["rows"]
+    assert (streamed["mode"], resident["mode"]) == ("streamed", "resident")
+    assert streamed["images_per_s"] > 0 and streamed["streamed_over_resident"] > 0 and 0 < streamed["eval_share_here"]
+    assert "| 16 px | streamed |" in report.read_text()
 
 
 @pytest.mark.slow

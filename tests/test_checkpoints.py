@@ -188,5 +188,5 @@ def test_an_image_cache_that_does_not_fit_its_disk_is_refused_before_decoding(tm
         spec_file.write_text(yaml.safe_dump(raw))
         assert main(["prepare", str(spec_file)]) == 2
         err = capsys.readouterr().err
-        assert "the cache needs 0.01 GiB (16 images x 3 x 512 x 512 bytes)" in err and str(cache) in err
+        assert "the cache needs 0.02 GiB (16 images x 3 x 589 x 589 bytes)" in err and str(cache) in err
         assert not list(cache.rglob("*.u8"))  # nothing decoded, no arrays left

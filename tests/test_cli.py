@@ -137,7 +137,7 @@ def test_ui_refuses_a_store_that_does_not_exist(tmp_path):
 def test_preprocess_gives_the_trainers_input_from_pil_images_and_uint8_tensors(tmp_path):
     from PIL import Image
 
-    from ssl_tune.data.imagefolder import decode
+    from ssl_tune.data.imagefolder import fit_size, rgb_pixels
 
     g = torch.Generator().manual_seed(0)
     grey = torch.randint(0, 256, (5, 1, 28, 28), generator=g, dtype=torch.uint8)
@@ -157,7 +157,8 @@ def test_preprocess_gives_the_trainers_input_from_pil_images_and_uint8_tensors(t
     big = rgb.resize((40, 32))
     path = tmp_path / "big.png"
     big.save(path)
-    expected = (torch.from_numpy(decode(str(path), 16)).float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / 0.2
+    pixels = fit_size(torch.from_numpy(rgb_pixels(Image.open(path)).copy()), 16)  # torchvision's Resize + CenterCrop
+    expected = (pixels.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / 0.2
     assert torch.allclose(Preprocess(rgb_contract)(big), expected, atol=1e-5)
     assert Preprocess(rgb_contract)(grey[:2]).shape == (2, 3, 16, 16)  # grey repeated to RGB
     with pytest.raises(TypeError, match="uint8"):

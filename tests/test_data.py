@@ -2,6 +2,8 @@
 
 import gzip
 import pickle
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +104,8 @@ def test_imagefolder(tmp_path):
             Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / split / cls / "a.png")
     data = spec_from_dict(tiny_spec_dict(data={"name": "imagefolder", "root": str(tmp_path), "image_size": 16})).data
     d, _ = open_dataset(data)
-    assert d.train_images.shape == (2, 3, 16, 16) and d.train_labels.tolist() == [0, 1]
+    assert d.train_images.shape == (2, 3, 19, 19) and d.train_labels.tolist() == [0, 1]  # stored at 1.15 x 16
+    assert d.image_size == 16 and d.train_aspects.tolist() == pytest.approx([40 / 30] * 2)
     assert d.train_images[0, :, 0, 0].tolist() == [10, 200, 30]
 
 
@@ -163,3 +166,52 @@ def test_loader_order_depends_on_seed_and_epoch_only():
     other = [v for step in loader.epoch(1) for v in step]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def _memmap_images(tmp_path, n=70, shape=(3, 10, 10)):
+    data = np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
+    path = tmp_path / "images.u8"
+    data.tofile(path)
+    return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=data.shape))
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_streamed_batches_equal_resident_batches_bit_for_bit(tmp_path, prefetch):
+    images = _memmap_images(tmp_path)
+    views = preset_views("byol", (0.2, 1.0))
+    norm = Normalizer(images)
+    for rank in (0, 1):
+        def epoch(stream, slow=False):
+            loader = ViewLoader(images if stream else images.clone(), views, norm, global_batch_size=8, seed=3, rank=rank,
+                                world_size=2, stream=stream, prefetch=prefetch)
+            out = []
+            for views_ in loader.epoch(4):
+                if slow:  # the background thread fills every buffer of its ring meanwhile
+                    time.sleep(0.02)
+                out.append([v.clone() for v in views_])
+            return out
+
+        resident = epoch(False)
+        assert len(resident) == 70 // 8
+        for streamed in (epoch(True), epoch(True, slow=True)):
+            assert all(torch.equal(a, b) for step_a, step_b in zip(resident, streamed) for a, b in zip(step_a, step_b))
+            assert len(streamed) == len(resident)
+
+
+def test_streaming_stops_its_thread_when_the_consumer_stops_early(tmp_path):
+    images = _memmap_images(tmp_path)
+    loader = ViewLoader(images, preset_views("weak", (0.5, 1.0)), Normalizer(images), global_batch_size=4, seed=0,
+                        stream=True)
+    before = threading.active_count()
+    epoch = loader.epoch(0)
+    next(epoch)
+    assert threading.active_count() == before + 1
+    epoch.close()  # what a `for` loop left by an exception does
+    assert threading.active_count() == before
+
+
+def test_resident_images_must_be_on_the_device():
+    images = torch.zeros(8, 1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="resident images must be on meta"):
+        ViewLoader(images, preset_views("weak", (0.5, 1.0)), Normalizer(images), global_batch_size=4, seed=0,
+                   device=torch.device("meta"))

@@ -20,6 +20,10 @@ SCRIPTS = Path(ROOT) / "scripts"
 PREFIX, SUBNET = f"sslt{os.getpid() % 10000}", f"10.213.{os.getpid() % 200 + 20}"
 
 
+def netns_addresses() -> tuple[str, str]:
+    return f"{SUBNET}.1", f"{SUBNET}.2"
+
+
 @pytest.fixture
 def two_hosts(tmp_path):
     require_system(namespaces_allowed(), "network namespaces", IPROUTE_INSTALL)
@@ -47,8 +51,14 @@ def two_hosts(tmp_path):
 
 @pytest.mark.slow
 def test_a_two_worker_trial_spreads_over_two_hosts_with_storage_on_s3(two_hosts, tmp_path):
+    """Also: the image folder's cache is built on each host, on its own node-local disk, before the trial."""
+    from benchmarks.data import image_folder_generator
+
+    root = image_folder_generator().make_image_folder(tmp_path / "images", images=60, size=24, classes=3)
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-    raw["training"]["epochs"] = 2
+    raw["training"].update(epochs=2, batch_size=16)
+    # The second host sees this directory as a private tmpfs of its own (a node-local disk).
+    raw["data"] = {"name": "imagefolder", "root": str(root), "image_size": 16, "cache_dir": str(tmp_path / "node-local")}
     # Train's controller takes about 0.01 CPU: two 1-CPU nodes hold two 0.9-CPU workers.
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.9, "placement_strategy": "SPREAD"}
     raw["storage_path"] = f"s3://{two_hosts['bucket']}/runs"
@@ -63,6 +73,15 @@ def test_a_two_worker_trial_spreads_over_two_hosts_with_storage_on_s3(two_hosts,
                                   filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
     assert trial.info.status == "FINISHED"
     assert trial.data.metrics["worker_nodes"] == 2.0  # one worker in each namespace
+    # Each host decoded the folder into its own cache (a Ray task per node, progress shown here), before
+    # the trial started; the trial's workers only mapped it (trials never decode).
+    lines = proc.stdout.splitlines()
+    for host in netns_addresses():
+        built = [i for i, line in enumerate(lines) if line.startswith(f"[{host}] data cache ") and "built in" in line]
+        assert built and built[0] < next(i for i, line in enumerate(lines) if line.startswith("trial ")), proc.stdout
+    (manifest,) = (tmp_path / "node-local").glob("imagefolder-*/manifest.json")  # the first host's copy
+    created = time.mktime(time.strptime(json.loads(manifest.read_text())["created"][:19], "%Y-%m-%dT%H:%M:%S"))
+    assert created <= trial.info.start_time / 1000 + 1
     assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch")] == [1, 2]
     # Ray's storage is the bucket: the trial's checkpoints are objects there, none on the driver's disk.
     listing = ("import boto3, sys; print('\\n'.join(o['Key'] for o in boto3.client('s3', endpoint_url=sys.argv[1])"

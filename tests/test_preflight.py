@@ -95,7 +95,7 @@ def test_corrupt_image_is_named_by_train_and_by_run_before_any_trial(tmp_path, c
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "train/b/1.jpg: cannot decode this image" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "ssl_tune_runs").exists()  # no trial, no Ray: nothing was started
+    assert not list(tmp_path.glob("ssl_tune_runs/**/run_trial_*"))  # no trial started
 
 
 def test_empty_class_folder_and_class_mismatch_are_named(tmp_path):

@@ -160,6 +160,21 @@ def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logge
 
 
 @pytest.mark.slow
+def test_knn_bank_benchmark_scores_every_trial_checkpoint_with_each_bank(finished_search):
+    from benchmarks import knn_bank
+
+    work, client, _ = finished_search
+    rows = knn_bank.trial_accuracies(client, tracking.find_parent_run(client, "s1"), [50, 500])
+    finished = [r for r in client.search_runs([client.get_experiment_by_name("search-test").experiment_id])
+                if r.data.tags.get(tracking.TAG_KIND) == "trial" and tracking.TAG_CHECKPOINT in r.data.tags]
+    assert len(rows) == len(finished) == 3
+    for row in rows:
+        assert {"10000", "50", "500"} <= set(row) and row["classes"] == 10
+        # The whole split as the bank is what the trial logged at that epoch (bank_size's default covers it).
+        assert row["10000"] == pytest.approx(row["logged_knn_top1"], abs=0.051)
+
+
+@pytest.mark.slow
 def test_one_definition_of_best_console_leaderboard_parent_optuna_and_export_agree(finished_search):
     """A trial's objective is its last evaluated epoch's value (ssl_tune.space): every view of the
     best trial shows that one number, and export writes the checkpoint it was measured on."""
@@ -258,19 +273,43 @@ def test_infeasible_trial_resources_fail_fast(tmp_path):
 
 @pytest.mark.slow
 def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_path):
-    raw = search_spec(num_samples=2, scheduler="none",
+    # Also: a kNN objective evaluated every 2nd epoch (and the last); the epochs between carry no objective.
+    raw = search_spec(num_samples=2, scheduler="none", metric="knn_top1", mode="max",
                       points_to_evaluate=[{"optimizer.lr": 1e12}, {"optimizer.lr": 0.3}])
     raw["optimizer"] = {"name": "sgd", "lr": {"type": "choice", "values": [1e12, 0.3]}, "momentum": 0.0, "warmup_epochs": 0}
+    raw["training"]["epochs"], raw["evaluation"]["eval_every"] = 3, 2
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    _, (parent,), trials = runs_of(tmp_path)
+    client, (parent,), trials = runs_of(tmp_path)
     children = {r.data.params["optimizer.lr"]: r for r in trials}
     diverged, healthy = children["1000000000000.0"], children["0.3"]
     assert diverged.info.status == "FAILED" and tracking.TAG_RESTARTS not in diverged.data.tags  # not retried
     assert diverged.data.tags[tracking.TAG_ERROR].startswith("diverged: non-finite loss in epoch 1")
     assert healthy.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(healthy.info.run_id, "knn_top1")] == [2, 3]
+    assert [m.step for m in client.get_metric_history(healthy.info.run_id, "loss")] == [1, 2, 3]
     assert parent.info.status == "FINISHED" and parent.data.tags[tracking.TAG_BEST_TRIAL_RUN] == healthy.info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers, stage, advice", [(1, "evaluation", "lower evaluation.batch_size"),
+                                                    (2, "training step", "lower training.batch_size")])
+def test_trial_out_of_device_memory_fails_once_naming_the_stage_without_restarts(tmp_path, workers, stage, advice):
+    from trainers.loop import TEST_OOM_ENV
+
+    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=2)
+    raw["resources"] = {"num_workers": workers, "cpus_per_worker": 1 / workers}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([SSL_TUNE, "run", "spec.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**cli_env(), TEST_OOM_ENV: stage})
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]  # its only trial failed
+    assert f"failed: out of device memory during the {stage}" in proc.stdout
+    _, (parent,), (child,) = runs_of(tmp_path)
+    assert child.info.status == "FAILED" and tracking.TAG_RESTARTS not in child.data.tags  # not retried
+    assert child.data.tags[tracking.TAG_ERROR].startswith(
+        f"out of device memory during the {stage} on cpu (training.batch_size 500, {500 // workers} per worker")
+    assert advice in child.data.tags[tracking.TAG_ERROR]
 
 
 @pytest.mark.slow
@@ -281,7 +320,7 @@ def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path):
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "training.batch_size (20000) is larger than data set" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "ssl_tune_runs").exists()
+    assert not list(tmp_path.glob("ssl_tune_runs/**/run_trial_*"))  # no trial started
 
 
 @pytest.mark.slow

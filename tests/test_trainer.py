@@ -1,6 +1,7 @@
 """The shared loop, for every registered method: exact resume, divergence, and DDP global-batch equality."""
 
 import pytest
+import yaml
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -136,3 +137,71 @@ def test_two_rank_step_equals_one_process_on_the_whole_batch(method):
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=atol, msg=name)
         for name, b in method.named_buffers():
             torch.testing.assert_close(buffers[name], b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _evaluate_on_rank(rank, raw):
+    trainer = Trainer(spec_from_dict(raw), dataset=tiny_dataset(n=90), device=torch.device("cpu"))
+    metrics = trainer.evaluate(Reporter(), last=True)
+    return metrics, trainer.final_outputs is not None
+
+
+def test_two_rank_evaluation_equals_one_process_and_only_rank_0_holds_the_bank():
+    raw = tiny_spec_dict(training={"epochs": 1, "batch_size": 16}, evaluation={"linear_probe_epochs": 5, "bank_size": 40})
+    one, _ = _evaluate_on_rank(0, raw)
+    assert {"knn_top1", "knn_top5", "rankme", "linear_top1"} <= set(one)
+    (first, first_holds), (second, second_holds) = run_on_ranks(_evaluate_on_rank, 2, raw)
+    assert first_holds and not second_holds  # the figures' arrays: rank 0's only
+    assert first == second  # rank 0's metrics, broadcast
+    assert first == pytest.approx(one, rel=1e-4)
+
+
+def test_rankme_objective_extracts_only_its_sample_before_the_last_epoch(monkeypatch):
+    raw = tiny_spec_dict(training={"epochs": 2, "batch_size": 16}, search={"metric": "rankme"})
+    trainer = Trainer(spec_from_dict(raw), dataset=tiny_dataset(n=90), device=torch.device("cpu"))
+    extracted = []
+    features = trainer._features
+    monkeypatch.setattr(trainer, "_features", lambda split, rows: extracted.append(
+        len(getattr(trainer.dataset, f"{split}_images")) if rows is None else len(rows)) or features(split, rows))
+    assert set(trainer.evaluate(Reporter(), last=False)) == {"rankme"}
+    assert extracted == [90]  # its sample of the training split (all 90 here), no test split
+    extracted.clear()
+    assert {"knn_top1", "rankme"} <= set(trainer.evaluate(Reporter(), last=True))
+    assert len(extracted) == 2  # the bank and the test split
+
+
+@pytest.mark.parametrize("stage, field", [("resident data", "data.on_device: false"),
+                                          ("training step", "training.batch_size"),
+                                          ("evaluation", "evaluation.batch_size")])
+def test_out_of_device_memory_names_the_stage_the_batch_and_the_field(tmp_path, monkeypatch, capsys, stage, field):
+    from ssl_tune.cli import main
+    from trainers.loop import TEST_OOM_ENV
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec_dict(training={"epochs": 1, "batch_size": 64}, data={"on_device": True})))
+    monkeypatch.setenv(TEST_OOM_ENV, stage)
+    assert main(["train", str(spec), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: out of device memory during the {stage} on cpu (training.batch_size 64, 64 per worker" in err
+    assert field in err and "Traceback" not in err
+
+
+def test_knn_against_the_bank_in_chunks_equals_one_block():
+    from ssl_tune.evaluation import knn_ranking
+
+    g = torch.Generator().manual_seed(0)
+    bank, test = torch.randn(1000, 16, generator=g), torch.randn(300, 16, generator=g)
+    labels = torch.randint(0, 7, (1000,), generator=g)
+    whole = knn_ranking(bank, labels, test, num_classes=7, k=20, chunk_size=10_000, bank_chunk=10_000)
+    chunked = knn_ranking(bank, labels, test, num_classes=7, k=20, chunk_size=64, bank_chunk=97)
+    assert torch.equal(whole[:, 0], chunked[:, 0])
+
+
+def test_the_evaluation_bank_is_a_fixed_stratified_subset():
+    from ssl_tune.evaluation import bank_rows
+
+    labels = torch.cat([torch.zeros(600), torch.ones(300), torch.full((100,), 2)]).long()[torch.randperm(1000)]
+    rows = bank_rows(labels, 100)
+    assert torch.equal(rows, bank_rows(labels, 100))  # the same for every trial, epoch and seed
+    assert torch.equal(rows, rows.sort().values)
+    assert torch.bincount(labels[rows]).tolist() == [60, 30, 10]
+    assert bank_rows(labels, 1000) is None and bank_rows(labels, None) is None

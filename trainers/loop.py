@@ -24,12 +24,12 @@ from ssl_tune.checkpoints import CHECKPOINT_FILE  # noqa: F401  (re-exported)
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
-from ssl_tune.evaluation import (EVALUATION_FILE, confusion_counts, extract_features, knn_ranking,
-                                 linear_probe, load_arrays, principal_components, rankme, ranking_accuracy, save_arrays,
-                                 stratified_subset)
+from ssl_tune.evaluation import (EVALUATION_FILE, bank_rows, confusion_counts, extract_features, knn_ranking,
+                                 linear_probe, load_arrays, principal_components, rankme, rankme_rows, ranking_accuracy,
+                                 save_arrays, stratified_subset)
 from ssl_tune.models import build_backbone
 from ssl_tune.preprocess import InputContract
-from ssl_tune.spec import SpecBase, SpecError
+from ssl_tune.spec import RESIDENT_FRACTION, SpecBase, SpecError
 from trainers import methods
 from trainers.base import Diverged, Method
 from trainers.optim import build_optimizers, warmup_cosine
@@ -37,6 +37,20 @@ from trainers.optim import build_optimizers, warmup_cosine
 CHECKPOINT_FORMAT = 1
 
 CheckpointWriter = Callable[[Path], None]
+
+
+class DeviceOutOfMemory(RuntimeError):
+    """The device ran out of memory in a named stage of training; the message says what to change."""
+
+
+# Tests raise the device's out-of-memory error in a named stage ("resident data", "training step",
+# "evaluation") by setting this variable; nothing else reads it.
+TEST_OOM_ENV = "SSL_TUNE_TEST_OUT_OF_MEMORY"
+
+
+def _test_hook(stage: str) -> None:
+    if os.environ.get(TEST_OOM_ENV) == stage:
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (raised by {TEST_OOM_ENV})")
 
 
 class Reporter:
@@ -110,15 +124,25 @@ class Trainer:
         self.model: nn.Module = self.method
         if distributed.is_distributed():
             self.model = DistributedDataParallel(self.method, device_ids=[self.device.index] if cuda else None)
+        self.data_resident = self._data_on_device()
+        with self.out_of_memory("resident data", "set data.on_device: false (stream the images)"):
+            _test_hook("resident data")
+            images = self.dataset.ssl_images.to(self.device) if self.data_resident else self.dataset.ssl_images
         self.loader = ViewLoader(
-            self.dataset.ssl_images.to(self.device),
+            images,
             self.method.view_augmentations(spec.data.augmentation),
             self.normalizer,
             global_batch_size=t.batch_size,
             seed=t.seed,
             rank=distributed.rank(),
             world_size=distributed.world_size(),
+            device=self.device,
+            stream=not self.data_resident,
+            aspects=self.dataset.ssl_aspects,
+            size=self.dataset.image_size,
         )
+        # The labelled training images evaluation uses (`evaluation.bank_size`), the same every epoch.
+        self.bank = bank_rows(self.dataset.train_labels, spec.evaluation.bank_size)
         o = spec.optimizer
         self.optimizer, self.auxiliary_optimizer = build_optimizers(self.method, spec)
         steps = self.loader.steps_per_epoch
@@ -190,31 +214,105 @@ class Trainer:
                               if evaluation.exists() else None)
 
     # --- evaluation ----------------------------------------------------------------------
+    #
+    # Every rank extracts its shard of the features (under the training precision); only rank 0 holds
+    # them and runs kNN, RankMe and the probes, and the others wait for its metrics.
 
-    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, split: str, rows: torch.Tensor | None) -> torch.Tensor | None:
         d = self.dataset
-        kwargs = dict(normalizer=self.normalizer, device=self.device)
-        return (extract_features(self.method.backbone, d.train_images, **kwargs),
-                extract_features(self.method.backbone, d.test_images, **kwargs))
+        with self.out_of_memory("evaluation", "lower evaluation.batch_size"):
+            _test_hook("evaluation")
+            return extract_features(self.method.backbone, getattr(d, f"{split}_images"), self.normalizer,
+                                    device=self.device, rows=rows, batch_size=self.spec.evaluation.batch_size,
+                                    dtype=self.autocast_dtype, to_all=False, aspects=getattr(d, f"{split}_aspects"),
+                                    size=d.image_size)
+
+    def bank_labels(self) -> torch.Tensor:
+        labels = self.dataset.train_labels
+        return labels if self.bank is None else labels[self.bank]
+
+    def features(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The bank's and the test split's features, on rank 0 (None on the others)."""
+        return self._features("train", self.bank), self._features("test", None)
 
     def knn(self, train_features: torch.Tensor, test_features: torch.Tensor) -> torch.Tensor:
-        """The kNN classifier's class ranking for every test image (N x C, best first)."""
+        """The kNN classifier's class ranking for every test image (N x C, best first), against the bank."""
         e, d = self.spec.evaluation, self.dataset
-        return knn_ranking(train_features, d.train_labels, test_features, num_classes=d.num_classes,
+        return knn_ranking(train_features, self.bank_labels(), test_features, num_classes=d.num_classes,
                            k=e.knn_k, temperature=e.knn_temperature)
 
     def final_evaluation(self, train_features: torch.Tensor, test_features: torch.Tensor) -> dict[str, float]:
         e, d, seed = self.spec.evaluation, self.dataset, self.spec.training.seed
+        labels = self.bank_labels()
         out: dict[str, float] = {}
         probe = dict(num_classes=d.num_classes, epochs=e.linear_probe_epochs, seed=seed)
         if e.linear_probe:
-            out["linear_top1"] = linear_probe(train_features, d.train_labels, test_features, d.test_labels, **probe)
+            out["linear_top1"] = linear_probe(train_features, labels, test_features, d.test_labels, **probe)
         for fraction in e.label_fractions:
-            idx = stratified_subset(d.train_labels, fraction, seed).to(train_features.device)
+            idx = stratified_subset(labels, fraction, seed).to(train_features.device)
             out[f"linear_top1_labels_{fraction * 100:g}pct"] = linear_probe(
-                train_features[idx], d.train_labels[idx.cpu()], test_features, d.test_labels, **probe
+                train_features[idx], labels[idx.cpu()], test_features, d.test_labels, **probe
             )
         return out
+
+    def evaluate(self, reporter: Reporter, *, last: bool) -> dict[str, float]:
+        """The evaluated epoch's metrics, the same on every rank.
+
+        With `search.metric: rankme`, epochs before the last extract only RankMe's sample of the bank
+        (`rankme_rows`: the rows `rankme` takes of the bank's features at the last epoch), not the whole
+        bank and the test split: the objective needs no more.
+        """
+        d = self.dataset
+        metrics: dict[str, float] = {}
+        if self.spec.search.metric == "rankme" and not last:
+            reporter.on_phase(f"epoch {self.epoch}: RankMe")
+            bank = self.bank if self.bank is not None else torch.arange(len(d.train_images))
+            sample = self._features("train", bank[rankme_rows(len(bank))])
+            if sample is not None:
+                metrics["rankme"] = rankme(sample)
+            return distributed.broadcast_from_first(metrics)
+        reporter.on_phase(f"epoch {self.epoch}: features and kNN")
+        train_features, test_features = self.features()
+        if train_features is not None:  # rank 0
+            with self.out_of_memory("evaluation", "lower evaluation.bank_size"):
+                ranked = self.knn(train_features, test_features)
+                metrics["knn_top1"], metrics["knn_top5"] = ranking_accuracy(ranked, d.test_labels)
+                # Label-free: RankMe of the training images' representations (`search.metric: rankme`).
+                metrics["rankme"] = rankme(train_features)
+                if last:
+                    reporter.on_phase(f"epoch {self.epoch}: linear probe(s)")
+                    metrics.update(self.final_evaluation(train_features, test_features))
+                    self.final_outputs = {
+                        "embedding_2d": principal_components(test_features), "labels": d.test_labels.cpu(),
+                        "confusion": confusion_counts(ranked[:, 0], d.test_labels, d.num_classes)}
+        return distributed.broadcast_from_first(metrics)
+
+    # --- device memory -------------------------------------------------------------------
+
+    def _data_on_device(self) -> bool:
+        """`data.on_device`: auto keeps the training images resident on a GPU when they take at most
+        RESIDENT_FRACTION of its free memory, and streams them on a CPU (where resident gains nothing)."""
+        choice = self.spec.data.on_device
+        if choice != "auto":
+            return bool(choice)
+        if self.device.type != "cuda":
+            return False
+        images = self.dataset.ssl_images
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return images.numel() * images.element_size() <= RESIDENT_FRACTION * free
+
+    @contextlib.contextmanager
+    def out_of_memory(self, stage: str, advice: str):
+        """Turn the device's out-of-memory error in `stage` into `DeviceOutOfMemory`, which names the stage,
+        the batch and `advice`, the field to change (a trial ends on it: a restart would run out again)."""
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            t = self.spec.training
+            raise DeviceOutOfMemory(
+                f"out of device memory during the {stage} on {self.device} (training.batch_size {t.batch_size}, "
+                f"{t.batch_size // distributed.world_size()} per worker; evaluation.batch_size "
+                f"{self.spec.evaluation.batch_size}): {advice}. {str(exc).splitlines()[0][:300]}") from None
 
     # --- training ------------------------------------------------------------------------
 
@@ -223,25 +321,33 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def train_step(self, views: list[torch.Tensor], progress: float):
+        """One optimisation step on one batch of views; `progress` is the fraction of all steps done
+        (for schedules inside the method). Returns the method's output (loss and terms)."""
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        optimizers = [self.optimizer] + ([self.auxiliary_optimizer] if self.auxiliary_optimizer else [])
+        with self.out_of_memory("training step", "lower training.batch_size, or add resources.num_workers"):
+            _test_hook("training step")
+            with self._autocast():
+                out = self.model(views)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.loss).backward()
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.method.after_optimizer_step(progress)
+        return out
+
     def train_epoch(self, reporter: Reporter) -> dict[str, float]:
         self.model.train()
         steps = self.loader.steps_per_epoch
         sums: dict[str, torch.Tensor] = {}
         start = time.perf_counter()
         for step, views in enumerate(self.loader.epoch(self.epoch)):
-            if self.channels_last:
-                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            with self._autocast():
-                out = self.model(views)
-            optimizers = [self.optimizer] + ([self.auxiliary_optimizer] if self.auxiliary_optimizer else [])
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out.loss).backward()
-            for optimizer in optimizers:
-                self.scaler.step(optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.method.after_optimizer_step((self.epoch * steps + step) / self.total_steps)
+            out = self.train_step(views, (self.epoch * steps + step) / self.total_steps)
             for name, value in {"loss": out.loss, **out.terms}.items():
                 value = value.detach().float()
                 sums[name] = sums[name] + value if name in sums else value
@@ -262,8 +368,11 @@ class Trainer:
         if not self.baseline:
             # The same architecture at initialisation: the number any SSL run must beat.
             reporter.on_phase("kNN of the network at initialisation (the baseline)")
-            top1, top5 = ranking_accuracy(self.knn(*self.features()), self.dataset.test_labels)
-            self.baseline = {"knn_top1_random_init": top1, "knn_top5_random_init": top5}
+            train_features, test_features = self.features()
+            if train_features is not None:
+                top1, top5 = ranking_accuracy(self.knn(train_features, test_features), self.dataset.test_labels)
+                self.baseline = {"knn_top1_random_init": top1, "knn_top5_random_init": top5}
+            self.baseline = distributed.broadcast_from_first(self.baseline)
         reporter.on_start(self)
         while self.epoch < t.epochs:
             try:
@@ -275,19 +384,7 @@ class Trainer:
             self.epoch += 1
             last = self.epoch == t.epochs
             if self.epoch % e.eval_every == 0 or last:
-                reporter.on_phase(f"epoch {self.epoch}: features and kNN")
-                train_features, test_features = self.features()
-                ranked = self.knn(train_features, test_features)
-                metrics["knn_top1"], metrics["knn_top5"] = ranking_accuracy(ranked, self.dataset.test_labels)
-                # Label-free: RankMe of the training split's representations (`search.metric: rankme`).
-                metrics["rankme"] = rankme(train_features)
-                if last:
-                    reporter.on_phase(f"epoch {self.epoch}: linear probe(s)")
-                    metrics.update(self.final_evaluation(train_features, test_features))
-                    d = self.dataset
-                    self.final_outputs = {
-                        "embedding_2d": principal_components(test_features), "labels": d.test_labels.cpu(),
-                        "confusion": confusion_counts(ranked[:, 0], d.test_labels, d.num_classes)}
+                metrics.update(self.evaluate(reporter, last=last))
             metrics = {"epoch": float(self.epoch), **metrics, **self.baseline}
             self.history.append(metrics)
             reporter.on_epoch(metrics, self.write_checkpoint if distributed.rank() == 0 else None)

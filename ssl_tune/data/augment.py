@@ -77,30 +77,72 @@ def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.
     return torch.rand(n, generator=g, device=device) * (high - low) + low
 
 
-def _resized_crop_and_flip(x: torch.Tensor, aug: ViewAugmentation, g: torch.Generator) -> torch.Tensor:
-    """Random resized crop (area fraction and aspect ratio per sample) and horizontal flip."""
-    n, device = x.shape[0], x.device
-    area = _uniform(n, *aug.crop_scale, g, device)
-    log_ratio = _uniform(n, math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]), g, device)
-    ratio = log_ratio.exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)  # crop width as a fraction of the image width
-    h = (area / ratio).sqrt().clamp(max=1.0)
+# torchvision's RandomResizedCrop draws up to 10 boxes and takes the first that fits in the image.
+CROP_ATTEMPTS = 10
+
+
+def sample_crops(n: int, aug: ViewAugmentation, g: torch.Generator, device: torch.device,
+                 aspect: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes of torchvision's `RandomResizedCrop` on images whose original width / height is `aspect`
+    (1 if None): per sample the width and height as fractions of the image's, and the centre in [-1, 1].
+
+    Area fraction and aspect ratio are drawn in the original image's pixels, as torchvision does: a
+    box of area s * W * H and ratio r is sqrt(s r / a) of the width and sqrt(s a / r) of the height
+    (a = W / H). Up to `CROP_ATTEMPTS` draws, the first that fits; else torchvision's fallback, the
+    whole image cut to the nearest allowed ratio. The centre is uniform over the positions where the
+    box fits. The fractions are the same in a cache that stores the whole image resized to a square.
+    """
+    a = torch.ones(n, device=device) if aspect is None else aspect.to(device=device, dtype=torch.float32)
+    area = _uniform(n * CROP_ATTEMPTS, *aug.crop_scale, g, device).view(n, CROP_ATTEMPTS)
+    lo, hi = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
+    ratio = _uniform(n * CROP_ATTEMPTS, lo, hi, g, device).view(n, CROP_ATTEMPTS).exp()
+    w, h = (area * ratio / a[:, None]).sqrt(), (area * a[:, None] / ratio).sqrt()
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # The fallback: the whole image, cut to the nearest ratio in the range.
+    fallback_w = torch.where(a > aug.crop_ratio[1], aug.crop_ratio[1] / a, torch.ones_like(a))
+    fallback_h = torch.where(a < aug.crop_ratio[0], a / aug.crop_ratio[0], torch.ones_like(a))
+    found = fits.any(dim=1)
+    w, h = torch.where(found, w, fallback_w), torch.where(found, h, fallback_h)
     cx = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, generator=g, device=device) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(n, generator=g, device=device) < aug.flip_p, -1.0, 1.0)
-    return crop_and_flip(x, w, h, cx, cy, flip)
+    return w, h, torch.where(found, cx, 0.0), torch.where(found, cy, 0.0)
+
+
+def _resized_crop_and_flip(x: torch.Tensor, aug: ViewAugmentation, g: torch.Generator,
+                           aspect: torch.Tensor | None, size: int | None) -> torch.Tensor:
+    """Random resized crop (`sample_crops`) to `size` pixels (the input's if None), and horizontal flip."""
+    w, h, cx, cy = sample_crops(x.shape[0], aug, g, x.device, aspect)
+    flip = torch.where(torch.rand(x.shape[0], generator=g, device=x.device) < aug.flip_p, -1.0, 1.0)
+    return crop_and_flip(x, w, h, cx, cy, flip, size)
+
+
+def centre_view(x: torch.Tensor, aspect: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Evaluation's view: the centre square of the original picture (width / height `aspect`; the image
+    holds all of it resized to a square) at `size` pixels, as torchvision's Resize(size) + CenterCrop(size)."""
+    n = x.shape[0]
+    a = torch.ones(n, device=x.device) if aspect is None else aspect.to(device=x.device, dtype=torch.float32)
+    w, h = (1 / a).clamp(max=1.0), a.clamp(max=1.0)
+    zero = torch.zeros(n, device=x.device)
+    return crop_and_flip(x, w, h, zero, zero, torch.ones(n, device=x.device), size)
 
 
 def crop_and_flip(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
-                  flip: torch.Tensor) -> torch.Tensor:
+                  flip: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """Per sample: the box of width `w` and height `h` (fractions of the image) centred at (cx, cy)
-    (in [-1, 1]), resized bilinearly to the image's size, mirrored where `flip` is -1."""
+    (in [-1, 1]), resized bilinearly to `size` pixels square (the image's size if None), mirrored where
+    `flip` is -1."""
+    if size is not None:
+        x_shape = [x.shape[0], x.shape[1], size, size]
+    else:
+        x_shape = list(x.shape)
     theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
     theta[:, 0, 0] = w * flip
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, x_shape, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -187,10 +229,13 @@ def _solarize(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
     return torch.where(apply & (x >= 0.5), 1 - x, x)
 
 
-def augment_batch(images: torch.Tensor, aug: ViewAugmentation, g: torch.Generator) -> torch.Tensor:
-    """uint8 N x C x H x W -> float32 in [0, 1], augmented per sample. `g` must be on images' device."""
+def augment_batch(images: torch.Tensor, aug: ViewAugmentation, g: torch.Generator, *,
+                  aspect: torch.Tensor | None = None, size: int | None = None) -> torch.Tensor:
+    """uint8 N x C x H x W -> float32 in [0, 1] at `size` pixels (H if None), augmented per sample.
+    `aspect`: each original picture's width / height when the images hold whole pictures resized to a
+    square (the image-folder cache); None for images that are the pictures. `g` must be on images' device."""
     x = images.float().div_(255)
-    x = _resized_crop_and_flip(x, aug, g)
+    x = _resized_crop_and_flip(x, aug, g, aspect, size)
     if aug.jitter_p > 0:
         x = _color_jitter(x, aug, g)
     x = _grayscale(x, aug.grayscale_p, g)

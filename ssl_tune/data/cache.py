@@ -5,13 +5,18 @@ uint8 array files (one per split, N x C x H x W) in the cache. Every process on 
 them reads the same pages of the OS page cache, so the images are in memory once however many
 trials and DDP workers use them, and a data set larger than memory streams from disk.
 
+An image folder's cache stores each whole picture resized to a square of `data.cache_size` pixels
+(default 1.15 x `data.image_size`), nothing cut off, with its original width / height: training crops
+follow torchvision's RandomResizedCrop on the original picture (`ssl_tune.data.augment.sample_crops`),
+and evaluation sees its centre square at `image_size`, as Resize + CenterCrop would.
+
 The cache of a data set is a directory `CACHE/NAME-SIZE-KEY/` (KEY: the source root, resolution and
 options) holding the arrays, labels and a manifest: the format version, a fingerprint of the source
-files (paths, sizes, modification times), class names, per-channel mean and std, and the files
-skipped as corrupt. It is rebuilt when the fingerprint no longer matches (a file added, removed or
-touched). Building happens under an exclusive file lock, into a temporary directory that is renamed
-into place once complete, so two processes never both build it and a killed build leaves nothing
-that a later run would trust.
+(`fingerprint`: directory listings and modification times), class names, per-channel mean and std,
+and the files skipped as corrupt. It is rebuilt when the fingerprint no longer matches (a file added,
+removed or renamed), or on `ssl-tune prepare --refresh` (a file rewritten in place). Building happens
+under an exclusive file lock, into a temporary directory that is renamed into place once complete, so
+two processes never both build it and a killed build leaves nothing that a later run would trust.
 
 Where: `data.cache_dir`, else `$SSL_TUNE_CACHE_DIR`, else `$XDG_CACHE_HOME/ssl-tune` (`~/.cache/ssl-tune`).
 On a cluster each node builds or reuses its own copy, so point it at a node-local disk.
@@ -23,6 +28,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -38,7 +44,8 @@ import torch
 from ssl_tune.data.datasets import DEBIAN_FASHION_MNIST, DataError, ImageDataset, load_bundled, load_dataset
 from ssl_tune.data.loader import channel_stats
 
-FORMAT_VERSION = 1
+# 2: image folders store each whole picture resized to a square of data.cache_size, with its aspect ratio.
+FORMAT_VERSION = 2
 CACHE_ENV = "SSL_TUNE_CACHE_DIR"
 DEFAULT_IMAGE_SIZE = 64  # imagefolder without data.image_size
 MANIFEST = "manifest.json"
@@ -72,7 +79,8 @@ class CacheInfo:
         how = (f"built in {m['build_seconds']:.1f} s ({m['images_per_s']:,.0f} img/s)" if self.built
                else "reused (up to date with its source)")
         skipped = f"; {self.skipped:,} corrupt file(s) skipped" if self.skipped else ""
-        return (f"data cache {self.path}: {m['dataset']} {c}x{h}x{w}, {shapes} images, {m['num_classes']} classes, "
+        seen = f" (whole pictures, seen at {m['input_size']} px)" if m.get("input_size") not in (None, h) else ""
+        return (f"data cache {self.path}: {m['dataset']} {c}x{h}x{w}{seen}, {shapes} images, {m['num_classes']} classes, "
                 f"{f'{size / 2**30:.2f} GiB' if size >= 2**30 else f'{size / 2**20:.1f} MiB'}; {how}{skipped}")
 
 
@@ -83,21 +91,22 @@ def source_root(data) -> Path | None:
 
 
 def fingerprint(root: Path, exclude: Path | None = None) -> str:
-    """A digest of every file under `root` (but not under `exclude`: a cache kept inside the data
-    root): relative path, size and modification time."""
+    """A digest of the folder tree under `root` (but not under `exclude`: a cache kept inside the data
+    root) from directory listings alone: every directory's relative path and modification time, and
+    the names of its files. A file added, removed or renamed changes its directory's listing and time;
+    no file is opened or stat-ed (1.3M stats take minutes on NFS or Lustre). A file rewritten in place
+    under the same name is not seen: `ssl-tune prepare --refresh` rebuilds."""
     digest = hashlib.sha256()
     count = 0
     skip = str(Path(exclude).resolve()) if exclude else None
     for directory, dirs, files in os.walk(root, followlinks=True):
         dirs[:] = sorted(d for d in dirs if os.path.join(directory, d) != skip)
-        for name in sorted(files):
-            path = os.path.join(directory, name)
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            digest.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            count += 1
+        try:
+            mtime = os.stat(directory).st_mtime_ns
+        except OSError:
+            continue
+        digest.update(f"{os.path.relpath(directory, root)}\0{mtime}\0{chr(0).join(sorted(files))}\n".encode())
+        count += len(files)
     return f"{count}:{digest.hexdigest()}"
 
 
@@ -108,11 +117,29 @@ def cache_base(data) -> Path:
 def cache_path(data) -> Path:
     """The directory of `data`'s cache: one per source root, resolution and options."""
     base = cache_base(data)
-    size = data.image_size or DEFAULT_IMAGE_SIZE if data.name == "imagefolder" else None
+    size = stored_size(data)
     root = source_root(data)
     key = hashlib.sha256(json.dumps([FORMAT_VERSION, data.name, str(Path(root).resolve()), size,
                                      data.skip_corrupt]).encode()).hexdigest()[:12]
     return base / f"{data.name}-{size or 'native'}-{key}"
+
+
+# An image folder's cache stores each picture larger than the network's input by this factor (by
+# default), so that a crop of the whole picture is cut at about the input's resolution or more.
+CACHE_MARGIN = 1.15
+
+
+def input_size(data) -> int:
+    """An image folder's network input size: data.image_size, else DEFAULT_IMAGE_SIZE."""
+    return data.image_size or DEFAULT_IMAGE_SIZE
+
+
+def stored_size(data) -> int | None:
+    """The side of the square an image folder's cache stores each picture in (`data.cache_size`, else
+    CACHE_MARGIN x the input size); None for data sets stored as they come."""
+    if data.name != "imagefolder":
+        return None
+    return data.cache_size or math.ceil(CACHE_MARGIN * input_size(data))
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -138,10 +165,16 @@ def _dataset(path: Path, manifest: dict[str, Any]) -> ImageDataset:
     def labels(split: str) -> torch.Tensor:
         return torch.from_numpy(np.load(path / splits[split]["labels"]))
 
+    def aspects(split: str) -> torch.Tensor | None:
+        name = splits.get(split, {}).get("aspects")
+        return torch.from_numpy(np.load(path / name)) if name else None
+
     return ImageDataset(
         name=manifest["dataset"], train_images=images("train"), train_labels=labels("train"),
         test_images=images("test"), test_labels=labels("test"), num_classes=manifest["num_classes"],
         pretrain_images=images("pretrain"), channel_stats=(manifest["mean"], manifest["std"]),
+        input_size=manifest.get("input_size"), train_aspects=aspects("train"), test_aspects=aspects("test"),
+        pretrain_aspects=aspects("pretrain"),
     )
 
 
@@ -161,11 +194,14 @@ def _locked(lock_path: Path, stream):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def open_dataset(data, *, expected: str | None = None, stream=None) -> tuple[ImageDataset, CacheInfo | None]:
+def open_dataset(data, *, expected: str | None = None, stream=None, build: bool = True, refresh: bool = False,
+                 workers: int | None = None) -> tuple[ImageDataset, CacheInfo | None]:
     """The data set of a spec's `data` section, from its cache (built or rebuilt first when missing
     or stale). `expected`: the source fingerprint the caller already computed (a search's driver
-    passes its own to the trials, so they do not walk the source again). The bundled subset is
-    returned as it is (no cache)."""
+    passes its own to the trials, so they do not walk the source again). `build=False`: a missing or
+    stale cache is a DataError instead (a trial, which holds GPUs, never decodes). `refresh`: rebuild
+    even when the fingerprint matches (files edited in place). `workers`: decoding processes (default:
+    every core). The bundled subset is returned as it is (no cache)."""
     stream = stream or sys.stderr
     if data.name == "fashion_mnist_subset":
         return load_bundled(), None
@@ -175,23 +211,27 @@ def open_dataset(data, *, expected: str | None = None, stream=None) -> tuple[Ima
     path = cache_path(data)
     current = expected or fingerprint(Path(root), exclude=cache_base(data))
     manifest = _read_manifest(path)
-    if manifest is not None and manifest["fingerprint"] == current:
+    if manifest is not None and manifest["fingerprint"] == current and not refresh:
         return _dataset(path, manifest), CacheInfo(path, manifest)
+    if not build:
+        raise DataError(f"data cache {path} is {'stale: its source changed' if manifest else 'missing'} on this "
+                        "node; trials do not decode: `ssl-tune run` and `resume` build it on every node before any "
+                        "trial (or run `ssl-tune prepare SPEC --address ADDR`)")
     try:
         with _locked(path.with_name(path.name + ".lock"), stream):
             manifest = _read_manifest(path)  # built by another process while this one waited
-            if manifest is not None and manifest["fingerprint"] == current:
+            if manifest is not None and manifest["fingerprint"] == current and not refresh:
                 return _dataset(path, manifest), CacheInfo(path, manifest)
             reason = "stale: its source changed" if path.exists() else "missing"
             print(f"data cache {path} is {reason}; decoding {data.name} from {root}", file=stream, flush=True)
-            manifest = _build(data, Path(root), path, current, stream)
+            manifest = _build(data, Path(root), path, current, stream, workers)
     except OSError as exc:
         raise DataError(f"data cache {path}: {exc.strerror or exc} (set data.cache_dir or ${CACHE_ENV} to a "
                         "writable directory)") from None
     return _dataset(path, manifest), CacheInfo(path, manifest, built=True)
 
 
-def _build(data, root: Path, path: Path, current: str, stream) -> dict[str, Any]:
+def _build(data, root: Path, path: Path, current: str, stream, workers: int | None) -> dict[str, Any]:
     """Decode into a fresh temporary directory, then rename it into place (the lock is held)."""
     for leftover in path.parent.glob(f"{path.name}.tmp-*"):  # from a killed build: never trusted
         shutil.rmtree(leftover, ignore_errors=True)
@@ -200,7 +240,7 @@ def _build(data, root: Path, path: Path, current: str, stream) -> dict[str, Any]
     started = time.perf_counter()
     try:
         if data.name == "imagefolder":
-            splits, classes, skipped = _build_imagefolder(data, root, tmp, stream)
+            splits, classes, skipped = _build_imagefolder(data, root, tmp, stream, workers)
         else:
             splits, classes, skipped = _build_arrays(data, root, tmp)
         train = np.memmap(tmp / splits["train"]["images"], dtype=np.uint8, mode="c",
@@ -210,6 +250,7 @@ def _build(data, root: Path, path: Path, current: str, stream) -> dict[str, Any]
         images = sum(s["shape"][0] for s in splits.values())
         manifest = {
             "format": FORMAT_VERSION, "dataset": data.name, "root": str(root), "image_size": data.image_size,
+            "input_size": input_size(data) if data.name == "imagefolder" else None, "stored_size": stored_size(data),
             "skip_corrupt": data.skip_corrupt, "fingerprint": current, "splits": splits, "classes": classes,
             "num_classes": len(classes), "mean": mean, "std": std, "skipped_count": len(skipped),
             "skipped": [[f, e] for f, e in skipped[:KEEP_SKIPPED]], "build_seconds": seconds,
@@ -246,10 +287,10 @@ def _build_arrays(data, root: Path, tmp: Path) -> tuple[dict, list[str], list]:
     return splits, [str(c) for c in range(d.num_classes)], []
 
 
-def _build_imagefolder(data, root: Path, tmp: Path, stream) -> tuple[dict, list[str], list]:
+def _build_imagefolder(data, root: Path, tmp: Path, stream, workers: int | None) -> tuple[dict, list[str], list]:
     from ssl_tune.data.imagefolder import Progress, decode_split, list_folder
 
-    size = data.image_size or DEFAULT_IMAGE_SIZE
+    size = stored_size(data)
     listing = list_folder(root)
     # The arrays are sparse files filled as images decode: a disk too small fails hours in, so check first.
     needed = (len(listing.train.files) + len(listing.test.files)) * 3 * size * size
@@ -258,12 +299,13 @@ def _build_imagefolder(data, root: Path, tmp: Path, stream) -> tuple[dict, list[
         raise DataError(f"the cache needs {needed / 2**30:,.2f} GiB ({len(listing.train.files) + len(listing.test.files):,} "
                         f"images x 3 x {size} x {size} bytes) but {tmp.parent} has {free / 2**30:,.2f} GiB free; free "
                         "space there, point data.cache_dir (or $SSL_TUNE_CACHE_DIR) at a larger disk, or lower "
-                        "data.image_size")
+                        "data.cache_size or data.image_size")
     splits, skipped = {}, []
     for name, split in (("train", listing.train), ("test", listing.test)):
         progress = Progress(f"decoding {root.name}/{split.directory.name}", len(split.files), stream)
         out = tmp / f"{name}_images.u8"
-        failures = decode_split(split, out, size, skip_corrupt=data.skip_corrupt, progress=progress.advance)
+        aspects, failures = decode_split(split, out, size, skip_corrupt=data.skip_corrupt, progress=progress.advance,
+                                         workers=workers)
         progress.close()
         labels = np.asarray(split.labels, dtype=np.int64)
         shape = [len(split.files), 3, size, size]
@@ -271,12 +313,14 @@ def _build_imagefolder(data, root: Path, tmp: Path, stream) -> tuple[dict, list[
             keep = np.ones(len(split.files), dtype=bool)
             keep[[row for row, _, _ in failures]] = False
             _compact(out, shape, keep)
-            labels, shape[0] = labels[keep], int(keep.sum())
+            labels, aspects, shape[0] = labels[keep], aspects[keep], int(keep.sum())
             skipped += [(path, error) for _, path, error in failures]
         if shape[0] == 0:
             raise DataError(f"{split.directory}: no image could be decoded")
         np.save(tmp / f"{name}_labels.npy", labels)
-        splits[name] = {"images": out.name, "labels": f"{name}_labels.npy", "shape": shape}
+        np.save(tmp / f"{name}_aspects.npy", aspects)
+        splits[name] = {"images": out.name, "labels": f"{name}_labels.npy", "aspects": f"{name}_aspects.npy",
+                        "shape": shape}
     if skipped:
         print(f"skipped {len(skipped):,} corrupt file(s) (data.skip_corrupt), e.g. {skipped[0][0]}: {skipped[0][1]}",
               file=stream, flush=True)

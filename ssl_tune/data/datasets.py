@@ -39,6 +39,12 @@ class ImageDataset:
     num_classes: int
     pretrain_images: torch.Tensor | None = None
     channel_stats: tuple[list[float], list[float]] | None = None  # train images' mean and std, when known
+    # An image-folder cache stores each whole picture resized to a square larger than the network's input
+    # (`data.cache_size`), with its original width / height per split; views are cut from it at `input_size`.
+    input_size: int | None = None
+    train_aspects: torch.Tensor | None = None
+    test_aspects: torch.Tensor | None = None
+    pretrain_aspects: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -46,12 +52,17 @@ class ImageDataset:
 
     @property
     def image_size(self) -> int:
-        return self.train_images.shape[-1]
+        """The network's input size (the stored images' unless the cache stores them larger)."""
+        return self.input_size or self.train_images.shape[-1]
 
     @property
     def ssl_images(self) -> torch.Tensor:
         """Images used for self-supervised pretraining."""
         return self.train_images if self.pretrain_images is None else self.pretrain_images
+
+    @property
+    def ssl_aspects(self) -> torch.Tensor | None:
+        return self.train_aspects if self.pretrain_images is None else self.pretrain_aspects
 
 
 def read_idx(path: Path) -> np.ndarray:

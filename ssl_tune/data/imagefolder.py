@@ -69,19 +69,31 @@ def list_folder(root: Path) -> FolderListing:
     return FolderListing(classes, train, test)
 
 
-def decode(path: str, size: int) -> np.ndarray:
-    """One file -> uint8 RGB, 3 x size x size (`rgb_pixels`, then `fit_size`). Raises on a file that is
-    not a whole image (a truncated JPEG too)."""
+def decode(path: str, size: int) -> tuple[np.ndarray, float]:
+    """One file -> (uint8 RGB 3 x size x size, width / height). The whole picture is resized into the
+    square (`squash`), none of it cut off; its aspect ratio is returned so that crops can follow the
+    original's geometry. Raises on a file that is not a whole image (a truncated JPEG too)."""
     from PIL import Image
 
     with Image.open(path) as image:
         image.load()
         pixels = rgb_pixels(image)
+    aspect = pixels.shape[2] / pixels.shape[1]
     if pixels.shape[1:] == (size, size):
-        return pixels  # already the cache's size: nothing to resample
+        return pixels, aspect  # already the cache's size: nothing to resample
     import torch
 
-    return fit_size(torch.from_numpy(np.ascontiguousarray(pixels)), size).numpy()
+    return squash(torch.from_numpy(np.ascontiguousarray(pixels)), size).numpy(), aspect
+
+
+def squash(images, size: int):
+    """uint8 images (... x H x W tensor) -> ... x size x size: the whole picture resized (antialiased),
+    its aspect ratio not kept (the cache records it)."""
+    from torchvision.transforms.v2 import functional as F
+
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.resize(images, [size, size], antialias=True)
 
 
 def rgb_pixels(image) -> np.ndarray:
@@ -114,14 +126,17 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # one process per core already
 
 
-def _decode_chunk(task: tuple[str, tuple[int, ...], int, int, list[str]]) -> tuple[int, list[tuple[int, str, str]]]:
-    """Decode files into rows `start...` of the array file `out_path`; returns (done, failures)."""
+def _decode_chunk(task: tuple[str, tuple[int, ...], int, int, list[str]]
+                  ) -> tuple[int, int, list[float], list[tuple[int, str, str]]]:
+    """Decode files into rows `start...` of the array file `out_path`; returns (start, done, aspect
+    ratios, failures)."""
     out_path, shape, start, size, files = task
     rows = np.zeros((len(files), *shape[1:]), dtype=np.uint8)  # a failed file's row stays zero
+    aspects = [1.0] * len(files)
     failures = []
     for offset, path in enumerate(files):
         try:
-            rows[offset] = decode(path, size)
+            rows[offset], aspects[offset] = decode(path, size)
         except Exception as exc:  # corrupt, truncated, not an image after all
             failures.append((start + offset, path, f"{type(exc).__name__}: {exc}"))
     # One write per chunk: cheaper than faulting in the pages of a mapping one image at a time.
@@ -133,7 +148,10 @@ def _decode_chunk(task: tuple[str, tuple[int, ...], int, int, list[str]]) -> tup
             view, offset = view[written:], offset + written
     finally:
         os.close(fd)
-    return len(files), failures
+    return start, len(files), aspects, failures
+
+
+PROGRESS_LINE_S = 10.0  # without a terminal: one progress line this often
 
 
 class Progress:
@@ -156,6 +174,10 @@ class Progress:
             filled = int(30 * self.done / max(self.total, 1))
             print(f"\r{self.what} [{'#' * filled}{'.' * (30 - filled)}] {self.done:,}/{self.total:,} images, "
                   f"{self.rate:,.0f} img/s", end="", file=self.stream, flush=True)
+        elif not self.tty and now - max(self.shown, self.start) > PROGRESS_LINE_S and self.done < self.total:
+            self.shown = now  # a log or another node's task: a line now and then
+            print(f"{self.what}: {self.done:,}/{self.total:,} images ({100 * self.done / max(self.total, 1):.0f}%), "
+                  f"{self.rate:,.0f} img/s", file=self.stream, flush=True)
 
     def close(self) -> None:
         print("\r\033[K" if self.tty else "", f"{self.what}: {self.done:,} images in "
@@ -163,10 +185,10 @@ class Progress:
 
 
 def decode_split(split: Split, out_path: Path, size: int, *, skip_corrupt: bool, workers: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> list[tuple[int, str, str]]:
+                 progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
     """Decode every file of `split` into the uint8 array file `out_path` (N x 3 x size x size, created
-    here) with `workers` processes (default: every core). Returns the failures (row, file, error);
-    without `skip_corrupt` the first failure raises DataError naming the file."""
+    here) with `workers` processes (default: every core). Returns each picture's width / height and the
+    failures (row, file, error); without `skip_corrupt` the first failure raises DataError naming the file."""
     shape = (len(split.files), CHANNELS, size, size)
     with open(out_path, "wb") as f:
         f.truncate(int(np.prod(shape)))  # sparse until written
@@ -174,10 +196,12 @@ def decode_split(split: Split, out_path: Path, size: int, *, skip_corrupt: bool,
              for start in range(0, len(split.files), CHUNK)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     failures: list[tuple[int, str, str]] = []
+    aspects = np.ones(len(split.files), dtype=np.float32)
     # fork: the workers need nothing but this module, and start at once.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with context.Pool(workers, initializer=_one_thread) if workers > 1 else _InProcess() as pool:
-        for done, failed in pool.imap_unordered(_decode_chunk, tasks):
+        for start, done, ratios, failed in pool.imap_unordered(_decode_chunk, tasks):
+            aspects[start:start + done] = ratios
             if failed and not skip_corrupt:
                 row, path, error = min(failed)
                 raise DataError(f"{path}: cannot decode this image ({error}); remove or replace it, or set "
@@ -185,7 +209,7 @@ def decode_split(split: Split, out_path: Path, size: int, *, skip_corrupt: bool,
             failures += failed
             if progress is not None:
                 progress(done)
-    return sorted(failures)
+    return aspects, sorted(failures)
 
 
 class _InProcess:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from ssl_tune.data.augment import ViewAugmentation, augment_batch
@@ -83,6 +86,16 @@ class ViewLoader:
 
     The epoch's order depends only on (seed, epoch), so 1 process and W ranks see the same global
     batches, and a run resumed at an epoch boundary sees the same data as an uninterrupted one.
+
+    Where the images are decides how a batch reaches `device`:
+
+    * resident (`stream=False`, `images` on `device`): rows are gathered there; the fast path for small sets.
+    * streamed (`stream=True`, `images` on the host, typically the memory-mapped cache): a background thread gathers
+      this rank's rows of the next `prefetch` batches into host buffers (pinned for CUDA, so the copy
+      to the device does not block), and only those rows reach the device. Device memory for data is
+      O(batch), and host memory beyond the mapped pages too.
+
+    Both give the same batches bit for bit: the same rows, augmented on `device` with the same generator.
     """
 
     def __init__(
@@ -95,6 +108,11 @@ class ViewLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        device: torch.device | None = None,
+        stream: bool = False,
+        prefetch: int = 2,
+        aspects: torch.Tensor | None = None,
+        size: int | None = None,
     ) -> None:
         if global_batch_size % world_size:
             raise ValueError(f"batch size {global_batch_size} is not divisible by {world_size} workers")
@@ -103,16 +121,107 @@ class ViewLoader:
         self.images, self.views, self.normalizer = images, views, normalizer
         self.global_batch_size, self.seed, self.rank = global_batch_size, seed, rank
         self.local_batch_size = global_batch_size // world_size
+        self.device = torch.device(device) if device is not None else images.device
+        if not stream and images.device != self.device:
+            raise ValueError(f"resident images must be on {self.device}, not {images.device} (or stream them)")
+        self.stream, self.prefetch = stream, max(1, prefetch)
+        # Images that hold whole pictures resized to a square (the image-folder cache): each picture's
+        # width / height, so that crops follow the original's geometry; views come out at `size` pixels.
+        self.aspects, self.size = aspects, size
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.images) // self.global_batch_size
 
-    def epoch(self, epoch: int) -> Iterator[list[torch.Tensor]]:
+    def indices(self, epoch: int) -> list[torch.Tensor]:
+        """This rank's rows of every step of `epoch`, in order."""
         order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
-        g = torch.Generator(device=self.images.device).manual_seed(_mix(self.seed, epoch, self.rank, 1))
         lo = self.rank * self.local_batch_size
-        for step in range(self.steps_per_epoch):
-            idx = order[step * self.global_batch_size + lo : step * self.global_batch_size + lo + self.local_batch_size]
-            batch = self.images[idx.to(self.images.device)]
-            yield [self.normalizer(augment_batch(batch, view, g)) for view in self.views]
+        return [order[step * self.global_batch_size + lo: step * self.global_batch_size + lo + self.local_batch_size]
+                for step in range(self.steps_per_epoch)]
+
+    def batches(self, indices: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The uint8 rows of each of `indices`, on `device`."""
+        if not self.stream:
+            return (self.images[idx.to(self.device)] for idx in indices)
+        return _Prefetcher(self.images, indices, self.device, self.prefetch)
+
+    def epoch(self, epoch: int) -> Iterator[list[torch.Tensor]]:
+        g = torch.Generator(device=self.device).manual_seed(_mix(self.seed, epoch, self.rank, 1))
+        indices = self.indices(epoch)
+        batches = self.batches(indices)
+        try:
+            for idx, batch in zip(indices, batches):
+                aspect = self.aspects[idx].to(self.device) if self.aspects is not None else None
+                yield [self.normalizer(augment_batch(batch, view, g, aspect=aspect, size=self.size)) for view in self.views]
+        finally:
+            if isinstance(batches, _Prefetcher):
+                batches.close()
+
+
+class _Prefetcher:
+    """Gathers rows of a host tensor into a ring of host buffers on a background thread, `depth` batches
+    ahead of the consumer, and hands each to the consumer on `device`.
+
+    torch's copying ops release the GIL, so the gather (and the page faults of a memory-mapped cache)
+    overlaps the training step. A buffer is reused only once the consumer is done with it: on a CPU the
+    consumer is done when it asks for the next batch (it holds one at a time); on CUDA once the
+    non-blocking copy out of the pinned buffer has finished (an event per buffer).
+    """
+
+    def __init__(self, images: torch.Tensor, indices: list[torch.Tensor], device: torch.device, depth: int) -> None:
+        self.images, self.indices, self.device = images, indices, device
+        pin = device.type == "cuda"
+        shape = (len(indices[0]) if indices else 0, *images.shape[1:])
+        # depth batches queued, one being written, one held by the consumer
+        self.buffers = [torch.empty(shape, dtype=images.dtype, pin_memory=pin) for _ in range(depth + 2)]
+        self.copied: list[torch.cuda.Event | None] = [None] * len(self.buffers)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="ssl-tune-prefetch", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for step, idx in enumerate(self.indices):
+                slot = step % len(self.buffers)
+                if self.copied[slot] is not None:
+                    self.copied[slot].synchronize()
+                # NumPy's take: one thread, GIL released. torch's index_select would start an OpenMP team
+                # of its own here, which competes for the cores with the training step's.
+                np.take(self.images.numpy(), idx.numpy(), axis=0, out=self.buffers[slot].numpy())
+                if not self._put(slot):
+                    return
+            self._put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            buffer = self.buffers[item]
+            if self.device.type == "cuda":
+                batch = buffer.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self.copied[item] = event
+                yield batch
+            else:
+                yield buffer.to(self.device)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
