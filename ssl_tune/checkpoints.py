@@ -110,3 +110,19 @@ def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a file from before the record, damaged: the zip reader's error
         raise CheckpointError(path, f"cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random generators a resume must restore: torch's CPU generator, and `device`'s on CUDA
+    (augmentation draws on the device the views are on)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Set the generators `rng_state` saved; a CUDA state is restored only onto a CUDA device."""
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -76,7 +76,7 @@ def export_run(uri: str, experiment_or_run: str, out: Path, register: str | None
         checkpoint = run.data.tags.get(tracking.TAG_CHECKPOINT) or str(directory)
     contract = input_contract(state, f"the checkpoint of run {run.info.run_id}")
     spec = spec_model().model_validate(state["spec"])
-    method = build_method(spec, in_channels=_in_channels(state["model"]))
+    method = build_method(spec, contract.channels, image_size=contract.image_size)
     method.load_state_dict(state["model"])
     out.mkdir(parents=True, exist_ok=True)
     torch.save(method.backbone.state_dict(), out / BACKBONE_FILE)
@@ -99,11 +99,6 @@ def export_run(uri: str, experiment_or_run: str, out: Path, register: str | None
     return out
 
 
-def _in_channels(state: dict, prefix: str = "backbone.") -> int:
-    """Input channels of a backbone, read off its first convolution's weight."""
-    return next(v for k, v in state.items() if k.startswith(prefix) and v.ndim == 4).shape[1]
-
-
 def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -> Pretrained:
     """The pretrained backbone (in eval mode) and its `preprocess` transform, from an export directory, a
     checkpoint, an MLflow run or a registered model.
@@ -113,7 +108,7 @@ def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -
     when this machine sees it, else from the run's artifacts), or `models:/NAME/VERSION`. Raises
     `LookupError` with one line saying what was tried when it is none of these.
     """
-    from ssl_tune.models import build_backbone
+    from ssl_tune.models import backbone_from_spec
 
     if str(path_or_run).startswith("models:/"):  # a version registered by `ssl-tune export --register`
         return _registered(str(path_or_run), tracking.resolve_uri(tracking_uri))
@@ -136,9 +131,8 @@ def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -
         contract = input_contract(state, where)
         spec = spec_model().model_validate(state["spec"])
         weights = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
-    b = spec.backbone
     # Plain torch modules: GlobalBatchNorm's state has the same keys as BatchNorm's.
-    backbone = build_backbone(b.name, _in_channels(weights, prefix=""), width=b.width, cifar_stem=b.cifar_stem)
+    backbone = backbone_from_spec(spec.backbone, contract.channels, contract.image_size)
     backbone.load_state_dict(weights)
     return Pretrained(backbone.eval(), Preprocess(contract))
 

@@ -28,6 +28,7 @@ from ssl_tune.space import CONFIRMATION_KEY, SearchSpace, field_values, optuna_n
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.trial import FAILURE_KEY, STORAGE_FULL_KEY, checkpoint_config, run_trial
 from trainers import spec_model
+from trainers.loop import check_backbone
 
 
 def startup_trials(spec: SpecBase) -> int:
@@ -251,6 +252,7 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db); returns the leaderboard."""
     if spec.is_resolved:
         raise SpecError(f"invalid spec {spec_source}: it has no search ranges; use `ssl-tune train` for one configuration")
+    check_backbone(spec)  # a backbone that cannot take the data's images fails here, not in every trial
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.resolve_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
