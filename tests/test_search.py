@@ -17,6 +17,7 @@ from ssl_tune.data.datasets import load_dataset
 from ssl_tune.data.loader import Normalizer
 from ssl_tune.evaluation import extract_features, knn_accuracy
 from ssl_tune.trial import CHECKPOINTS_KEPT
+from ssl_tune.trial_record import TAG_EXPORT_EPOCH
 from tests.conftest import (CHROMIUM_INSTALL, ROOT, SEARCH_EPOCHS, SSL_TUNE, cli_env, output, printed_command,
                             require_system, run_cli, runs_of, search_spec, start_cli, wait_for)
 
@@ -31,7 +32,8 @@ EPOCHS = SEARCH_EPOCHS
 def finished_search(tmp_path_factory):
     work = tmp_path_factory.mktemp("search")
     (work / "spec.yaml").write_text(yaml.safe_dump(search_spec()))
-    proc = run_cli(["run", "spec.yaml", "--name", "s1"], cwd=work)
+    # MLflow's system metrics every second (10 s by default): these trials take a few seconds
+    proc = run_cli(["run", "spec.yaml", "--name", "s1"], cwd=work, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
     return work, client, proc
@@ -211,7 +213,15 @@ def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_s
     uri = f"sqlite:///{work}/mlflow.db"
     _, _, children = runs_of(work)
     came_through = [c for c in children if c.info.status in ("FINISHED", "KILLED")]
-    assert came_through and all(c.data.tags.get(tracking.TAG_CHECKPOINT_ARTIFACT) == "checkpoint" for c in came_through)
+    assert came_through
+    for child in came_through:  # the trial's own upload: the export of its objective's epoch, no optimizer state
+        assert child.data.tags.get(tracking.TAG_CHECKPOINT_ARTIFACT) == "backbone"
+        assert child.data.tags[TAG_EXPORT_EPOCH] == child.data.tags[tracking.TAG_CHECKPOINT_EPOCH]
+        uploaded = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, "backbone")}
+        assert uploaded == {"backbone.pt", "head.pt", "spec.yaml", "input.json", "metrics.json"}
+        assert not [a for a in client.list_artifacts(child.info.run_id) if a.path.startswith("checkpoint")]
+        # MLflow's system metrics, sampled in the trial's own process
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(child.data.metrics)
     local = load_backbone("search-test", tracking_uri=uri).backbone  # from Ray's storage
     (work / "ssl_tune_runs").rename(work / "ssl_tune_runs.moved")
     try:

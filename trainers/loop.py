@@ -219,6 +219,11 @@ class Trainer:
                 raise checkpoints.write_error(directory / EVALUATION_FILE, exc) from None
         return path
 
+    def write_export(self, directory: Path) -> Path:
+        """Write this epoch's export into `directory`: what `load_backbone` needs, without the optimizer
+        state (`ssl_tune.checkpoints.write_export`)."""
+        return checkpoints.write_export(directory, self.state_dict())
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `write_checkpoint` saved; `path` is the file or its directory."""
         path = path / CHECKPOINT_FILE if path.is_dir() else path
