@@ -225,14 +225,16 @@ def test_every_method_trains_a_vit_tiny_and_its_checkpoint_loads_with_preprocess
     assert trainer.method.backbone.output_dim == dim
     result = trainer.fit()
     assert result.status == "finished" and 0 <= result.metrics["knn_top1"] <= 100
-    trainer.write_checkpoint(tmp_path)
+    trainer.write_checkpoint(tmp_path / "checkpoint")
+    trainer.write_export(tmp_path / "export")  # what a trial uploads to MLflow and `ssl-tune export` writes
 
-    backbone, preprocess = ssl_tune.load_backbone(tmp_path)
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     trainer.method.backbone.eval()
     with torch.no_grad():
         expected = trainer.method.backbone(trainer.normalizer(images.float() / 255))
-        torch.testing.assert_close(backbone(preprocess(images)), expected)
+        for source in ("checkpoint", "export"):
+            backbone, preprocess = ssl_tune.load_backbone(tmp_path / source)
+            torch.testing.assert_close(backbone(preprocess(images)), expected)
 
 
 # --- the paths a GPU takes, run as far as a CPU allows ---------------------------------------------
