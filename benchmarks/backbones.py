@@ -17,9 +17,10 @@ from typing import Any
 
 from benchmarks import common
 
-VIT_TINY = ["backbone.name=timm:vit_tiny_patch16_224", "backbone.kwargs={img_size: 28, patch_size: 4}",
-            "optimizer.name=adamw", "optimizer.lr=0.001", "optimizer.weight_decay=0.05", "optimizer.momentum=0.9",
-            "optimizer.warmup_epochs=1"]
+# How ViTs are trained (DeiT, DINO): AdamW, weight decay 0.05, warm-up, cosine decay.
+VIT_OPTIMIZER = ["optimizer.name=adamw", "optimizer.lr=0.001", "optimizer.weight_decay=0.05", "optimizer.momentum=0.9",
+                 "optimizer.warmup_epochs=1"]
+VIT_TINY = ["backbone.name=timm:vit_tiny_patch16_224", "backbone.kwargs={img_size: 28, patch_size: 4}", *VIT_OPTIMIZER]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from benchmarks.backbones import VIT_OPTIMIZER
 
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 
@@ -116,6 +117,10 @@ def measure(dataset, size: int, resident: bool, args: argparse.Namespace) -> dic
     return row
 
 
+def _peak(row: dict[str, Any]) -> str:
+    return f"{row['peak_device_gib']:.1f} GiB peak" if row["peak_device_gib"] is not None else "CPU"
+
+
 def method_steps(dataset, method: str, backbone: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
     """`--method-steps` steps of one method: images/s, peak device memory and the losses."""
     import torch
@@ -125,29 +130,30 @@ def method_steps(dataset, method: str, backbone: str, precision: str, args: argp
 
     cuda = torch.cuda.is_available()
     size = dataset.image_size
-    # a timm ViT at another size than its name's takes it as img_size (the CPU smoke test's 16 px)
-    vit_size = [f"backbone.kwargs={{img_size: {size}}}"] if backbone.startswith("timm:vit") and f"_{size}" not in backbone else []
+    vit = []
+    if backbone.startswith("timm:vit"):  # trained as ViTs are; at another size than its name's, given as img_size
+        vit = [*VIT_OPTIMIZER, *([f"backbone.kwargs={{img_size: {size}}}"] if f"_{size}" not in backbone else [])]
     spec = load_spec(common.REPO / "search_spaces" / f"{method}.yaml", [
         f"backbone.name={backbone}", f"training.batch_size={args.batch_size}", f"training.precision={precision}",
-        "data.on_device=false", "training.epochs=1", *vit_size]).resolve()
+        "data.on_device=false", "training.epochs=1", *vit]).resolve()
     trainer = Trainer(spec, dataset=dataset)
     trainer.model.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     batches, losses = trainer.loader.epoch(0), []
+    warmup = min(5, args.method_steps - 1)  # untimed: cuDNN's choice of kernels, the allocator
     try:
-        start = time.perf_counter()
         for step in range(args.method_steps):
-            if step == 5:  # after the warm-up: cuDNN's choice of kernels, the allocator
-                losses_before = len(losses)
-                torch.cuda.synchronize() if cuda else None
+            if step == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
             losses.append(trainer.train_step(next(batches), step / trainer.total_steps).loss.detach().float())
         losses = [float(x) for x in losses]  # waits for the GPU
         elapsed = time.perf_counter() - start
     finally:
         batches.close()
-    timed = len(losses) - (losses_before if args.method_steps > 5 else 0)
+    timed = args.method_steps - warmup
     row = {"method": method, "backbone": backbone, "precision": precision, "losses": losses,
            "images_per_s": timed * args.batch_size / elapsed,
            "peak_device_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
@@ -178,9 +184,8 @@ def methods_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                        "loss_bf16": last_bf16, "loss_fp32": last_fp32,
                        "drift": abs(last_bf16 - last_fp32) / max(abs(last_fp32), 1e-12)}
                 rows.append(row)
-                memory = f"{row['peak_device_gib']:.1f} GiB peak" if row["peak_device_gib"] is not None else "CPU"
                 print(f"{method}, {backbone} at {size} px: {row['images_per_s']:,.0f} images/s in bf16 "
-                      f"({row['fp32_images_per_s']:,.0f} in fp32), {memory}; loss after {args.method_steps} steps "
+                      f"({row['fp32_images_per_s']:,.0f} in fp32), {_peak(row)}; loss after {args.method_steps} steps "
                       f"{last_bf16:.4f} bf16, {last_fp32:.4f} fp32 ({100 * row['drift']:.2f} % apart)", flush=True)
             del dataset
         if torch.cuda.is_available():
@@ -201,8 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for resident in (False, True):
                 row = measure(dataset, size, resident, args)
                 rows.append(row)
-                memory = f"{row['peak_device_gib']:.1f} GiB peak" if row["peak_device_gib"] is not None else "CPU"
-                print(f"{size} px, {row['mode']}: {row['images_per_s']:,.0f} images/s, {memory}, evaluation "
+                print(f"{size} px, {row['mode']}: {row['images_per_s']:,.0f} images/s, {_peak(row)}, evaluation "
                       f"{row['eval_ms_per_image']:.3f} ms/image ({100 * row['eval_share_here']:.1f} % of an epoch "
                       f"here, {100 * row['eval_share_imagenet']:.1f} % on ImageNet-1k)", flush=True)
             del dataset
