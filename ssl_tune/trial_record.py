@@ -5,7 +5,7 @@
   where there are GPUs), sampled every `SYSTEM_METRICS_INTERVAL_S` seconds in the process that trains.
 * **The export** that `load_backbone` and `ssl-tune export` need (`ssl_tune.checkpoints.write_export`:
   weights, spec, input contract, metrics; no optimizer state) of each epoch at which the trial may end:
-  ASHA's decision epochs and the last. It goes into the run's `backbone/` artifacts, from this process,
+  ASHA's decision epochs and the last. It goes into the run's `export/` artifacts, from this process,
   so the bytes never pass through the driver. Ray's storage keeps the full training state for restarts.
 
 Both are best effort, and training never waits on a tracking server that is away: system metrics stop
@@ -28,7 +28,7 @@ TAG_TRIAL_ID = "ssl_tune.trial_id"
 # On trials (set by the trial): the artifact folder holding its export, and the export's epoch.
 TAG_CHECKPOINT_ARTIFACT = "ssl_tune.checkpoint_artifact"
 TAG_EXPORT_EPOCH = "ssl_tune.export_epoch"
-EXPORT_ARTIFACT_DIR = "backbone"
+EXPORT_ARTIFACT_DIR = "export"
 
 SYSTEM_METRICS_INTERVAL_S = 10.0
 RUN_WAIT_S = 300.0  # the driver creates the run as Tune starts the trial; the trial can get here first

@@ -45,10 +45,10 @@ def test_the_trial_uploads_its_export_without_optimizer_state_and_logs_system_me
     recorder.close()
 
     run = client.get_run(child)
-    assert run.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "backbone"
+    assert run.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "export"
     assert run.data.tags[trial_record.TAG_EXPORT_EPOCH] == "1"
-    assert {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(child, "backbone")} == set(EXPORT_FILES)
-    heads = torch.load(client.download_artifacts(child, "backbone/head.pt", str(tmp_path)), weights_only=True)
+    assert {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(child, "export")} == set(EXPORT_FILES)
+    heads = torch.load(client.download_artifacts(child, "export/head.pt", str(tmp_path)), weights_only=True)
     assert not [k for k in heads if k.startswith("backbone.")] and heads  # the head's weights only, no optimizer
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     with tracking.checkpoint_of(client, run) as directory:  # what export reads when Ray's storage is not here
