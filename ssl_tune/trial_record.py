@@ -52,6 +52,7 @@ class TrialRecorder:
         self._exports: queue.Queue[tuple[Path, threading.Event] | None] = queue.Queue()
         self.uploaded: Path | None = None  # the last export that reached the run
         self._closing = threading.Event()
+        self._lookup_error = ""  # why the run was not found yet
         self._thread = threading.Thread(target=self._work, name="ssl-tune-trial-record", daemon=True)
         self._thread.start()
 
@@ -91,16 +92,18 @@ class TrialRecorder:
                 found = client.search_runs([experiment], filter_string=query, max_results=1)
                 if found:
                     return found[0].info.run_id
-            except Exception:  # the server is away: keep looking until the deadline
-                pass
+                self._lookup_error = "no such run yet"
+            except Exception as exc:  # the server is away: keep looking until the deadline
+                self._lookup_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             time.sleep(1.0)
         return None
 
     def _work(self) -> None:
         self.run_id = self._find_run()
         if self.run_id is None and not self._closing.is_set():
-            _warn(f"trial {self.trial_id} found no MLflow run of its own in {self.uri} within {RUN_WAIT_S:.0f} s: "
-                  "no system metrics, and its exports stay in Ray's storage only")
+            _warn(f"trial {self.trial_id} found no MLflow run of its own in {self.uri} within {RUN_WAIT_S:.0f} s "
+                  f"({self._lookup_error}): no system metrics, and its exports stay in Ray's storage, from which the "
+                  "driver uploads the last one")
         monitor = self._start_monitor() if self.run_id and self.system_metrics else None
         while True:
             item = self._exports.get()
