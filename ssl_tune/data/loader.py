@@ -163,8 +163,8 @@ class _Prefetcher:
     """Gathers rows of a host tensor into a ring of host buffers on a background thread, `depth` batches
     ahead of the consumer, and hands each to the consumer on `device`.
 
-    torch's copying ops release the GIL, so the gather (and the page faults of a memory-mapped cache)
-    overlaps the training step. A buffer is reused only once the consumer is done with it: on a CPU the
+    The gather is NumPy's `take`, which releases the GIL, so it (and the page faults of a memory-mapped
+    cache) overlaps the training step. A buffer is reused only once the consumer is done with it: on a CPU the
     consumer is done when it asks for the next batch (it holds one at a time); on CUDA once the
     non-blocking copy out of the pinned buffer has finished (an event per buffer).
     """
