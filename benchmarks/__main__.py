@@ -9,6 +9,7 @@
     python -m benchmarks noise               # seed noise of one configuration; RankMe vs kNN top-1
     python -m benchmarks label-free          # RankMe vs kNN top-1 over each method's search trials
     python -m benchmarks knn-bank            # a subset kNN bank against the whole training split, a search's trials
+    python -m benchmarks backbones           # kNN top-1 of ViT-tiny against small_cnn, per method (CPU: hours)
     python -m benchmarks loss-scaling        # SSL-HSIC exact vs random features, CorInfoMax D, ISD K
     python -m benchmarks data                # the decoded data cache vs decoding an ImageFolder, 100k JPEGs
     python -m benchmarks cluster             # a 2-worker trial on two hosts (network namespaces) vs one; root
@@ -24,7 +25,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks import (cluster, common, data, gpu_check, knn_bank, label_free, loss_scaling, noise, report, search_efficiency,
+from benchmarks import (backbones, cluster, common, data, gpu_check, knn_bank, label_free, loss_scaling, noise, report, search_efficiency,
                         search_overhead, throughput)
 
 BENCHMARKS = {  # name -> (add_arguments, run)
@@ -37,6 +38,7 @@ BENCHMARKS = {  # name -> (add_arguments, run)
     "noise": (noise.add_arguments, noise.run),
     "label-free": (label_free.add_arguments, label_free.run),
     "knn-bank": (knn_bank.add_arguments, knn_bank.run),
+    "backbones": (backbones.add_arguments, backbones.run),
     "loss-scaling": (loss_scaling.add_arguments, loss_scaling.run),
     "data": (data.add_arguments, data.run),
     "cluster": (cluster.add_arguments, cluster.run),

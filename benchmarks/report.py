@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks import (cluster, data, gpu_check, knn_bank, label_free, loss_scaling, noise, search_efficiency, search_overhead,
+from benchmarks import (backbones, cluster, data, gpu_check, knn_bank, label_free, loss_scaling, noise, search_efficiency, search_overhead,
                         throughput)
 
 # (result file, title, what it measures, renderer, command to run when there is no result yet)
@@ -49,6 +49,10 @@ SECTIONS = [
      "a few images per class (what `evaluation.bank_size` selects) against the whole training split, and how "
      "well each ranks the trials the same way.",
      knn_bank.report),
+    ("backbones", "A ViT-tiny against the shipped small CNN, per method",
+     "kNN top-1 on the bundled data after the same epochs of each method, with the shipped `small_cnn` and with "
+     "timm's ViT-tiny at 28 px (patch 4) trained with AdamW, warm-up and cosine decay.",
+     backbones.report),
     ("loss-scaling", "Scaling of the losses",
      "Forward + backward of each loss alone, relative to the smallest size measured in the same run.",
      loss_scaling.report),

@@ -127,27 +127,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--specs", nargs="+", default=method_specs())
     parser.add_argument("--set", action="append", default=[], help="override a field of every spec")
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--backbones", nargs="*", default=list(BACKBONE_ROWS),
+                        help="after every spec's own backbone: TWIST with each of these (their settings: BACKBONE_ROWS)")
+    parser.add_argument("--backbone-images", type=int, default=1280, help="training images of the --backbones rows")
+
+
+# Larger backbones, trained by TWIST on the bundled data's first `--backbone-images` (a CPU epoch of the
+# whole set takes a ViT-tiny minutes): the overrides of each.
+BACKBONE_ROWS = {
+    "resnet18": ["backbone.name=resnet18", "training.batch_size=128"],
+    "timm:vit_tiny_patch16_224": ["backbone.name=timm:vit_tiny_patch16_224", "backbone.kwargs={img_size: 28, patch_size: 4}",
+                                  "training.batch_size=128", "optimizer.name=adamw", "optimizer.lr=0.001",
+                                  "optimizer.weight_decay=0.05"],
+}
+
+
+def first_images(spec, images: int | None):
+    """The spec's data set, its training split cut to the first `images` (all of it with None)."""
+    import dataclasses
+
+    from ssl_tune.data.cache import open_dataset
+
+    dataset = open_dataset(spec.data)[0]
+    if images is None:
+        return dataset
+    return dataclasses.replace(dataset, train_images=dataset.train_images[:images],
+                               train_labels=dataset.train_labels[:images],
+                               train_aspects=None if dataset.train_aspects is None else dataset.train_aspects[:images])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
-    for path in args.specs:
-        spec = load_spec(path, args.set).resolve()
-        trainer = Trainer(spec)
+    runs = [(path, args.set, None) for path in args.specs]
+    runs += [(str(common.REPO / "search_spaces" / "twist.yaml"), [*args.set, *BACKBONE_ROWS[name]], args.backbone_images)
+             for name in args.backbones]
+    for path, overrides, images in runs:
+        spec = load_spec(path, overrides).resolve()
+        trainer = Trainer(spec, dataset=first_images(spec, images))
         row = {"method": spec.method.name, "spec": Path(path).name, "batch_size": spec.training.batch_size,
+               "backbone": spec.backbone.name, "images": len(trainer.dataset.ssl_images),
                "device": str(trainer.device), "threads": torch.get_num_threads(), **compare(trainer, args.repeats)}
         rows.append(row)
-        print(f"{row['method']:11s} trainer {row['trainer_images_per_s']:7.0f} images/s, bare loop "
+        print(f"{row['method']:11s} {row['backbone']:26s} trainer {row['trainer_images_per_s']:7.0f} images/s, bare loop "
               f"{row['bare_images_per_s']:7.0f}, ratio {row['ratio']:.3f}, data {100 * row['data_share']:.1f} %",
               flush=True)
     return {"repeats": args.repeats, "overrides": args.set, "rows": rows}
 
 
 def report(result: dict[str, Any], figures: str) -> str:
-    lines = ["| method | batch | trainer / bare loop (images/s) | data preparation share of step time |",
-             "|---|---:|---:|---:|"]
+    lines = ["| method | backbone | batch | trainer / bare loop (images/s) | data preparation share of step time |",
+             "|---|---|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['batch_size']} | {r['ratio']:.3f} | {100 * r['data_share']:.1f} % |")
+        lines.append(f"| {r['method']} | {r.get('backbone', 'small_cnn')} | {r['batch_size']} | {r['ratio']:.3f} | "
+                     f"{100 * r['data_share']:.1f} % |")
     return "\n".join(lines)
 
 

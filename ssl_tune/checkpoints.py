@@ -110,3 +110,48 @@ def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a file from before the record, damaged: the zip reader's error
         raise CheckpointError(path, f"cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random generators a resume must restore: torch's CPU generator, and `device`'s on CUDA
+    (augmentation draws on the device the views are on)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Set the generators `rng_state` saved; a CUDA state is restored only onto a CUDA device."""
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+# --- the light export: what `load_backbone` needs, without the optimizer state ----------------------
+
+BACKBONE_FILE = "backbone.pt"
+HEAD_FILE = "head.pt"
+SPEC_FILE = "spec.yaml"
+METRICS_FILE = "metrics.json"
+INPUT_FILE = "input.json"
+EXPORT_FILES = (BACKBONE_FILE, HEAD_FILE, SPEC_FILE, INPUT_FILE, METRICS_FILE)
+
+
+def write_export(out: Path, state: dict[str, Any], **about: Any) -> Path:
+    """Write the export of a training state (`trainers.loop.Trainer.state_dict`) into `out`: the backbone's
+    weights, the method's other weights (projector, predictor, teacher, buffers), the resolved spec, the input
+    contract and the epoch's metrics, with `about` (run id, checkpoint) in metrics.json. ResNet-50 with
+    TWIST's default heads: about 100 MB, against 190 MB for the full state with LARS (`checkpoint_bytes`)."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = state["model"]
+    torch.save({k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")}, out / BACKBONE_FILE)
+    torch.save({k: v for k, v in model.items() if not k.startswith("backbone.")}, out / HEAD_FILE)
+    (out / SPEC_FILE).write_text(yaml.safe_dump(state["spec"], sort_keys=False))
+    (out / INPUT_FILE).write_text(json.dumps(state["input"], indent=2))
+    epoch = state["epoch"]
+    metrics = next((h for h in state["history"] if int(h["epoch"]) == epoch), {})
+    (out / METRICS_FILE).write_text(json.dumps({**about, "epoch": epoch, "metrics": metrics}, indent=2))
+    return out

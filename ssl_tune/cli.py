@@ -60,7 +60,9 @@ class ConsoleReporter:
             print(f"\r\033[K{description} ...", end="", file=self.stream, flush=True)
 
     def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
-        skip = {"epoch", "loss", "lr", "images_per_s"}
+        from ssl_tune.figures import TRAINING_METRICS
+
+        skip = {"loss", *TRAINING_METRICS}
         terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in skip and not k.startswith(("knn", "linear")))
         knn = f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
         print(
@@ -130,6 +132,23 @@ def _cluster_nodes(address: str | None) -> tuple[str, list[dict]]:
                              "GPU": float(torch.cuda.device_count())}]
 
 
+def _describe_backbone(spec) -> str:
+    """One line: the backbone, its feature size and parameters, and what `cifar_stem: auto` chose;
+    SpecError when it cannot take the data set's images (`trainers.loop.check_backbone`)."""
+    from ssl_tune.data.cache import network_input
+    from ssl_tune.models import is_resnet, resolve_cifar_stem
+    from trainers.loop import check_backbone
+
+    b = spec.backbone
+    dim, parameters = check_backbone(spec)
+    channels, size = network_input(spec.data)
+    line = f"backbone: {b.name} ({parameters / 1e6:.2f}M parameters, {dim} features) on {channels} x {size} x {size} images"
+    if is_resnet(b.name):
+        stem = "CIFAR stem (3x3 conv, no max-pool)" if resolve_cifar_stem(b, size) else "ImageNet stem (7x7 conv, max-pool)"
+        line += f"; {stem}" + (f": backbone.cifar_stem auto at {size} px" if b.cifar_stem == "auto" else "")
+    return line
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a spec and print what `run` would do: ranges, trials, expected epochs, resources, fit."""
     from ssl_tune import budget, cluster, tracking
@@ -170,10 +189,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         searched = f"{full} (no early stopping)"
     print(f"epochs: {searched}" + (f"; {confirming * t.epochs} in the confirmation stage" if confirming else ""))
+    try:
+        print(_describe_backbone(spec))
+    except SpecError as exc:
+        print(f"error: {args.spec}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    where, nodes = _cluster_nodes(args.address)
+    chose = cluster.resolve_gpus(spec, nodes)
     per_worker = f"{r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU"
     print(f"each trial asks for: {r.num_workers} worker(s) x ({per_worker})"
-          + (f" + {cluster.TRAIN_DRIVER_CPU:g} CPU for its Ray Train driver" if r.num_workers > 1 else ""))
-    where, nodes = _cluster_nodes(args.address)
+          + (f" + {cluster.TRAIN_DRIVER_CPU:g} CPU for its Ray Train driver" if r.num_workers > 1 else "")
+          + (f"; {chose}" if chose else ""))
     offered = ", ".join(f"{n['CPU']:g} CPU + {n['GPU']:g} GPU" for n in nodes)
     try:
         fits = cluster.check_resources(spec, nodes)

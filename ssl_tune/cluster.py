@@ -36,16 +36,37 @@ def node_resources() -> list[dict[str, Any]]:
              "GPU": float(n["Resources"].get("GPU", 0))} for n in ray.nodes() if n["Alive"]]
 
 
+def gpus_per_worker(spec: SpecBase, nodes: list[dict[str, Any]]) -> float:
+    """`resources.gpus_per_worker` on these nodes: auto is 1 where any node has a GPU, else 0. Ray hides
+    GPUs from a worker that reserves none, so on a GPU cluster 0 would train on the CPU."""
+    g = spec.resources.gpus_per_worker
+    if g != "auto":
+        return float(g)
+    return 1.0 if any(n["GPU"] for n in nodes) else 0.0
+
+
+def resolve_gpus(spec: SpecBase, nodes: list[dict[str, Any]]) -> str:
+    """Settle `resources.gpus_per_worker: auto` in place for the nodes trials run on (`gpus_per_worker`).
+    Returns what it chose, and why, for the console ("" if it was not auto)."""
+    r = spec.resources
+    if r.gpus_per_worker != "auto":
+        return ""
+    r.gpus_per_worker = gpus_per_worker(spec, nodes)
+    gpus = sum(n["GPU"] for n in nodes)
+    return (f"resources.gpus_per_worker: auto -> {r.gpus_per_worker:g} "
+            f"({f'the nodes have {gpus:g} GPU(s)' if gpus else 'no node has a GPU'})")
+
+
 def check_resources(spec: SpecBase, nodes: list[dict[str, Any]]) -> int:
     """Fail before any trial when one trial cannot be placed on the nodes; return how many trials fit at once.
 
     Each worker must fit on a single node (Ray places a worker's CPUs and GPUs together); a
     multi-worker trial also needs a little CPU for its Ray Train driver.
     """
-    r = spec.resources
+    r, gpus = spec.resources, gpus_per_worker(spec, nodes)
 
     def workers_on(node: dict[str, Any]) -> int:
-        fits = [node["CPU"] / r.cpus_per_worker] + ([node["GPU"] / r.gpus_per_worker] if r.gpus_per_worker else [])
+        fits = [node["CPU"] / r.cpus_per_worker] + ([node["GPU"] / gpus] if gpus else [])
         return math.floor(min(fits) + 1e-9)
 
     slots = sum(workers_on(n) for n in nodes)
@@ -59,7 +80,7 @@ def check_resources(spec: SpecBase, nodes: list[dict[str, Any]]) -> int:
         driver = f" plus {TRAIN_DRIVER_CPU:g} CPU for its Ray Train driver" if r.num_workers > 1 else ""
         raise SpecError(
             f"resources: one trial asks for {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU, "
-            f"{r.gpus_per_worker:g} GPU), each worker on one node{driver}, but the Ray cluster's nodes offer "
+            f"{gpus:g} GPU), each worker on one node{driver}, but the Ray cluster's nodes offer "
             f"{offered}; lower resources.num_workers, cpus_per_worker or gpus_per_worker, or add nodes"
         )
     return trials
@@ -156,9 +177,8 @@ def _check_batch(spec: SpecBase, images: int) -> None:
 
 def trial_nodes(spec: SpecBase, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The nodes where at least one of the spec's trial workers fits (those that will run trials)."""
-    r = spec.resources
-    return [n for n in nodes if n["CPU"] >= r.cpus_per_worker - 1e-9
-            and (not r.gpus_per_worker or n["GPU"] >= r.gpus_per_worker - 1e-9)]
+    r, gpus = spec.resources, gpus_per_worker(spec, nodes)
+    return [n for n in nodes if n["CPU"] >= r.cpus_per_worker - 1e-9 and (not gpus or n["GPU"] >= gpus - 1e-9)]
 
 
 class _Lines:
@@ -274,6 +294,9 @@ def prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None,
     how many trials fit at once, and the cache's `CacheInfo`."""
     ray_address = init_ray(address, log_to_driver=verbose)
     nodes = node_resources()
+    chose = resolve_gpus(spec, nodes)
+    if chose:
+        print(chose, file=sys.__stdout__, flush=True)
     fits = check_resources(spec, nodes)
     check_cluster_paths(storage, uri, ray_address, nodes)
     data = prepare_data(spec, nodes, stream=sys.__stdout__)  # our console, not Ray's log
@@ -326,7 +349,7 @@ def check_object_storage(storage: str, nodes: list[dict[str, Any]], ray_address:
 OPTIMIZER_COPIES = {"sgd": 1, "lars": 1, "adamw": 2}
 
 
-def checkpoint_bytes(spec: SpecBase, channels: int = 3) -> int:
+def checkpoint_bytes(spec: SpecBase) -> int:
     """Estimated size of one trial checkpoint: the model's parameters and buffers and the optimizer's
     per-parameter state, in fp32, for the largest configuration the spec's ranges allow (each
     numeric range at its upper bound, each method of a choice over methods).
@@ -356,7 +379,7 @@ def checkpoint_bytes(spec: SpecBase, channels: int = 3) -> int:
         except Exception:  # bounds that do not combine: the default configuration is a fair estimate
             resolved = spec.resolve({"method.name": method} if method else {})
         with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
-            model = build_method(resolved, channels, torch.device("cpu"))
+            model = build_method(resolved, device=torch.device("cpu"))
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         biggest = max(biggest, weights + (copies - 1) * trainable)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -11,14 +12,10 @@ import yaml
 from torch import nn
 
 from ssl_tune import tracking
+from ssl_tune.checkpoints import BACKBONE_FILE, EXPORT_FILES, INPUT_FILE, METRICS_FILE, SPEC_FILE, write_export
 from ssl_tune.preprocess import InputContract, Preprocess
 from trainers import spec_model
 
-BACKBONE_FILE = "backbone.pt"
-HEAD_FILE = "head.pt"
-SPEC_FILE = "spec.yaml"
-METRICS_FILE = "metrics.json"
-INPUT_FILE = "input.json"
 # The registered model's MLflow metadata key for its input contract.
 INPUT_METADATA_KEY = "ssl_tune_input"
 
@@ -63,45 +60,41 @@ def best_trial_run(client, experiment_or_run: str):
 
 
 def export_run(uri: str, experiment_or_run: str, out: Path, register: str | None = None) -> Path:
-    """Write backbone.pt, head.pt, spec.yaml, input.json and metrics.json of the best checkpoint into `out`.
+    """Write backbone.pt, head.pt, spec.yaml, input.json and metrics.json of the best checkpoint into `out`:
+    from the full checkpoint in Ray's storage where this machine sees it, else the export the trial uploaded
+    to its run's artifacts.
 
     With `register`, the backbone is also logged to the trial's MLflow run and registered under that name.
     """
-    from trainers.loop import build_method
+    import shutil
 
     client = tracking.existing_store_client(uri)
     run = best_trial_run(client, experiment_or_run)
+    about = {"run_id": run.info.run_id}
     with tracking.checkpoint_of(client, run) as directory:
-        state = _checkpoint_state(directory)
-        checkpoint = run.data.tags.get(tracking.TAG_CHECKPOINT) or str(directory)
-    contract = input_contract(state, f"the checkpoint of run {run.info.run_id}")
-    spec = spec_model().model_validate(state["spec"])
-    method = build_method(spec, in_channels=_in_channels(state["model"]))
-    method.load_state_dict(state["model"])
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(method.backbone.state_dict(), out / BACKBONE_FILE)
-    torch.save({k: v for k, v in method.state_dict().items() if not k.startswith("backbone.")}, out / HEAD_FILE)
-    (out / SPEC_FILE).write_text(yaml.safe_dump(state["spec"], sort_keys=False))
-    (out / INPUT_FILE).write_text(json.dumps(contract.to_dict(), indent=2))
-    epoch = state["epoch"]
-    metrics = next((h for h in state["history"] if int(h["epoch"]) == epoch), {})
-    (out / METRICS_FILE).write_text(json.dumps({"run_id": run.info.run_id, "checkpoint": checkpoint, "epoch": epoch,
-                                               "metrics": metrics}, indent=2))
+        if (directory / BACKBONE_FILE).exists():  # the trial's own export, from its artifacts
+            out.mkdir(parents=True, exist_ok=True)
+            for name in EXPORT_FILES:
+                shutil.copyfile(directory / name, out / name)
+            recorded = json.loads((out / METRICS_FILE).read_text())
+            about["checkpoint"] = f"{run.info.artifact_uri}/{run.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT]}"
+            (out / METRICS_FILE).write_text(json.dumps({**recorded, **about}, indent=2))
+        else:
+            state = _checkpoint_state(directory)
+            input_contract(state, f"the checkpoint of run {run.info.run_id}")
+            about["checkpoint"] = run.data.tags.get(tracking.TAG_CHECKPOINT) or str(directory)
+            write_export(out, state, **about)
     if register:
         import mlflow
 
+        contract = InputContract.from_dict(json.loads((out / INPUT_FILE).read_text()))
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run.info.run_id):
-            info = mlflow.pytorch.log_model(method.backbone, name="backbone", serialization_format="pickle",
+            info = mlflow.pytorch.log_model(load_backbone(out).backbone, name="backbone", serialization_format="pickle",
                                             registered_model_name=register,
                                             metadata={INPUT_METADATA_KEY: contract.to_dict()})
         (out / "registered_model.txt").write_text(f"{register}\n{info.model_uri}\n")
     return out
-
-
-def _in_channels(state: dict, prefix: str = "backbone.") -> int:
-    """Input channels of a backbone, read off its first convolution's weight."""
-    return next(v for k, v in state.items() if k.startswith(prefix) and v.ndim == 4).shape[1]
 
 
 def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -> Pretrained:
@@ -113,11 +106,15 @@ def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -
     when this machine sees it, else from the run's artifacts), or `models:/NAME/VERSION`. Raises
     `LookupError` with one line saying what was tried when it is none of these.
     """
-    from ssl_tune.models import build_backbone
+    from ssl_tune.models import backbone_from_spec
 
     if str(path_or_run).startswith("models:/"):  # a version registered by `ssl-tune export --register`
         return _registered(str(path_or_run), tracking.resolve_uri(tracking_uri))
     path = Path(path_or_run)
+    if not path.exists():
+        # a run id, search or experiment: the best trial's checkpoint in Ray's storage, else its uploaded export
+        with _tracked_directory(str(path_or_run), tracking.resolve_uri(tracking_uri)) as directory:
+            return load_backbone(directory)
     if (path / BACKBONE_FILE).exists():
         spec = spec_model().model_validate(yaml.safe_load((path / SPEC_FILE).read_text()))
         weights = torch.load(path / BACKBONE_FILE, map_location="cpu", weights_only=True)
@@ -126,25 +123,23 @@ def load_backbone(path_or_run: str | Path, *, tracking_uri: str | None = None) -
                               "ssl-tune; export it again")
         contract = InputContract.from_dict(json.loads((path / INPUT_FILE).read_text()))
     else:
-        if path.is_file() or (path / "checkpoint.pt").is_file():
-            state, where = _checkpoint_state(path), str(path)
-        elif path.exists():
+        if not (path.is_file() or (path / "checkpoint.pt").is_file()):
             raise LookupError(f"{path} is neither an export directory (no {BACKBONE_FILE}) nor a checkpoint "
                               "(no checkpoint.pt)")
-        else:  # a run id or experiment: the best checkpoint, from Ray's storage or the run's artifacts
-            state, where = _state_from_tracking(str(path_or_run), tracking.resolve_uri(tracking_uri))
+        state, where = _checkpoint_state(path), str(path)
         contract = input_contract(state, where)
         spec = spec_model().model_validate(state["spec"])
         weights = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
-    b = spec.backbone
     # Plain torch modules: GlobalBatchNorm's state has the same keys as BatchNorm's.
-    backbone = build_backbone(b.name, _in_channels(weights, prefix=""), width=b.width, cifar_stem=b.cifar_stem)
+    backbone = backbone_from_spec(spec.backbone, contract.channels, contract.image_size)
     backbone.load_state_dict(weights)
     return Pretrained(backbone.eval(), Preprocess(contract))
 
 
-def _state_from_tracking(name: str, uri: str) -> tuple[dict, str]:
-    """The checkpoint of the run, search or experiment `name`; LookupError saying everything that was tried."""
+@contextlib.contextmanager
+def _tracked_directory(name: str, uri: str):
+    """The checkpoint (or uploaded export) directory of the run, search or experiment `name`; LookupError
+    saying everything that was tried."""
     try:
         client = tracking.existing_store_client(uri)
         run = best_trial_run(client, name)
@@ -155,7 +150,7 @@ def _state_from_tracking(name: str, uri: str) -> tuple[dict, str]:
                           f"not a run id, search or experiment ({store}); not a registered model "
                           "(models:/NAME/VERSION)") from None
     with tracking.checkpoint_of(client, run) as directory:
-        return _checkpoint_state(directory), f"the checkpoint of run {run.info.run_id}"
+        yield directory
 
 
 def _registered(uri_of_model: str, uri: str) -> Pretrained:

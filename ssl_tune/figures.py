@@ -23,8 +23,8 @@ from ssl_tune.space import direction  # noqa: E402
 
 # The folder of figures next to a run's files and among its MLflow artifacts.
 FIGURE_DIR = "figures"
-# The loop's bookkeeping metrics: not the loss or its terms.
-TRAINING_METRICS = ("epoch", "lr", "images_per_s", "worker_nodes")
+# The loop's bookkeeping metrics and telemetry: not the loss or its terms.
+TRAINING_METRICS = ("epoch", "lr", "images_per_s", "images_per_s_with_eval", "peak_device_memory_gib", "worker_nodes")
 
 Figure = matplotlib.figure.Figure
 

@@ -28,6 +28,7 @@ from ssl_tune.space import CONFIRMATION_KEY, SearchSpace, field_values, optuna_n
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.trial import FAILURE_KEY, STORAGE_FULL_KEY, checkpoint_config, run_trial
 from trainers import spec_model
+from trainers.loop import check_backbone
 
 
 def startup_trials(spec: SpecBase) -> int:
@@ -173,13 +174,16 @@ class SearchOutcome:
         return not self.interrupted and self.trials_ok == 0
 
 
-def _trainable(spec: SpecBase, data):
-    """The Tune trainable; trials map the data cache whose source fingerprint the driver checked (`data`)."""
+def _trainable(spec: SpecBase, data, uri: str, parent_run_id: str):
+    """The Tune trainable; trials map the data cache whose source fingerprint the driver checked (`data`), and
+    write their system metrics and exports to their runs under the search's parent run (`ssl_tune.trial_record`)."""
     from ray import tune
 
     fingerprint = data.manifest["fingerprint"] if data is not None else None
+    record = {"uri": uri, "parent_run_id": parent_run_id}
     return tune.with_resources(tune.with_parameters(run_trial, base_spec=spec.model_dump(mode="json"),
-                                                    data_fingerprint=fingerprint), cluster.tune_trial_resources(spec))
+                                                    data_fingerprint=fingerprint, record=record),
+                               cluster.tune_trial_resources(spec))
 
 
 class StopWhenStorageFull(Callback):
@@ -251,6 +255,7 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db); returns the leaderboard."""
     if spec.is_resolved:
         raise SpecError(f"invalid spec {spec_source}: it has no search ranges; use `ssl-tune train` for one configuration")
+    check_backbone(spec)  # a backbone that cannot take the data's images fails here, not in every trial
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.resolve_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
@@ -278,7 +283,7 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
                                          max_concurrent=max_concurrent, data=data)
 
     tuner = tune.Tuner(
-        _trainable(spec, data),
+        _trainable(spec, data, uri, parent_id),
         tune_config=tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent),
                                     scheduler=build_scheduler(spec), num_samples=spec.search.num_samples,
                                     # a new trial reuses a finished trial's process: no fresh imports
@@ -353,7 +358,7 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
         cluster.check_disk_space(spec, root, min(spec.search.max_concurrent or fits, spec.search.num_samples))
         tracking.reopen_search_run(client, parent)
         # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
-        tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, data), resume_unfinished=True,
+        tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, data, uri, parent_id), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         experiment_name = client.get_experiment(parent.info.experiment_id).name
         stage = _Stage(spec, data, client, parent.info.run_id, parent.info.experiment_id, experiment_name, uri, root,
@@ -466,7 +471,7 @@ def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
     stage.client.set_tag(stage.parent_id, tracking.TAG_STORAGE, f"{stage.storage.rstrip('/')}/{name}")
     stage.client.set_tag(stage.parent_id, tracking.TAG_CONFIRMATION_TRIALS, str(len(configs)))
     tuner = tune.Tuner(
-        _trainable(spec, stage.data),
+        _trainable(spec, stage.data, stage.uri, stage.parent_id),
         param_space={CONFIRMATION_KEY: tune.grid_search([c[CONFIRMATION_KEY] for c in configs])},
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=min(stage.max_concurrent, len(configs)),
                                     reuse_actors=True, trial_dirname_creator=_confirmation_dirname),

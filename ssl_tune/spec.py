@@ -286,9 +286,31 @@ class DataSpec(StrictModel):
 
 
 class BackboneSpec(StrictModel):
-    name: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    name: str = Field("small_cnn", description="small_cnn, any torchvision classification model (resnet50, vit_b_16, "
+                      "convnext_tiny, ...) or timm:NAME (timm:vit_small_patch16_224); random weights")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model's constructor, e.g. "
+                                   "{img_size: 32, patch_size: 4} for a timm ViT on 32-px images")
     width: int = Field(32, ge=4, description="small_cnn: channels of the first block (doubled per block)")
-    cifar_stem: bool = Field(True, description="resnet: 3x3 stride-1 first conv and no max-pool (small images)")
+    cifar_stem: Literal["auto"] | bool = Field(
+        "auto", description="torchvision ResNets: 3x3 stride-1 first conv and no max-pool; auto: for inputs up to 64 px")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from ssl_tune.models import check_name
+
+        check_name(name)
+        return name
+
+    @model_validator(mode="after")
+    def _stem_fits(self) -> BackboneSpec:
+        from ssl_tune.models import is_resnet
+
+        # (small_cnn ignores it: specs written when true was the default still load)
+        if self.cifar_stem is True and not is_resnet(self.name) and self.name != "small_cnn":
+            raise ValueError(f"backbone.cifar_stem: true applies to torchvision ResNets only, not {self.name!r}; "
+                             "use auto or false")
+        return self
 
 
 class ProjectorSpec(StrictModel):
@@ -311,8 +333,13 @@ class TrainingSpec(StrictModel):
     batch_size: Annotated[int, Field(ge=2, description="global batch size (all workers together)")] = 256
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast and channels-last on CUDA, fp32 on CPU"
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
     )
+    channels_last: Literal["auto"] | bool = Field(
+        "auto", description="convolutions in the channels-last memory layout; auto: on CUDA (tensor cores)")
+    checkpoint_every: Annotated[int, Field(ge=1)] = Field(
+        1, description="epochs between checkpoints; the last epoch and ASHA's decision epochs always get one. A "
+        "restarted trial goes back to its latest checkpoint")
 
 
 # Evaluation's cap on labelled training images, RankMe's sample size (`ssl_tune.evaluation.RANKME_SAMPLES`):
@@ -380,9 +407,24 @@ class SearchSpec(StrictModel):
 class ResourcesSpec(StrictModel):
     num_workers: Annotated[int, Field(ge=1)] = Field(1, description="DDP workers per trial")
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
-    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    gpus_per_worker: Literal["auto"] | Annotated[float, Field(ge=0)] = Field(
+        "auto", description="auto: 1 where the Ray cluster has GPUs, else 0. A fraction (one worker per trial only) "
+        "packs several trials on one GPU")
     placement_strategy: Literal["PACK", "SPREAD"] = Field(
         "PACK", description="Ray placement of one trial's workers: PACK onto few nodes, or SPREAD over nodes")
+
+    @model_validator(mode="after")
+    def _gpus_not_shared_by_ranks(self) -> ResourcesSpec:
+        g = self.gpus_per_worker
+        if g == "auto" or g == 0:
+            return self
+        if g > 1 and g != int(g):
+            raise ValueError(f"resources.gpus_per_worker {g:g}: above 1 it must be a whole number of GPUs")
+        if g < 1 and self.num_workers > 1:
+            # Ray would put two ranks of one trial on one GPU, which NCCL refuses ("Duplicate GPU detected").
+            raise ValueError(f"resources.gpus_per_worker {g:g} with resources.num_workers {self.num_workers}: ranks of "
+                             "one trial cannot share a GPU; use 1 GPU per worker, or one worker per trial to pack trials")
+        return self
 
 
 class MlflowSpec(StrictModel):

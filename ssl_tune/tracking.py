@@ -1,7 +1,9 @@
 """MLflow tracking of a search: one parent run, one nested child run per trial.
 
-Only the Tune driver writes to MLflow (a callback), so a local sqlite store is safe. Metrics
-go in one `log_batch` call per epoch; Tune's bookkeeping keys are never logged.
+The Tune driver writes the runs, their parameters, metrics and tags (a callback); metrics go in one
+`log_batch` call per epoch, and Tune's bookkeeping keys are never logged. Each trial adds its own
+system metrics and exports to its run from its own process (`ssl_tune.trial_record`): a few small
+writes a minute, which a local sqlite store takes beside the driver's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ssl_tune import confirmation as confirmation_stage
 from ssl_tune.space import (CONFIRMATION_KEY, best_trial, counts, param_value, ranked, resolve_trial,
                             study_from_trials)
 from ssl_tune.spec import SpecBase, SpecError
+from ssl_tune.trial_record import TAG_CHECKPOINT_ARTIFACT, TAG_TRIAL_ID
 from ssl_tune.trial import (DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY,
                             STORAGE_FULL_KEY, error_summary, error_text, last_line)
 
@@ -44,7 +47,6 @@ TAG_STAGE = "ssl_tune.stage"  # on parents: "confirmation" while its trials run,
 TAG_CONFIRMATION_TRIALS = "ssl_tune.confirmation_trials"  # on parents: how many the stage runs
 TAG_VERDICT = "ssl_tune.confirmation_verdict"  # on parents: whether the winner beats the default
 TAG_BEATS_DEFAULT = "ssl_tune.beats_default"  # on parents: "true" / "false"
-TAG_TRIAL_ID = "ssl_tune.trial_id"
 # On trials: the checkpoint the objective was measured on (its last evaluated epoch; `ssl_tune.space`).
 TAG_CHECKPOINT = "ssl_tune.checkpoint"
 TAG_CHECKPOINT_EPOCH = "ssl_tune.checkpoint_epoch"
@@ -62,9 +64,6 @@ ENDED = ("FINISHED", "FAILED")
 TAG_STORAGE = "ssl_tune.storage"  # on parents: the Tune experiment directory (what `ssl-tune resume` restores)
 TAG_INTERRUPTED_AT = "ssl_tune.interrupted_at_epoch"
 TAG_EPOCHS_LOST = "ssl_tune.epochs_lost"  # completed epochs trained again after restarts
-# On trials: the artifact folder holding a copy of that checkpoint (what export reads from any machine).
-TAG_CHECKPOINT_ARTIFACT = "ssl_tune.checkpoint_artifact"
-CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 TAG_METHOD = "ssl_tune.method"  # on parents: the method(s) searched, comma-separated; on children: the trial's
 # How long the end of a search waits for held MLflow updates before giving up on them (seconds;
 # $SSL_TUNE_TRACKING_WAIT_S changes it).
@@ -481,7 +480,7 @@ class MlflowTrialLogger(Callback):
             return
         reason = self.failed.get(trial.trial_id)
         if reason is None:
-            self._submit(lambda: self._upload_checkpoint(trial.trial_id))
+            self._submit(lambda: self._upload_missing_export(trial.trial_id))
 
         def update() -> None:
             run_id, reached = self.runs[trial.trial_id], self.last_epoch.get(trial.trial_id, 0)
@@ -498,26 +497,37 @@ class MlflowTrialLogger(Callback):
         self._submit(update)
         self._submit_figures(trial)
 
-    def _upload_checkpoint(self, trial_id: str) -> None:
-        """Copy the trial's checkpoint (of its last evaluated epoch) into its run's artifacts (`checkpoint/`), so that export and
-        `load_backbone` work from any machine that reaches the tracking server. Retried like every
-        update while the server is away; the checkpoint in Ray's storage is never touched."""
+    def _upload_missing_export(self, trial_id: str) -> None:
+        """The trial uploads the export of each epoch it may end on (`ssl_tune.trial_record`). Where it could
+        not (the server was away, or its node does not see the store), write that export here from the checkpoint
+        in Ray's storage and upload it, so that export and `load_backbone` work from any machine that reaches
+        the tracking server. Retried like every update while the server is away; Ray's copy is never touched."""
+        from ssl_tune.checkpoints import load, write_export
+        from ssl_tune.trial_record import EXPORT_ARTIFACT_DIR, TAG_EXPORT_EPOCH
+
         run_id, source = self.runs[trial_id], self.evaluated_checkpoint.get(trial_id)
-        if not source:
+        tags = self.client.get_run(run_id).data.tags
+        if not source or tags.get(TAG_EXPORT_EPOCH) == tags.get(TAG_CHECKPOINT_EPOCH):
             return
+        import tempfile
+
         with contextlib.ExitStack() as stack:
             try:
                 directory = stack.enter_context(checkpoint_on_disk(source))
+                state = load(directory / "checkpoint.pt") if directory is not None else None
             except Exception as exc:  # the checkpoint's storage, not MLflow: retrying would hold every update
                 directory, reason = None, f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
             else:
                 reason = "is gone"
             if directory is None:
-                print(f"warning: trial {trial_id}'s checkpoint {source} {reason}; it is not copied to MLflow",
+                print(f"warning: trial {trial_id}'s checkpoint {source} {reason}; its export is not in MLflow",
                       file=sys.__stderr__)
                 return
-            self.client.log_artifacts(run_id, str(directory), CHECKPOINT_ARTIFACT_DIR)
-        self.client.set_tag(run_id, TAG_CHECKPOINT_ARTIFACT, CHECKPOINT_ARTIFACT_DIR)
+            out = write_export(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ssl-tune-export-"))), state,
+                               run_id=run_id)
+            self.client.log_artifacts(run_id, str(out), EXPORT_ARTIFACT_DIR)
+        self.client.set_tag(run_id, TAG_CHECKPOINT_ARTIFACT, EXPORT_ARTIFACT_DIR)
+        self.client.set_tag(run_id, TAG_EXPORT_EPOCH, str(state["epoch"]))
 
     def _submit_figures(self, trial) -> None:
         """The trial's figures, then the search's, refreshed as each trial ends. Best effort: a
@@ -573,8 +583,9 @@ def checkpoint_on_disk(path: str):
 
 @contextlib.contextmanager
 def checkpoint_of(client, run):
-    """The local directory of a trial run's checkpoint (of its last evaluated epoch): Ray's copy when this machine sees it,
-    else the copy in the run's MLflow artifacts (downloaded to a temporary directory)."""
+    """The local directory of a trial run's checkpoint (of its last evaluated epoch): Ray's copy, with the whole
+    training state, when this machine sees it; else the export the trial uploaded to its run's artifacts
+    (`ssl_tune.trial_record`; downloaded to a temporary directory), with what `load_backbone` needs."""
     import tempfile
 
     tagged = run.data.tags.get(TAG_CHECKPOINT)
@@ -585,7 +596,7 @@ def checkpoint_of(client, run):
     artifact = run.data.tags.get(TAG_CHECKPOINT_ARTIFACT)
     if not artifact:
         raise LookupError(f"trial run {run.info.run_id} has no checkpoint on this machine ({tagged or 'none logged'}) "
-                          "and none among its MLflow artifacts (it ended before its checkpoint was copied there)")
+                          "and no export among its MLflow artifacts (it ended before uploading one)")
     with tempfile.TemporaryDirectory(prefix="ssl-tune-checkpoint-") as tmp:
         yield Path(client.download_artifacts(run.info.run_id, artifact, tmp))
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from typing import Any
 from ssl_tune.checkpoints import CheckpointError, write_error
 from ssl_tune.space import resolve_trial
 from ssl_tune.spec import SpecBase
+from ssl_tune.trial_record import TrialRecorder, reachable_here
 from trainers import spec_model
 from trainers.loop import Reporter
 
@@ -54,10 +57,14 @@ class RayReporter(Reporter):
     are `ray.tune.report` and `ray.tune.Checkpoint`, or their `ray.train` counterparts."""
 
     def __init__(self, report: Callable[..., None], checkpoint_class: type, extra: dict[str, float] | None = None,
-                 storage: str = "") -> None:
+                 storage: str = "", recorder: TrialRecorder | None = None) -> None:
         self.report, self.checkpoint_class, self.extra = report, checkpoint_class, extra or {}
         self.storage = storage  # where Ray keeps this trial's checkpoints (for error messages; "": Tune's trial directory)
         self.once: dict[str, float] = {}  # sent with the next result only
+        self.recorder, self.trainer = recorder, None
+
+    def on_start(self, trainer) -> None:
+        self.trainer = trainer
 
     def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
         with tempfile.TemporaryDirectory(prefix="ssl-tune-ckpt-") as tmp:
@@ -65,6 +72,7 @@ class RayReporter(Reporter):
             if write_checkpoint is not None:
                 write_checkpoint(Path(tmp))  # CheckpointError when it cannot be written whole
                 checkpoint = self.checkpoint_class.from_directory(tmp)
+                self._export(int(metrics["epoch"]))
             try:  # Ray copies the checkpoint into the storage path here
                 self.report({**metrics, **self.extra, **self.once}, checkpoint=checkpoint)
             except Exception as exc:
@@ -73,6 +81,22 @@ class RayReporter(Reporter):
                     raise error from None
                 raise
             self.once = {}
+
+    def _export(self, epoch: int) -> None:
+        """At an epoch where the trial may end (ASHA's decisions, the last), hand the recorder the export
+        of this epoch to upload to the trial's run."""
+        t = self.trainer
+        if self.recorder is None or t is None or not (epoch in t.decision_epochs or epoch == t.spec.training.epochs):
+            return
+        directory = Path(tempfile.mkdtemp(prefix="ssl-tune-export-"))  # the recorder deletes it once uploaded
+        try:
+            t.write_export(directory)
+        except OSError as exc:  # a full local disk: the checkpoint in Ray's storage still holds it all
+            shutil.rmtree(directory, ignore_errors=True)
+            print(f"warning: the export of epoch {epoch} was not written ({exc}); it stays in Ray's storage only",
+                  file=sys.stderr, flush=True)
+            return
+        self.recorder.upload_export(directory)
 
 
 # A multi-worker trial's Ray Train run records its placement group here (in the run's directory),
@@ -117,14 +141,12 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.tune
     import torch
 
-    from ssl_tune import distributed
-    from ssl_tune.data.cache import open_dataset
-    from ssl_tune.data.datasets import DataError
-    from trainers.loop import DeviceOutOfMemory, Trainer, default_device
+    from trainers.loop import default_device
 
     spec = spec_model().model_validate(config["spec"])
     torch.set_num_threads(max(1, math.ceil(spec.resources.cpus_per_worker)))
     extra = {}
+    recorder = None
     if config["via"] == "train":
         import ray.train.torch
         import torch.distributed as dist
@@ -135,10 +157,33 @@ def train_worker(config: dict[str, Any]) -> None:
         extra["worker_nodes"] = float(len(set(nodes)))  # how many Ray nodes this trial's workers sit on
         if dist.get_rank() == 0:
             record_placement_group(Path(config["run_dir"]))
+        if ray.train.get_context().get_local_rank() == 0:  # one system monitor per node; rank 0 uploads
+            recorder = _recorder(config, ray.util.get_node_ip_address() if len(set(nodes)) > 1 else None)
     else:
         api, device = ray.tune, default_device()
+        recorder = _recorder(config, None)
     checkpoint = api.get_checkpoint()
-    report = RayReporter(api.report, api.Checkpoint, extra, storage=config.get("checkpoints_in", ""))
+    report = RayReporter(api.report, api.Checkpoint, extra, storage=config.get("checkpoints_in", ""), recorder=recorder)
+    try:
+        _train(spec, config, api, device, checkpoint, report)
+    finally:
+        if recorder is not None:
+            recorder.close()
+
+
+def _recorder(config: dict[str, Any], node_id: str | None) -> TrialRecorder | None:
+    """The trial's writer to its own MLflow run (`ssl_tune.trial_record`), where this node sees the store."""
+    record = config.get("record")
+    if not record or not reachable_here(record["uri"]):
+        return None
+    return TrialRecorder(record["uri"], record["parent_run_id"], record["trial_id"], node_id=node_id)
+
+
+def _train(spec: SpecBase, config: dict[str, Any], api, device, checkpoint, report: RayReporter) -> None:
+    from ssl_tune import distributed
+    from ssl_tune.data.cache import open_dataset
+    from ssl_tune.data.datasets import DataError
+    from trainers.loop import DeviceOutOfMemory, Trainer
 
     def fail(epoch: int, reason: str) -> None:
         # Deterministic failures end the trial without an exception, so Tune does not retry them. A NaN
@@ -168,6 +213,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if trainer.epoch >= spec.training.epochs and trainer.history:
             # The last epoch's checkpoint, whose result may never have reached Tune (see
             # RESTORED_HISTORY_KEY): report it again, with its checkpoint, so the trial ends on it.
+            report.on_start(trainer)
             report.on_epoch(trainer.history[-1], trainer.write_checkpoint if distributed.rank() == 0 else None)
             return
     try:
@@ -236,12 +282,14 @@ def _earlier_checkpoints(checkpoint) -> list:
     return [ray.tune.Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in names if n < name]
 
 
-def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprint: str | None = None) -> None:
+def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprint: str | None = None,
+              record: dict[str, str] | None = None) -> None:
     """Tune function trainable: `config` holds the sampled values by Optuna name, or a confirmation's values and seed."""
     import ray.tune
 
     spec = resolve_trial(spec_model().model_validate(base_spec), config)
-    payload = {"spec": spec.model_dump(mode="json"), "data_fingerprint": data_fingerprint}
+    payload = {"spec": spec.model_dump(mode="json"), "data_fingerprint": data_fingerprint,
+               "record": record and {**record, "trial_id": ray.tune.get_context().get_trial_id()}}
     r = spec.resources
     if r.num_workers == 1:
         train_worker({**payload, "via": "tune"})

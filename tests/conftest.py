@@ -114,8 +114,9 @@ def cli_env():
     return {**os.environ, "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
 
 
-def run_cli(args, cwd, timeout=600):
-    return subprocess.run([SSL_TUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env())
+def run_cli(args, cwd, timeout=600, env=None):
+    return subprocess.run([SSL_TUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**cli_env(), **(env or {})})
 
 
 def start_cli(args, cwd):

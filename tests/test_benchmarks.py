@@ -10,7 +10,7 @@ import yaml
 from benchmarks import __main__ as harness
 from benchmarks import search_efficiency as se
 from ssl_tune.specfile import load_spec
-from tests.conftest import IPROUTE_INSTALL, namespaces_allowed, require_system, tiny_spec_dict
+from tests.conftest import IPROUTE_INSTALL, method_names, namespaces_allowed, require_system, tiny_spec_dict
 
 EPOCHS = 8  # search_spaces/twist.yaml
 BEST = (1.0, 0.5)  # (lr, tau) of the synthetic table's best point
@@ -162,15 +162,18 @@ def test_throughput_and_loss_scaling_through_the_harness(tmp_path):
     spec_file.write_text(yaml.safe_dump(tiny_spec_dict(data={"name": "fashion_mnist_subset"})))
     results, report = tmp_path / "results", tmp_path / "benchmarks.md"
     common = ["--results", str(results), "--report", str(report)]
-    harness.main([*common, "throughput", "--specs", str(spec_file), "--repeats", "1", "--set", "training.batch_size=512"])
-    row = json.loads((results / "throughput.json").read_text())["rows"][0]
+    harness.main([*common, "throughput", "--specs", str(spec_file), "--repeats", "1", "--set", "training.batch_size=512",
+                  "--backbones", "timm:vit_tiny_patch16_224", "--backbone-images", "256"])
+    row, vit = json.loads((results / "throughput.json").read_text())["rows"]
     assert row["ratio"] > 0 and 0 < row["data_share"] < 1
+    assert (vit["backbone"], vit["images"], vit["batch_size"]) == ("timm:vit_tiny_patch16_224", 256, 128) and vit["ratio"] > 0
+    assert "| twist | timm:vit_tiny_patch16_224 | 128 |" in report.read_text()
     harness.main([*common, "loss-scaling", "--part", "corinfomax", "isd", "--corinfomax-dims", "8", "16",
                   "--isd-bank-sizes", "64", "128", "--repeats", "1"])
     scaling = json.loads((results / "loss-scaling.json").read_text())
     assert [r["dim"] for r in scaling["corinfomax"]["rows"]] == [8, 16] and "hsic" not in scaling
     text = report.read_text()
-    assert "| twist | 512 |" in text and "**CorInfoMax** (batch 256)" in text and "| 16 |" in text
+    assert "| twist | small_cnn | 512 |" in text and "**CorInfoMax** (batch 256)" in text and "| 16 |" in text
 
 
 @pytest.mark.slow
@@ -207,17 +210,34 @@ def test_gpu_throughput_counts_flops(tmp_path):
     assert "| 32 | fp32 |" in throughput.report_gpu(result, ".")
 
 
+@pytest.mark.slow
+def test_backbones_benchmark_trains_a_vit_tiny_and_the_small_cnn_per_method(tmp_path):
+    results, report = tmp_path / "results", tmp_path / "benchmarks.md"
+    harness.main(["--results", str(results), "--report", str(report), "backbones", "--methods", "twist", "--epochs", "1",
+                  "--images", "256", "--set", "training.batch_size=128", "--set", "evaluation.linear_probe_epochs=1"])
+    rows = json.loads((results / "backbones.json").read_text())["rows"]
+    assert [(r["method"], r["backbone"], r["status"]) for r in rows] == [("twist", "small_cnn", "finished"),
+                                                                          ("twist", "vit_tiny", "finished")]
+    assert rows[1]["parameters"] > 5e6 and all(0 < r["knn_top1"] <= 100 for r in rows)
+    assert "| twist | vit_tiny | 5.35M |" in report.read_text()
+
+
 def test_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path):
     """The GPU check's code, with a small network and cache on the CPU (it measures only on a GPU)."""
     results, report = tmp_path / "results", tmp_path / "benchmarks.md"
     harness.main(["--results", str(results), "--report", str(report), "gpu-check", "--allow-cpu", "--backbone",
                   "small_cnn", "--sizes", "16", "--images", "96", "--test-images", "32", "--batch-size", "16",
-                  "--steps", "2"])
+                  "--steps", "2", "--method-backbones", "timm:vit_tiny_patch16_224@16",
+                  "--method-steps", "2"])
     result = json.loads((results / "gpu-check.json").read_text())
     streamed, resident = result["rows"]
     assert (streamed["mode"], resident["mode"]) == ("streamed", "resident")
     assert streamed["images_per_s"] > 0 and streamed["streamed_over_resident"] > 0 and 0 < streamed["eval_share_here"]
     assert "| 16 px | streamed |" in report.read_text()
+    rows = result["method_rows"]
+    assert {(r["method"], r["backbone"]) for r in rows} == {(m, "timm:vit_tiny_patch16_224") for m in method_names()}
+    assert all(r["images_per_s"] > 0 and r["drift"] >= 0 for r in rows)
+    assert "| twist | timm:vit_tiny_patch16_224 | 16 px |" in report.read_text()
 
 
 @pytest.mark.slow

@@ -210,3 +210,37 @@ def test_ci_installs_every_system_package_the_tests_ask_for():
         package = install.split()[-1]
         assert f"missing+=({package})" in ci, package
     assert "export CI=1" in ci and "bash scripts/in-venv.sh python -m pytest" in ci
+
+
+def test_validate_shows_what_auto_chose_for_the_stem_and_the_gpus(monkeypatch, capsys, twist_spec_path):
+    from ssl_tune import cli
+
+    assert main(["validate", twist_spec_path, "--set", "backbone.name=resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone: resnet18 (11.17M parameters, 512 features) on 1 x 28 x 28 images; CIFAR stem" in out
+    assert "backbone.cifar_stem auto at 28 px" in out
+    assert "resources.gpus_per_worker: auto -> 0 (no node has a GPU)" in out
+    eight_gpus = [{"id": "n1", "address": "10.0.0.1", "CPU": 64.0, "GPU": 8.0}]
+    monkeypatch.setattr(cli, "_cluster_nodes", lambda address: ("the Ray cluster at head:6379", eight_gpus))
+    assert main(["validate", twist_spec_path, "--set", "backbone.name=timm:vit_tiny_patch16_224",
+                 "--set", "backbone.kwargs={img_size: 28, patch_size: 4}"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone: timm:vit_tiny_patch16_224 (5.35M parameters, 192 features)" in out and "stem" not in out
+    assert "1 worker(s) x (1 CPU, 1 GPU); resources.gpus_per_worker: auto -> 1 (the nodes have 8 GPU(s))" in out
+    assert "fits 8 trial(s) at once" in out
+
+
+def test_a_vit_that_cannot_take_the_images_and_ranks_sharing_a_gpu_are_refused_before_any_trial(
+        capsys, monkeypatch, tmp_path, twist_spec_path):
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", twist_spec_path, "--set", "backbone.name=timm:vit_tiny_patch16_224"]) == 2
+    err = capsys.readouterr().err
+    assert "does not take 1 x 28 x 28 images" in err and "backbone.kwargs (timm: {img_size: 28}" in err
+    assert main(["validate", twist_spec_path, "--set", "resources.num_workers=2", "--set", "training.batch_size=256",
+                 "--set", "resources.gpus_per_worker=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "resources.gpus_per_worker 0.5 with resources.num_workers 2: ranks of one trial cannot share a GPU" in err
+    assert len([line for line in err.splitlines() if "cannot share" in line]) == 1
+    assert main(["run", twist_spec_path, "--set", "backbone.name=timm:vit_tiny_patch16_224"]) == 2
+    assert "does not take 1 x 28 x 28 images" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no store, no Ray directory: refused before anything started

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ssl_tune
+from ssl_tune.figures import TRAINING_METRICS
 from tests.conftest import SSL_TUNE, method_names, method_spec_file
 
 FAST = ["--set", "backbone.width=4", "--set", "projector={hidden_dim: 32, output_dim: 16, num_layers: 2}",
@@ -67,7 +68,7 @@ def test_method_trains_from_its_search_space(tmp_path, method):
     assert proc.returncode == 0, proc.stderr
     assert "kNN top-1, trained" in proc.stdout
     (epoch,) = json.loads((tmp_path / method / "metrics.json").read_text())["history"]
-    terms = [k for k in epoch if k not in ("epoch", "loss", "lr", "images_per_s") and not k.startswith(("knn", "linear"))]
+    terms = [k for k in epoch if k not in ("loss", *TRAINING_METRICS) and not k.startswith(("knn", "linear"))]
     assert terms and all(f"{term} " in proc.stdout for term in terms)
     assert torch.load(tmp_path / method / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert {"embedding.png", "knn_confusion.png"} <= {p.name for p in (tmp_path / method / "figures").iterdir()}

@@ -101,7 +101,8 @@ def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_pat
     best_trial_run = trials[0]["run_id"]
     assert sorted((c.data.tags[tracking.TAG_CONFIRMS], c.data.tags[tracking.TAG_SEED]) for c in confirmations) == \
         sorted((of, seed) for of in (best_trial_run, DEFAULT) for seed in ("1", "2"))
-    assert parent.data.tags[tracking.TAG_METRIC] == "rankme" and "rankme" in output(run).splitlines()[1].split()
+    header = next(line for line in output(run).splitlines() if line.startswith("trial "))  # the console's table
+    assert parent.data.tags[tracking.TAG_METRIC] == "rankme" and "rankme" in header.split()
     for c in confirmations:  # each trained its epochs once, across the interruption
         assert [m.step for m in client.get_metric_history(c.info.run_id, "epoch")] == [1, 2]
         assert c.info.status == "FINISHED" and c.data.params["training.seed"] == c.data.tags[tracking.TAG_SEED]

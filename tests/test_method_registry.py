@@ -98,7 +98,8 @@ def test_two_methods_of_one_name_and_a_missing_directory_are_named(tmp_path, mon
 
 # The shared suites' tests of one method, with how many there are per method.
 SHARED_SUITES = {
-    "tests/test_trainer.py": 3,  # exact resume, divergence, 2-rank DDP equality
+    # exact resume, divergence, 2-rank DDP equality, a ViT-tiny trained and loaded, SyncBatchNorm's conversion
+    "tests/test_trainer.py": 5,
     "tests/test_cli_train.py": 1,  # `ssl-tune train` from the method's YAML
     "tests/test_spec.py": 2,  # the spec reference documents it; its YAML loads and resolves
 }

@@ -17,6 +17,7 @@ from ssl_tune.data.datasets import load_dataset
 from ssl_tune.data.loader import Normalizer
 from ssl_tune.evaluation import extract_features, knn_accuracy
 from ssl_tune.trial import CHECKPOINTS_KEPT
+from ssl_tune.trial_record import TAG_EXPORT_EPOCH
 from tests.conftest import (CHROMIUM_INSTALL, ROOT, SEARCH_EPOCHS, SSL_TUNE, cli_env, output, printed_command,
                             require_system, run_cli, runs_of, search_spec, start_cli, wait_for)
 
@@ -31,7 +32,8 @@ EPOCHS = SEARCH_EPOCHS
 def finished_search(tmp_path_factory):
     work = tmp_path_factory.mktemp("search")
     (work / "spec.yaml").write_text(yaml.safe_dump(search_spec()))
-    proc = run_cli(["run", "spec.yaml", "--name", "s1"], cwd=work)
+    # MLflow's system metrics every second (10 s by default): these trials take a few seconds
+    proc = run_cli(["run", "spec.yaml", "--name", "s1"], cwd=work, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
     return work, client, proc
@@ -87,7 +89,8 @@ def test_console_shows_the_trial_table_and_no_ray_output(finished_search):
     work, _, proc = finished_search
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("Ray's own output: ") and (work / "ssl_tune_runs" / "s1.log").stat().st_size > 0
-    assert lines[1].split()[:6] == ["trial", "status", "method.lam2", "method.tau", "epoch", "loss"]
+    assert lines[1] == "resources.gpus_per_worker: auto -> 0 (no node has a GPU)"
+    assert lines[2].split()[:6] == ["trial", "status", "method.lam2", "method.tau", "epoch", "loss"]
     assert sum(" finished " in line for line in lines) >= 1 and sum(" stopped " in line for line in lines) >= 1
     for marker in ("(run_trial pid=", "Trial status", "INFO", "WARNING", "╭", "ray."):
         assert marker not in proc.stdout and marker not in proc.stderr, marker
@@ -211,7 +214,15 @@ def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_s
     uri = f"sqlite:///{work}/mlflow.db"
     _, _, children = runs_of(work)
     came_through = [c for c in children if c.info.status in ("FINISHED", "KILLED")]
-    assert came_through and all(c.data.tags.get(tracking.TAG_CHECKPOINT_ARTIFACT) == "checkpoint" for c in came_through)
+    assert came_through
+    for child in came_through:  # the trial's own upload: the export of its objective's epoch, no optimizer state
+        assert child.data.tags.get(tracking.TAG_CHECKPOINT_ARTIFACT) == "export"
+        assert child.data.tags[TAG_EXPORT_EPOCH] == child.data.tags[tracking.TAG_CHECKPOINT_EPOCH]
+        uploaded = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, "export")}
+        assert uploaded == {"backbone.pt", "head.pt", "spec.yaml", "input.json", "metrics.json"}
+        assert not [a for a in client.list_artifacts(child.info.run_id) if a.path.startswith("checkpoint")]
+        # MLflow's system metrics, sampled in the trial's own process
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(child.data.metrics)
     local = load_backbone("search-test", tracking_uri=uri).backbone  # from Ray's storage
     (work / "ssl_tune_runs").rename(work / "ssl_tune_runs.moved")
     try:
@@ -354,11 +365,11 @@ def chromium() -> str:
     return found
 
 
-def browse(url: str, *, screenshot: Path | None = None) -> str:
+def browse(url: str, *, screenshot: Path | None = None, height: int = 1000) -> str:
     """The page's text after its scripts ran (headless Chromium), optionally a screenshot too."""
     # Virtual time lets the page's fetches and charts finish before the DOM or the picture is taken.
     base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-            "--window-size=1400,1000", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw"]
+            f"--window-size=1400,{height}", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw"]
     if screenshot is not None:
         subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
@@ -400,7 +411,8 @@ def test_mlflow_ui_in_a_browser_shows_the_search_its_trials_and_their_knn_curves
         trial_page = browse(f"{base}/runs/{finished.info.run_id}")
         assert "Parent run s1" in trial_page and "ssl_tune.kind : trial" in trial_page
         shot = tmp_path / "mlflow_trial_metrics.png"
-        metrics_page = browse(f"{base}/runs/{finished.info.run_id}/model-metrics", screenshot=shot)
+        # MLflow draws only the charts in view, in name order: knn_top1 is the 7th of 14
+        metrics_page = browse(f"{base}/runs/{finished.info.run_id}/model-metrics", screenshot=shot, height=1600)
         assert f"{finished.info.run_name} (knn_top1)" in metrics_page and "PLOTLY-CHART" in metrics_page
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
         if os.environ.get("SSL_TUNE_SCREENSHOT_TO"):  # how docs/images/mlflow_trial_metrics.png was made

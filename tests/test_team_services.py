@@ -71,7 +71,7 @@ def test_search_on_postgres_and_s3_exports_from_anywhere_without_rays_storage(te
                                                                   if k != "AWS_DEFAULT_REGION"},
                            region_name=s3["env"]["AWS_DEFAULT_REGION"]).list_objects_v2(Bucket=s3["bucket"])
     keys = [o["Key"] for o in objects.get("Contents", [])]
-    assert sum(k.endswith("/checkpoint/checkpoint.pt") for k in keys) == 2, keys
+    assert sum(k.endswith("/export/backbone.pt") for k in keys) == 2, keys  # each trial uploaded its export
 
     # From another directory, with Ray's storage gone: only the server is needed.
     shutil.rmtree(tmp_path / "work" / "ssl_tune_runs")
@@ -123,7 +123,7 @@ def test_ray_storage_on_s3_holds_the_checkpoints_and_an_unwritable_bucket_is_ref
     (trial,) = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
                                   filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
     assert trial.data.tags[tracking.TAG_CHECKPOINT].startswith(f"s3://{s3_endpoint['bucket']}/runs/on-s3/")
-    assert trial.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "checkpoint"  # copied from S3 into the run
+    assert trial.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "export"  # the trial uploaded its export
     from ssl_tune import load_backbone
 
     load_backbone("on-s3", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # reads the checkpoint from S3

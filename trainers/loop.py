@@ -19,15 +19,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_tune import checkpoints, distributed
+from ssl_tune import budget, checkpoints, distributed
 from ssl_tune.checkpoints import CHECKPOINT_FILE  # noqa: F401  (re-exported)
-from ssl_tune.data.cache import open_dataset
+from ssl_tune.data.cache import network_input, open_dataset
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from ssl_tune.evaluation import (EVALUATION_FILE, bank_rows, confusion_counts, extract_features, knn_ranking,
                                  linear_probe, load_arrays, principal_components, rankme, rankme_rows, ranking_accuracy,
                                  save_arrays, stratified_subset)
-from ssl_tune.models import build_backbone
+from ssl_tune.models import backbone_from_spec
 from ssl_tune.preprocess import InputContract
 from ssl_tune.spec import RESIDENT_FRACTION, SpecBase, SpecError
 from trainers import methods
@@ -88,14 +88,40 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_method(spec: SpecBase, in_channels: int, device: torch.device | None = None) -> Method:
+def build_method(spec: SpecBase, in_channels: int | None = None, device: torch.device | None = None,
+                 image_size: int | None = None) -> Method:
     """The method's model for a resolved spec, initialised from the spec's seed, with batch norm
-    over the global batch (`distributed.convert_batchnorm`) for `device`."""
+    over the global batch (`distributed.convert_batchnorm`) for `device`. The input's channels and size
+    default to the spec's data set's."""
+    channels, size = network_input(spec.data)
     torch.manual_seed(spec.training.seed)
-    b = spec.backbone
-    backbone = build_backbone(b.name, in_channels, width=b.width, cifar_stem=b.cifar_stem)
+    try:
+        backbone = backbone_from_spec(spec.backbone, in_channels or channels, image_size or size)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # the constructor's own words
+        raise SpecError(f"backbone.name {spec.backbone.name!r} with backbone.kwargs {spec.backbone.kwargs or {}} cannot "
+                        f"be built: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     method = methods()[spec.method.name](spec.method, backbone, spec.projector, spec.training.seed)
     return distributed.convert_batchnorm(method, device or torch.device("cpu"))
+
+
+def check_backbone(spec: SpecBase) -> tuple[int, int]:
+    """Before any trial: build the spec's model without memory (the meta device) and pass it a batch of the
+    data set's shape, so that a backbone that cannot take these images (a ViT's `img_size`, say) is a
+    SpecError naming the fields. Returns (feature dimension, parameters)."""
+    channels, size = network_input(spec.data)
+    spec = spec if spec.is_resolved else spec.resolve({})  # the backbone is never searched
+    with torch.device("meta"):
+        method = build_method(spec, channels, torch.device("cpu"), size)
+        try:
+            features = method.backbone(torch.empty(2, channels, size, size))
+        except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+            raise SpecError(f"backbone.name {spec.backbone.name!r} does not take {channels} x {size} x {size} images "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); for a ViT set "
+                            f"backbone.kwargs (timm: {{img_size: {size}}}; torchvision: {{image_size: {size}}})") from None
+    if tuple(features.shape) != (2, method.backbone.output_dim):
+        raise SpecError(f"backbone.name {spec.backbone.name!r} gives features of shape {tuple(features.shape[1:])} "
+                        f"where ssl-tune expects ({method.backbone.output_dim},): it needs pooled features")
+    return method.backbone.output_dim, sum(p.numel() for p in method.backbone.parameters())
 
 
 class Trainer:
@@ -113,11 +139,11 @@ class Trainer:
                             f"({len(self.dataset.ssl_images)} images)")
         d = self.dataset
         self.normalizer = Normalizer(d.train_images, stats=d.channel_stats).to(self.device)
-        self.method = build_method(spec, self.dataset.channels, self.device).to(self.device)
+        self.method = build_method(spec, self.dataset.channels, self.device, self.dataset.image_size).to(self.device)
         cuda = self.device.type == "cuda"
         precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.channels_last = cuda
+        self.channels_last = cuda if t.channels_last == "auto" else t.channels_last
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
@@ -150,6 +176,8 @@ class Trainer:
         schedule = warmup_cosine(self.total_steps, round(o.warmup_epochs * steps), o.final_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.epoch = 0  # epochs completed
+        # ASHA stops a trial at these epochs: its objective's checkpoint must exist (`training.checkpoint_every`).
+        self.decision_epochs = set(budget.rungs(spec))
         self.baseline: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         # After the last epoch: the arrays of the final evaluation, saved next to the final
@@ -168,7 +196,7 @@ class Trainer:
             "auxiliary_optimizer": self.auxiliary_optimizer.state_dict() if self.auxiliary_optimizer else None,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})},
+            "rng": checkpoints.rng_state(self.device),
             "baseline": self.baseline,
             "history": self.history,
             "input": self.input_contract().to_dict(),
@@ -191,6 +219,11 @@ class Trainer:
                 raise checkpoints.write_error(directory / EVALUATION_FILE, exc) from None
         return path
 
+    def write_export(self, directory: Path) -> Path:
+        """Write this epoch's export into `directory`: what `load_backbone` needs, without the optimizer
+        state (`ssl_tune.checkpoints.write_export`)."""
+        return checkpoints.write_export(directory, self.state_dict())
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `write_checkpoint` saved; `path` is the file or its directory."""
         path = path / CHECKPOINT_FILE if path.is_dir() else path
@@ -203,9 +236,7 @@ class Trainer:
             self.auxiliary_optimizer.load_state_dict(state["auxiliary_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        checkpoints.restore_rng(state["rng"], self.device)
         self.epoch = state["epoch"]
         self.baseline = dict(state["baseline"])
         self.history = [dict(h) for h in state["history"]]
@@ -301,6 +332,14 @@ class Trainer:
         free, _ = torch.cuda.mem_get_info(self.device)
         return images.numel() * images.element_size() <= RESIDENT_FRACTION * free
 
+    def peak_memory(self) -> dict[str, float]:
+        """Rank 0's peak device memory since the last call, in GiB (`peak_device_memory_gib`); none on a CPU."""
+        if self.device.type != "cuda":
+            return {}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {"peak_device_memory_gib": distributed.broadcast_from_first({"peak": peak})["peak"]}
+
     @contextlib.contextmanager
     def out_of_memory(self, stage: str, advice: str):
         """Turn the device's out-of-memory error in `stage` into `DeviceOutOfMemory`, which names the stage,
@@ -384,9 +423,16 @@ class Trainer:
             self.epoch += 1
             last = self.epoch == t.epochs
             if self.epoch % e.eval_every == 0 or last:
+                start = time.perf_counter()
                 metrics.update(self.evaluate(reporter, last=last))
+                evaluation_s = time.perf_counter() - start
+                # Throughput with the evaluation's time counted in: what an epoch really costs.
+                images = self.loader.steps_per_epoch * t.batch_size
+                metrics["images_per_s_with_eval"] = images / (images / metrics["images_per_s"] + evaluation_s)
+                metrics.update(self.peak_memory())
             metrics = {"epoch": float(self.epoch), **metrics, **self.baseline}
             self.history.append(metrics)
-            reporter.on_epoch(metrics, self.write_checkpoint if distributed.rank() == 0 else None)
+            due = self.epoch % t.checkpoint_every == 0 or last or self.epoch in self.decision_epochs
+            reporter.on_epoch(metrics, self.write_checkpoint if due and distributed.rank() == 0 else None)
         return TrainResult("finished", self.epoch, self.history[-1] if self.history else {}, self.history)
 

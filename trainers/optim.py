@@ -45,20 +45,38 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
-def parameter_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
-    """Weight decay (and LARS adaptation) only on weight matrices and conv kernels."""
+# Leaf names of the parameters ViTs exclude from weight decay besides biases and norms (1-d tensors):
+# position embeddings, class, distillation and register tokens (timm's and torchvision's names), as
+# DeiT, DINO and MAE do.
+NO_DECAY_NAMES = frozenset({"pos_embed", "pos_embedding", "cls_token", "class_token", "dist_token", "reg_token",
+                            "register_tokens", "absolute_pos_embed", "relative_position_bias_table"})
+
+
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Full names of `model`'s parameters that get no weight decay (nor LARS adaptation): 1-d tensors
+    (biases, norm scales), NO_DECAY_NAMES, and whatever a submodule's own `no_weight_decay()` lists (timm)."""
+    names = {n for n, p in model.named_parameters() if p.ndim <= 1 or n.rsplit(".", 1)[-1] in NO_DECAY_NAMES}
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed) and module is not model:
+            names |= {f"{prefix}.{n}" for n in listed()}
+    return names
+
+
+def parameter_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                     exclude: set[str]) -> list[dict]:
+    """Weight decay (and LARS adaptation) on every trainable parameter but those named in `exclude`."""
     decay, no_decay = [], []
-    for p in params:
+    for name, p in named_params:
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
+            (no_decay if name in exclude else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
     ]
 
 
-def build_optimizer(params: Iterable[nn.Parameter], name: str, *, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
-    groups = parameter_groups(params, weight_decay)
+def build_optimizer(groups: list[dict], name: str, *, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for g in groups:
@@ -76,8 +94,9 @@ def build_optimizers(method: Method, spec: SpecBase) -> tuple[torch.optim.Optimi
     auxiliary = method.auxiliary_optimizer()
     own = {id(p) for group in (auxiliary.param_groups if auxiliary else []) for p in group["params"]}
     o = spec.optimizer
-    main = build_optimizer((p for p in method.parameters() if id(p) not in own), o.name,
-                           lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    groups = parameter_groups(((n, p) for n, p in method.named_parameters() if id(p) not in own), o.weight_decay,
+                              no_weight_decay(method))
+    main = build_optimizer(groups, o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
     return main, auxiliary
 
 

@@ -134,6 +134,16 @@ def input_size(data) -> int:
     return data.image_size or DEFAULT_IMAGE_SIZE
 
 
+# (channels, side) of each data set's images as the network sees them, known without reading them.
+NETWORK_INPUTS = {"fashion_mnist_subset": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32), "cifar100": (3, 32),
+                  "stl10": (3, 96)}
+
+
+def network_input(data) -> tuple[int, int]:
+    """(channels, side) of the images the backbone takes; an image folder is decoded to RGB."""
+    return NETWORK_INPUTS.get(data.name) or (3, input_size(data))
+
+
 def stored_size(data) -> int | None:
     """The side of the square an image folder's cache stores each picture in (`data.cache_size`, else
     CACHE_MARGIN x the input size); None for data sets stored as they come."""
