@@ -12,10 +12,13 @@ second from the page cache), and a 150-byte JSON file beside it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +158,44 @@ def write_export(out: Path, state: dict[str, Any], **about: Any) -> Path:
     metrics = next((h for h in state["history"] if int(h["epoch"]) == epoch), {})
     (out / METRICS_FILE).write_text(json.dumps({**about, "epoch": epoch, "metrics": metrics}, indent=2))
     return out
+
+
+class SpaceReserve:
+    """Room held on the storage path's disk for Tune's own state. Tune rewrites its experiment state in place
+    every few seconds; on a disk that fills between two rewrites, the newer and larger state is cut short at
+    the old one's size, and a resume would not know the trials it lists. The reserve, a file of zeros, is
+    deleted the moment a trial meets the full disk (`search.StopWhenStorageFull`), so that Tune's last save,
+    as the search stops, has room. Object storage (s3://, gs://) writes whole objects and holds none."""
+
+    NAME = ".ssl-tune-reserve"
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    @staticmethod
+    def size(num_samples: int) -> int:
+        """1 MiB plus 64 KiB a trial: the experiment state takes about 25 KB a trial, and the searcher's a few."""
+        return (1 << 20) + (64 << 10) * num_samples
+
+    @contextlib.contextmanager
+    def held(self, storage: str, nbytes: int) -> Iterator[None]:
+        if "://" not in storage or storage.startswith("file://"):
+            path = Path(storage.removeprefix("file://")) / self.NAME
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(b"\0" * nbytes)
+                self.path = path
+            except OSError as exc:  # the preflight's estimate for the checkpoints still held
+                path.unlink(missing_ok=True)
+                print(f"warning: no room for {nbytes / 2**20:.1f} MiB kept free for Tune's state at {path.parent} ({exc});"
+                      " if that disk fills, a resume may not know the trials of the last seconds", file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None

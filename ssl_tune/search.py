@@ -196,10 +196,12 @@ class StopWhenStorageFull(Callback):
 
         if result.get(STORAGE_FULL_KEY) and not _storage_full:
             _storage_full.append(str(result[STORAGE_FULL_KEY]))
+            _space_reserve.release()  # room for Tune's last save of its state, as it stops
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
 _storage_full: list[str] = []  # what the first trial that met a full disk said, in this process
+_space_reserve = checkpoints.SpaceReserve()  # held on the storage path's disk while a stage runs
 
 
 class StopSignals:
@@ -400,7 +402,8 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = F
     tracking.updates_given_up(reset=True)
     _storage_full.clear()
     try:
-        with stop.installed():
+        reserve = _space_reserve.held(stage.storage, checkpoints.SpaceReserve.size(stage.spec.search.num_samples))
+        with stop.installed(), reserve:
             results = tuner.fit()
     except BaseException as exc:
         with contextlib.suppress(*replay.tracking_errors()):  # the record stays RUNNING; resume closes it
