@@ -63,7 +63,8 @@ def report(result: dict[str, Any], figures: str) -> str:
     def number(value) -> str:
         return f"{value:.2f}" if isinstance(value, float) else "-"
 
-    lines = [f"{result['epochs']} epochs per run; each method's search-space defaults.", "",
+    images = f"the first {result['images']:,} training images" if result.get("images") else "every training image"
+    lines = [f"{result['epochs']} epochs per run on {images}; each method's search-space defaults.", "",
              "| method | backbone | parameters | kNN top-1 | at initialisation | linear probe | wall time |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
