@@ -167,7 +167,7 @@ class SpaceReserve:
     deleted the moment a trial meets the full disk (`search.StopWhenStorageFull`), so that Tune's last save,
     as the search stops, has room. Object storage (s3://, gs://) writes whole objects and holds none."""
 
-    NAME = ".ssl-tune-reserve"
+    NAME = ".ssl-tune-reserve"  # then the driver's pid: searches that share a storage path hold one each
 
     def __init__(self) -> None:
         self.path: Path | None = None
@@ -180,7 +180,7 @@ class SpaceReserve:
     @contextlib.contextmanager
     def held(self, storage: str, nbytes: int) -> Iterator[None]:
         if "://" not in storage or storage.startswith("file://"):
-            path = Path(storage.removeprefix("file://")) / self.NAME
+            path = Path(storage.removeprefix("file://")) / f"{self.NAME}-{os.getpid()}"
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as f:
