@@ -179,8 +179,8 @@ class SpaceReserve:
 
     @contextlib.contextmanager
     def held(self, storage: str, nbytes: int) -> Iterator[None]:
-        if "://" not in storage or storage.startswith("file://"):
-            path = Path(storage.removeprefix("file://")) / f"{self.NAME}-{os.getpid()}"
+        if "://" not in storage:  # a local path, as `cluster.check_disk_space` measures it
+            path = Path(storage) / f"{self.NAME}-{os.getpid()}"
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as f:
