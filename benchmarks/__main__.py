@@ -25,8 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks import (backbones, cluster, common, data, gpu_check, knn_bank, label_free, loss_scaling, noise, report, search_efficiency,
-                        search_overhead, throughput)
+from benchmarks import (backbones, cluster, common, data, gpu_check, knn_bank, label_free, loss_scaling, noise, report,
+                        search_efficiency, search_overhead, throughput)
 
 BENCHMARKS = {  # name -> (add_arguments, run)
     "throughput": (throughput.add_arguments, throughput.run),

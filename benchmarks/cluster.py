@@ -42,7 +42,8 @@ def _spec(epochs: int, batch_size: int, spread: bool) -> dict[str, Any]:
     raw["training"] = {"epochs": epochs, "batch_size": batch_size, "seed": 0}
     raw["method"]["tau"] = {"type": "uniform", "low": 0.9, "high": 1.1}  # one range: `run` needs something to search
     for key in ("lam1", "lam2"):
-        raw["method"][key] = raw["method"][key].get("default", 0.0) if isinstance(raw["method"][key], dict) else raw["method"][key]
+        value = raw["method"][key]
+        raw["method"][key] = value.get("default", 0.0) if isinstance(value, dict) else value
     raw["optimizer"]["lr"] = 1.0
     raw["search"] = {"num_samples": 1, "scheduler": "none", "metric": "loss", "mode": "min"}
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.9, "placement_strategy": "SPREAD" if spread else "PACK"}

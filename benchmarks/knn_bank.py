@@ -93,6 +93,6 @@ def report(result: dict[str, Any], figures: str) -> str:
              "| bank | per class | Spearman with the whole split | largest difference in kNN top-1 | same best trial |",
              "|---:|---:|---:|---:|---|"]
     for size, b in result["banks"].items():
-        lines.append(f"| {int(size):,} | {int(size) // result['classes']} | {b['spearman']:.3f} | {b['max_abs_difference']:.2f} | "
-                     f"{'yes' if b['best_is_the_same'] else 'no'} |")
+        lines.append(f"| {int(size):,} | {int(size) // result['classes']} | {b['spearman']:.3f} | "
+                     f"{b['max_abs_difference']:.2f} | {'yes' if b['best_is_the_same'] else 'no'} |")
     return "\n".join(lines)

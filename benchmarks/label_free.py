@@ -24,14 +24,15 @@ from benchmarks import common
 from benchmarks.noise import spearman
 
 
-def method_search(method: str) -> dict[str, Any]:
+def method_search(method: str, overrides: list[str]) -> dict[str, Any]:
     from ssl_tune import tracking
 
     spec = common.REPO / "search_spaces" / f"{method}.yaml"
     with tempfile.TemporaryDirectory(prefix=f"ssl-tune-label-free-{method}-") as work:
         start = time.perf_counter()
+        settings = [x for o in ["search.confirm.top_k=0", *overrides] for x in ("--set", o)]
         proc = subprocess.run([str(Path(sys.executable).parent / "ssl-tune"), "run", str(spec), "--name", method,
-                               "--set", "search.confirm.top_k=0"], cwd=work, capture_output=True, text=True)
+                               *settings], cwd=work, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"label-free: the {method} search failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -53,6 +54,7 @@ def method_search(method: str) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    parser.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="spec overrides for each search")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results = {}
     for method in args.methods or list(builtin_methods()):
-        results[method] = method_search(method)
+        results[method] = method_search(method, args.set)
         print(f"  {method}: {results[method]}", flush=True)
     return {"methods": results}
 

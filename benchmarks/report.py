@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks import (backbones, cluster, data, gpu_check, knn_bank, label_free, loss_scaling, noise, search_efficiency, search_overhead,
-                        throughput)
+from benchmarks import (backbones, cluster, data, gpu_check, knn_bank, label_free, loss_scaling, noise,
+                        search_efficiency, search_overhead, throughput)
 
 # (result file, title, what it measures, renderer, command to run when there is no result yet)
 SECTIONS = [

@@ -17,8 +17,9 @@ Optimization", 2019; Eggensperger et al., 2015):
    objective reached is recorded as a function of the epochs spent.
 
 Strategies: TPE + ASHA (the default), random search + ASHA, TPE without early stopping, random
-search, and both TPE strategies with Optuna's default of 10 random start-up trials. The target is random search's mean best objective at the full budget; reported is the
-compute each strategy's mean curve needs to reach it, and its ratio to random search's.
+search, and both TPE strategies with Optuna's default of 10 random start-up trials. The target is random
+search's mean best objective at the full budget; reported is the compute each strategy's mean curve needs
+to reach it, and its ratio to random search's.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def replay_search(table: dict[str, Any], spec, sampler: str, scheduler: str, see
 
     from ray.tune.schedulers import TrialScheduler
 
-    from ssl_tune.search import build_scheduler, build_search_algorithm
+    from ssl_tune.algorithms import build_scheduler, build_search_algorithm
     from ssl_tune.space import field_values
 
     spec = spec.model_copy(deep=True)

@@ -38,9 +38,10 @@ def _train_configs(rank: int, spec_dict: dict, configs: list[dict[str, Any]], th
 
 def measure(spec_path: str, trials: int, epochs: int, workers: int) -> dict[str, Any]:
     from ssl_tune import tracking
-    from ssl_tune.search import run_search
+    from ssl_tune.space import param_value
     from ssl_tune.specfile import load_spec
     from ssl_tune.testing import run_on_ranks
+    from ssl_tune.tuning import run_search
 
     cores = os.cpu_count() or 1
     cpus_per_worker = (cores - 0.05) / workers  # what is left after the Train driver's 0.01 CPU
@@ -62,7 +63,7 @@ def measure(spec_path: str, trials: int, epochs: int, workers: int) -> dict[str,
         configs = []
         for row in outcome.rows:
             params = client.get_run(row["run_id"]).data.params
-            configs.append({p: tracking._param_value(params[p]) for p in searched})
+            configs.append({p: param_value(params[p]) for p in searched})
     threads = max(1, int(cpus_per_worker + 0.99))  # as a search's worker sets it
     spec_dict = spec.model_dump(mode="json")
     start = time.perf_counter()

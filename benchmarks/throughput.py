@@ -33,6 +33,7 @@ from ssl_tune.specfile import load_spec
 from trainers.loop import Reporter, Trainer
 from trainers.optim import build_optimizers
 
+
 def method_specs() -> list[str]:
     """The search-space YAML of every built-in method (search_spaces/NAME.yaml), from the registry."""
     from trainers import builtin_methods
@@ -200,7 +201,8 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spec", default=str(common.REPO / "search_spaces" / "twist.yaml"), help="the method and its settings; the backbone becomes ResNet-18")
+    parser.add_argument("--spec", default=str(common.REPO / "search_spaces" / "twist.yaml"),
+                        help="the method and its settings; the backbone becomes ResNet-18")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--images", type=int, default=50_000, help="images per epoch (CIFAR-10's 50,000)")
     parser.add_argument("--repeats", type=int, default=8)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the package imports nothing heavy until a function is called
+    from ssl_tune.api import Search, open_search, resume, search  # noqa: F401
     from ssl_tune.export import Pretrained
     from ssl_tune.spec import SpecBase
     from trainers.loop import TrainResult
@@ -32,3 +33,14 @@ def train(spec: SpecBase, out_dir: str | Path, **kwargs: Any) -> TrainResult:
     from ssl_tune.training import train as _train
 
     return _train(spec, out_dir, **kwargs)
+
+
+_API = ("search", "open_search", "resume", "Search", "BestTrial")  # `ssl_tune.api`, imported on first use (Ray)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from ssl_tune import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'ssl_tune' has no attribute {name!r}")

@@ -25,65 +25,6 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 UI_QUIET_WARNING = "ignore:starlette.middleware.wsgi is deprecated"
 
 
-class ConsoleReporter:
-    """A `trainers.loop.Reporter` that prints a progress bar (on a terminal) and one line per epoch.
-
-    (Not a subclass, so that `ssl-tune --help` need not import torch.)
-    """
-
-    def __init__(self, stream=sys.stdout, resumed_from: Path | None = None) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.resumed_from = resumed_from
-        self.epochs = 0
-
-    def on_start(self, trainer) -> None:
-        spec = trainer.spec
-        self.epochs = spec.training.epochs
-        clear = "\r\033[K" if self.tty else ""
-        if self.resumed_from is not None:
-            print(clear, f"resumed from {self.resumed_from} at epoch {trainer.epoch}", sep="", file=self.stream)
-            clear = ""
-        print(clear, f"training {spec.method.name} on {spec.data.name} ({len(trainer.dataset.ssl_images)} images, "
-              f"{spec.training.epochs} epochs, batch {spec.training.batch_size}, {trainer.device})",
-              sep="", file=self.stream)
-        b = trainer.baseline
-        print(f"random-init kNN top-1 {b['knn_top1_random_init']:.2f}% (the baseline to beat)", file=self.stream, flush=True)
-
-    def on_step(self, epoch: int, step: int, steps: int) -> None:
-        if self.tty:
-            filled = int(30 * step / steps)
-            print(f"\repoch {epoch}/{self.epochs} [{'#' * filled}{'.' * (30 - filled)}] {step}/{steps}", end="", file=self.stream, flush=True)
-
-    def on_phase(self, description: str) -> None:
-        if self.tty:  # a status line, overwritten by the next one (logs get only the epoch lines)
-            print(f"\r\033[K{description} ...", end="", file=self.stream, flush=True)
-
-    def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
-        from ssl_tune.figures import TRAINING_METRICS
-
-        skip = {"loss", *TRAINING_METRICS}
-        terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in skip and not k.startswith(("knn", "linear")))
-        knn = f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
-        print(
-            "\r\033[K" if self.tty else "",
-            f"epoch {int(metrics['epoch'])}/{self.epochs}  loss {metrics['loss']:.4f} ({terms})  lr {metrics['lr']:.3g}  "
-            f"{metrics['images_per_s']:.0f} img/s{knn}",
-            sep="", file=self.stream, flush=True,
-        )
-
-
-def _summary(result, seconds: float, out_dir: Path) -> str:
-    m = result.metrics
-    rows = [("kNN top-1, random init", m.get("knn_top1_random_init")), ("kNN top-1, trained", m.get("knn_top1")),
-            ("kNN top-5, trained", m.get("knn_top5"))]
-    rows += [(k.replace("_", " "), v) for k, v in m.items() if k.startswith("linear_top1")]
-    lines = [f"{result.status} after {result.epochs_completed} epochs in {seconds:.0f} s"]
-    lines += [f"  {name:<32} {value:6.2f}%" for name, value in rows if value is not None]
-    lines.append(f"  checkpoint and metrics in {out_dir}")
-    return "\n".join(lines)
-
-
 def _open_data(spec, spec_path: Path, *, refresh: bool = False):
     """The spec's data set from its cache (built first if needed, rebuilt with `refresh`), with the
     cache's summary printed; None (after printing the error) when the data is not usable."""
@@ -100,125 +41,11 @@ def _open_data(spec, spec_path: Path, *, refresh: bool = False):
     return dataset, info
 
 
-def _describe_range(r) -> str:
-    from ssl_tune.spec import Choice, IntRange, range_default
-
-    if isinstance(r, Choice):
-        text = "choice of " + ", ".join(map(str, r.values))
-    elif isinstance(r, IntRange):
-        text = f"int {r.low} to {r.high}" + (f" step {r.step}" if r.step != 1 else "") + (" (log)" if r.log else "")
-    else:
-        text = f"{r.type} {r.low:g} to {r.high:g}"
-    return f"{text}; default {range_default(r)}"
-
-
-def _cluster_nodes(address: str | None) -> tuple[str, list[dict]]:
-    """The nodes trials would run on: the Ray cluster at `address` (or $RAY_ADDRESS), else this machine
-    as a local Ray instance would see it."""
-
-    from ssl_tune import cluster
-
-    if address or os.environ.get("RAY_ADDRESS"):
-        import ray
-
-        where = cluster.init_ray(address, log_to_driver=False)
-        try:
-            return f"the Ray cluster at {where}", cluster.node_resources()
-        finally:
-            ray.shutdown()
-    import torch
-
-    return "this machine", [{"id": "local", "address": "this machine", "CPU": float(os.cpu_count() or 1),
-                             "GPU": float(torch.cuda.device_count())}]
-
-
-def _describe_backbone(spec) -> str:
-    """One line: the backbone, its feature size and parameters, and what `cifar_stem: auto` chose;
-    SpecError when it cannot take the data set's images (`trainers.loop.check_backbone`)."""
-    from ssl_tune.data.cache import network_input
-    from ssl_tune.models import is_resnet, resolve_cifar_stem
-    from trainers.loop import check_backbone
-
-    b = spec.backbone
-    dim, parameters = check_backbone(spec)
-    channels, size = network_input(spec.data)
-    line = f"backbone: {b.name} ({parameters / 1e6:.2f}M parameters, {dim} features) on {channels} x {size} x {size} images"
-    if is_resnet(b.name):
-        stem = "CIFAR stem (3x3 conv, no max-pool)" if resolve_cifar_stem(b, size) else "ImageNet stem (7x7 conv, max-pool)"
-        line += f"; {stem}" + (f": backbone.cifar_stem auto at {size} px" if b.cifar_stem == "auto" else "")
-    return line
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a spec and print what `run` would do: ranges, trials, expected epochs, resources, fit."""
-    from ssl_tune import budget, cluster, tracking
-    from ssl_tune.search import startup_trials
-    from ssl_tune.space import direction
-    from ssl_tune.spec import SpecError
+    from ssl_tune.preview import print_plan
     from ssl_tune.specfile import load_spec
 
-    spec = load_spec(args.spec, args.set)
-    t, s, r = spec.training, spec.search, spec.resources
-    print(f"{args.spec}: a valid spec")
-    print(f"  method {' or '.join(spec.method_names())} on {spec.data.name}; {t.epochs} epochs of batch {t.batch_size}; "
-          f"objective {direction(s.metric, s.mode)}")
-    ranges = spec.search_ranges()
-    if not ranges:
-        print(f"error: {args.spec} has no search ranges, so `ssl-tune run` refuses it; `ssl-tune train` trains its one "
-              "configuration", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"searched ranges ({len(ranges)}):")
-    width = max(map(len, ranges))
-    branches = spec.branch_ranges()
-    for path, found in ranges.items():
-        print(f"  {path:<{width}}  {_describe_range(found)}")
-        for (of, value), sub in branches.items():
-            if of == path:
-                for sub_path, sub_range in sub.items():
-                    print(f"  {'':<{width}}    when {value}: {sub_path} {_describe_range(sub_range)}")
-    sampler = f"TPE, the first {min(startup_trials(spec), s.num_samples)} at random" if s.sampler == "tpe" else "random"
-    confirming = budget.confirmation_trials(spec)
-    print(f"trials: {s.num_samples} in the search ({sampler})" + (
-        f", then {confirming} in the confirmation stage (the {s.confirm.top_k} best"
-        f"{' and the default' if s.confirm.default else ''}, {s.confirm.seeds} seeds each)" if confirming else ""))
-    full = s.num_samples * t.epochs
-    if budget.rungs(spec):
-        expected = s.num_samples * budget.expected_epochs_left(spec, 0)
-        searched = (f"about {expected:.0f} expected with ASHA (at epochs {', '.join(map(str, budget.rungs(spec)))} "
-                    f"only the best 1 in {s.reduction_factor:g} goes on), at most {full}")
-    else:
-        searched = f"{full} (no early stopping)"
-    print(f"epochs: {searched}" + (f"; {confirming * t.epochs} in the confirmation stage" if confirming else ""))
-    try:
-        print(_describe_backbone(spec))
-    except SpecError as exc:
-        print(f"error: {args.spec}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    where, nodes = _cluster_nodes(args.address)
-    chose = cluster.resolve_gpus(spec, nodes)
-    per_worker = f"{r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU"
-    print(f"each trial asks for: {r.num_workers} worker(s) x ({per_worker})"
-          + (f" + {cluster.TRAIN_DRIVER_CPU:g} CPU for its Ray Train driver" if r.num_workers > 1 else "")
-          + (f"; {chose}" if chose else ""))
-    offered = ", ".join(f"{n['CPU']:g} CPU + {n['GPU']:g} GPU" for n in nodes)
-    try:
-        fits = cluster.check_resources(spec, nodes)
-    except SpecError as exc:
-        print(f"error: {args.spec}: does not fit on {where} ({offered}): {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    at_once = min(s.max_concurrent or fits, s.num_samples)
-    print(f"cluster: {where} ({len(nodes)} node(s): {offered}) fits {fits} trial(s) at once; {at_once} will run at once"
-          + (" (search.max_concurrent)" if s.max_concurrent and s.max_concurrent < fits else ""))
-    try:
-        needed = cluster.check_disk_space(spec, spec.storage_path, at_once)
-    except SpecError as exc:
-        print(f"error: {args.spec}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"checkpoints: {cluster.checkpoint_bytes(spec) / 2**20:,.1f} MiB each, about {needed / 2**30:,.2f} GiB on "
-          f"{spec.storage_path} while {at_once} trial(s) run")
-    uri = tracking.resolve_uri(spec.mlflow.tracking_uri)
-    print(f"tracking: {uri}, experiment {spec.mlflow.experiment_name or spec.name!r}; Ray storage: {spec.storage_path}")
-    print(f"start it with:  {ssl_tune_command('run', str(args.spec), *[f'--set={o}' for o in args.set])}")
+    print_plan(load_spec(args.spec, args.set), args.spec, args.set, args.address)
     return 0
 
 
@@ -250,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ssl_tune.checkpoints import CheckpointError
     from ssl_tune.spec import SpecError
     from ssl_tune.specfile import load_spec
-    from ssl_tune.training import train
+    from ssl_tune.training import ConsoleReporter, summary, train
     from trainers.loop import DeviceOutOfMemory
 
     spec = load_spec(args.spec, args.set).resolve()
@@ -274,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if exc.disk_full:
             return EXIT_STORAGE_FULL
         return 1 if exc.reason.startswith("cannot be written") else EXIT_BAD_INPUT
-    print(_summary(result, time.perf_counter() - started, out_dir))
+    print(summary(result, time.perf_counter() - started, out_dir))
     if result.status == "diverged":
         print(f"error: training diverged: {result.message}; the last good checkpoint is in {out_dir}", file=sys.stderr)
         return 1
@@ -282,24 +109,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ssl_tune.search import run_search
-    from ssl_tune.specfile import load_spec
+    from ssl_tune import api
 
-    spec = load_spec(args.spec, args.set)
-    outcome = run_search(spec, spec_source=str(args.spec), name=args.name, address=args.address, verbose=args.verbose,
-                         tracking_uri=args.tracking_uri)
-    return _report_outcome(outcome, spec)
+    found = api.search(args.spec, overrides=args.set, name=args.name, tracking_uri=args.tracking_uri,
+                       address=args.address, verbose=args.verbose)
+    return _report_outcome(found.outcome)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from ssl_tune.search import resume_search
+    from ssl_tune import api
 
-    outcome = resume_search(args.experiment_or_run, tracking_uri=args.tracking_uri, address=args.address,
-                            verbose=args.verbose, storage_path=args.storage_path)
-    return _report_outcome(outcome, None)
+    found = api.resume(args.experiment_or_run, tracking_uri=args.tracking_uri, address=args.address,
+                       storage_path=args.storage_path, verbose=args.verbose)
+    return _report_outcome(found.outcome)
 
 
-def _report_outcome(outcome, spec) -> int:
+def _report_outcome(outcome) -> int:
     from ssl_tune import tracking
 
     # The printed commands name the tracking store when it is not the one they would find by default.
@@ -313,18 +138,19 @@ def _report_outcome(outcome, spec) -> int:
         print(where)
         print(f"resume with:  {_resume_command(outcome.parent_run_id, outcome.tracking_uri, outcome.storage)}")
         return EXIT_INTERRUPTED
-    objective = f", objective {spec.search.metric} ({spec.search.mode})" if spec is not None else ""
-    print(f"\nsearch finished: {len(outcome.rows)} trials{objective}")
+    print(f"\nsearch finished: {len(outcome.rows)} trials, objective {outcome.metric} ({outcome.mode})")
     print(tracking.format_table(outcome.rows, _leaderboard_columns(outcome.rows)))
-    _print_best_per_method(outcome.rows, spec.search.mode if spec is not None else "max")
+    _print_best_per_method(outcome.rows, outcome.mode)
     _print_confirmation(outcome.confirmation, outcome.verdict)
     print(f"\n{where}")
     if outcome.all_failed:
         print(f"error: every trial failed; the reasons are in the table above and in each trial run's "
               f"{tracking.TAG_ERROR} tag (the parent run is marked FAILED)", file=sys.stderr)
         return EXIT_ALL_TRIALS_FAILED
+    export_dir = Path("exports") / outcome.experiment
     print(f"browse the search:         {ssl_tune_command('ui', *uri)}")
     print(f"export the best backbone:  {ssl_tune_command('export', outcome.experiment, *uri)}")
+    print(f"then load it in Python:    backbone, preprocess = ssl_tune.load_backbone({str(export_dir)!r})")
     return 0
 
 
@@ -369,19 +195,17 @@ def _leaderboard_columns(rows: list[dict]) -> list[str]:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from ssl_tune import tracking
+    from ssl_tune import api, tracking
 
-    uri = tracking.resolve_uri(args.tracking_uri)
     try:
-        client = tracking.existing_store_client(uri)
-        parent = tracking.find_parent_run(client, args.experiment_or_run)
+        found = api.open_search(args.experiment_or_run, args.tracking_uri)
     except LookupError as exc:
-        print(f"error: {_naming_store(exc, uri)}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    rows = tracking.leaderboard(client, parent)
+    rows = found.trials()
     print(tracking.format_table(rows, _leaderboard_columns(rows)))
-    _print_best_per_method(rows, parent.data.tags.get(tracking.TAG_MODE, "max"))
-    _print_confirmation(tracking.confirmation_table(client, parent, rows), parent.data.tags.get(tracking.TAG_VERDICT, ""))
+    _print_best_per_method(rows, found.mode)
+    _print_confirmation(found.confirmed(rows), found.verdict)
     if args.out:
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -14,7 +14,6 @@ from typing import Any
 
 from ssl_tune.spec import SpecBase, SpecError
 
-
 # The Tune trial that drives a multi-worker Train run needs a little CPU of its own (0 is refused).
 TRAIN_DRIVER_CPU = 0.01
 

@@ -8,7 +8,7 @@ each configuration gets a mean with a 95% interval and its difference to the def
 by seed (what varies with the seed, the data order and initialisation, cancels out of the difference).
 
 This module is the arithmetic: which trials to confirm, and the intervals. The runs are ordinary
-Tune trials (`ssl_tune.search`), and their MLflow record is in `ssl_tune.tracking`.
+Tune trials (`ssl_tune.tuning`), and their MLflow record is in `ssl_tune.tracking`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def confirmation_seeds(spec: SpecBase) -> list[int]:
     return [spec.training.seed + i for i in range(1, spec.search.confirm.seeds + 1)]
 
 
-def confirmation_configs(spec: SpecBase, rows: Sequence[dict[str, Any]], configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def confirmation_configs(spec: SpecBase, rows: Sequence[dict[str, Any]],
+                         configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The Tune configs of the confirmation trials: the `top_k` best trials by the one rule
     (`space.best_trial`, applied repeatedly) and the default, each once per seed.
 

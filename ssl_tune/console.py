@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ray.tune import Callback
 
@@ -47,7 +47,8 @@ class _LogFile:
     and when that fills (or cannot be opened) the log says so once on stderr and drops what follows."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.file, self.devnull = path, None, None
+        self.path, self.file = path, None
+        self.devnull: IO[str] | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", buffering=1)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 # torch's autograd-aware collectives; torch.distributed.nn.functional, their older home, is deprecated
 # in favour of this module.
 import torch.distributed._functional_collectives as collectives

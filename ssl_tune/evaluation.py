@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -247,13 +248,14 @@ def confusion_counts(predicted: torch.Tensor, labels: torch.Tensor, num_classes:
     return counts
 
 
-def save_arrays(path: Path, arrays: dict[str, torch.Tensor]) -> None:
-    """Save named tensors as a NumPy .npz, atomically (a crash never leaves half a file)."""
+def save_arrays(path: Path, arrays: dict[str, Any]) -> None:
+    """Save named tensors (or NumPy arrays, lists of strings) as a NumPy .npz, atomically (a crash never
+    leaves half a file)."""
     import numpy as np
 
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **{k: v.cpu().numpy() for k, v in arrays.items()})
+        np.savez(f, **{k: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in arrays.items()})
     os.replace(tmp, path)
 
 

@@ -20,7 +20,6 @@ import numpy as np  # noqa: E402
 
 from ssl_tune.space import direction  # noqa: E402
 
-
 # The folder of figures next to a run's files and among its MLflow artifacts.
 FIGURE_DIR = "figures"
 # The loop's bookkeeping metrics and telemetry: not the loss or its terms.
@@ -29,38 +28,59 @@ TRAINING_METRICS = ("epoch", "lr", "images_per_s", "images_per_s_with_eval", "pe
 Figure = matplotlib.figure.Figure
 
 
+# How every figure is written, to a folder or to MLflow: the whole picture, labels and legends included.
+SAVE_KWARGS = {"dpi": 110, "bbox_inches": "tight"}
+
+
 def save_figure(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, **SAVE_KWARGS)
     plt.close(fig)
 
 
 # --- one trial ---------------------------------------------------------------------------------
 
 
-def embedding_figure(xy: np.ndarray, labels: np.ndarray, title: str = "test embedding (PCA)") -> Figure:
-    """Points in the plane of the first two principal components, coloured by label."""
-    fig, ax = plt.subplots(figsize=(6, 5))
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=4, alpha=0.7)
-    ax.legend(*points.legend_elements(), title="label", fontsize=7, loc="best", markerscale=0.8)
+# Up to this many classes are named on a figure's axes and legend; beyond, they would not be legible.
+NAMED_CLASSES = 20
+
+
+def embedding_figure(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None,
+                     title: str = "test embedding (PCA)") -> Figure:
+    """Points in the plane of the first two principal components, coloured by class (named where known)."""
+    fig, ax = plt.subplots(figsize=(6.8, 5), layout="constrained")
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10" if labels.max(initial=0) < 10 else "tab20",
+                        s=4, alpha=0.7)
+    handles, numbers = points.legend_elements(num=None)
+    if class_names is not None and len(class_names) <= NAMED_CLASSES:
+        present = sorted(set(labels.tolist()))
+        numbers = [class_names[int(c)] for c in present][: len(handles)]
+    fig.legend(handles, numbers, title="class", fontsize=7, loc="outside right upper", markerscale=0.8)
     ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
     return fig
 
 
-def confusion_figure(counts: np.ndarray, title: str = "kNN confusion (test)") -> Figure:
-    """Rows: true class; columns: predicted class; each row as fractions of its class."""
+def confusion_figure(counts: np.ndarray, class_names: Sequence[str] | None = None,
+                     title: str = "kNN confusion (test)") -> Figure:
+    """Rows: true class; columns: predicted class; each row as fractions of its class; classes named where known."""
     num_classes = counts.shape[0]
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = plt.subplots(figsize=(6, 5.5), layout="constrained")
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-    ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(num_classes), yticks=range(num_classes))
+    ax.set(title=title, xlabel="predicted", ylabel="true")
+    if num_classes <= NAMED_CLASSES:
+        names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+        ax.set_xticks(range(num_classes), names, rotation=45 if class_names is not None else 0, ha="right"
+                      if class_names is not None else "center", fontsize=7)
+        ax.set_yticks(range(num_classes), names, fontsize=7)
     return fig
 
 
 def evaluation_figures(arrays: Mapping[str, np.ndarray]) -> dict[str, Figure]:
     """The figures of a run's final evaluation arrays (`trainers.loop.EVALUATION_FILE`)."""
-    return {"embedding": embedding_figure(arrays["embedding_2d"], arrays["labels"]),
-            "knn_confusion": confusion_figure(arrays["confusion"])}
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+    return {"embedding": embedding_figure(arrays["embedding_2d"], arrays["labels"], names),
+            "knn_confusion": confusion_figure(arrays["confusion"], names)}
 
 
 def loss_term_names(metric_names: Sequence[str]) -> list[str]:
@@ -94,13 +114,13 @@ def learning_curves_figure(curves: Sequence[tuple[str, Sequence[tuple[int, float
                            epochs: int) -> Figure:
     """Every trial's objective by epoch. `curves` holds (label, history, MLflow status) per trial.
 
-    The legend names each trial (its MLflow run name and last value), best first; the end of each
+    The legend names each trial (by its searched values, as the caller labels it) with its last value, best first; the end of each
     curve says how the trial ended: a filled circle when it reached the last epoch, a hollow square
     when it was stopped early (by ASHA, or interrupted), a red X when it failed.
     """
     # Constrained layout keeps the trials' legend, outside the axes, inside the picture however it is saved.
     fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
-    colours = plt.get_cmap("tab20").colors
+    colours = matplotlib.colormaps["tab20"].colors  # type: ignore[attr-defined]  # a ListedColormap
     sign = -1 if mode == "max" else 1
     drawn = sorted(((label, sorted(history), status) for label, history, status in curves if history),
                    key=lambda c: (c[2] == "FAILED", sign * c[1][-1][1]))
@@ -116,7 +136,7 @@ def learning_curves_figure(curves: Sequence[tuple[str, Sequence[tuple[int, float
             ends.add(end)
             ax.plot(steps[-1], values[-1], linestyle="none", **{"color": colour, **END_MARKERS[end]})
     if drawn:
-        fig.legend(title=f"trial: last {metric}", fontsize=7, title_fontsize=8, loc="outside right upper",
+        fig.legend(title=f"trial's values: last {metric}", fontsize=7, title_fontsize=8, loc="outside right upper",
                    ncol=2 if len(drawn) > 16 else 1)
     if ends:  # the end markers' key, inside the axes
         from matplotlib.lines import Line2D
@@ -125,7 +145,7 @@ def learning_curves_figure(curves: Sequence[tuple[str, Sequence[tuple[int, float
         labels = {"finished": f"reached epoch {epochs}", "stopped": "stopped early", "failed": "failed"}
         ax.legend(handles, [labels[e] for e in END_MARKERS if e in ends], fontsize=7, loc="lower right")
     ax.set(title=f"{direction(metric, mode)} by epoch, every trial", xlabel="epoch", ylabel=metric)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     return fig
 
 
@@ -148,6 +168,34 @@ def methods_figure(points: Mapping[str, Sequence[tuple[int, float, int]]], metri
     ax.set_title(f"{metric}, each trial by method\nfilled: reached the last epoch; hollow: stopped early; line: best so far",
                  fontsize=10)
     ax.legend(fontsize=8)
+    return fig
+
+
+def confirmation_figure(rows: Sequence[Mapping], metric: str, mode: str) -> Figure:
+    """The confirmation stage: each configuration's mean over its seeds with its 95 % interval, best first from
+    the top, against the default's (a dashed line and a band). `rows`: `tracking.confirmation_table`."""
+    import math
+
+    drawn = [r for r in rows if isinstance(r.get("mean"), float) and not math.isnan(r["mean"])]
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.55 * max(len(drawn), 1)), layout="constrained")
+    default = next((r for r in drawn if r["configuration"] == "default"), None)
+    if default is not None and not math.isnan(default["ci95_low"]):
+        ax.axvspan(default["ci95_low"], default["ci95_high"], color="grey", alpha=0.15, label="default's 95 % interval")
+    if default is not None:
+        ax.axvline(default["mean"], color="grey", linestyle="--", linewidth=1, label="default's mean")
+    for y, row in enumerate(reversed(drawn)):
+        low, high = row["ci95_low"], row["ci95_high"]
+        error = [[row["mean"] - low], [high - row["mean"]]] if not math.isnan(low) else None
+        colour = "grey" if row is default else "tab:blue"
+        ax.errorbar(row["mean"], y, xerr=error, fmt="o", color=colour, capsize=4)
+        gain = row.get("gain_over_default")
+        note = f"  {row['seeds']} seeds" + (f", gain {gain:+.3g}" if isinstance(gain, float) and not math.isnan(gain) else "")
+        ax.annotate(note, (row["mean"], y), textcoords="offset points", xytext=(0, 7), fontsize=7, ha="center")
+    ax.set_yticks(range(len(drawn)), [r["configuration"] for r in reversed(drawn)])
+    ax.set_ylim(-0.6, len(drawn) - 0.4)
+    ax.set(xlabel=metric, title=f"confirmed on fresh seeds: mean and 95 % interval ({direction(metric, mode)})")
+    if default is not None:
+        ax.legend(fontsize=7, loc="lower right")
     return fig
 
 
@@ -181,6 +229,7 @@ def study_figures(study, varied: Sequence[str], metric: str, mode: str) -> dict[
                 for loc in ("left", "center", "right"):  # Optuna's own title, wherever it put it
                     axes[0].set_title("", loc=loc)
                 axes[0].set_title(title, loc="left")
+                fig.tight_layout()  # Optuna's fixed margins cut long parameter names ("ptimizer.lr")
             else:
                 fig.suptitle(title)
             figures[name] = fig

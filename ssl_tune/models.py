@@ -48,7 +48,8 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
-            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                       nn.ReLU(inplace=True)]
             return layers + ([nn.MaxPool2d(2)] if pool else [])
 
         self.features = nn.Sequential(

@@ -68,6 +68,7 @@ def replay(results, logger: MlflowTrialLogger, *, timeout: float | None = None) 
     """Write into MLflow what `results` (a Tune ResultGrid of ended trials) hold and it lacks; returns
     how many trials needed it. Raises the tracking error if the server does not take it in `timeout` s."""
     from ssl_tune import tracking
+    from ssl_tune.trial import FAILURE_KEY
 
     client = logger.client
     parent = client.get_run(logger.parent_run_id)
@@ -89,7 +90,7 @@ def replay(results, logger: MlflowTrialLogger, *, timeout: float | None = None) 
         logger.on_trial_start(0, [], trial)
         for line in lines:
             logger.on_trial_result(0, [], trial, line)
-            if line.get("checkpoint_dir_name") and tracking.FAILURE_KEY not in line:  # a one-worker trial's checkpoint
+            if line.get("checkpoint_dir_name") and FAILURE_KEY not in line:  # a one-worker trial's checkpoint
                 logger.checkpoint_reported(trial_id, f"{result.path.rstrip('/')}/{line['checkpoint_dir_name']}",
                                            line.get(logger.metric), int(line.get("epoch", 0)))
         if result.error is not None:

@@ -20,7 +20,6 @@ from typing import Any
 
 from ssl_tune.spec import Choice, IntRange, LogUniform, SpecBase, Uniform, range_default
 
-
 # Optuna names a branch's sub-range "field.path|value", so each branch has its own distribution.
 BRANCH_SEPARATOR = "|"
 
@@ -175,7 +174,7 @@ def ranked(rows: Sequence[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
 def best_trial(rows: Sequence[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     """The one rule for a search's best trial: the best objective among trials that did not fail
     (a FAILED trial's last value is not a result), None if there is none."""
-    return next((r for r in ranked(rows, mode) if counts(r["objective"]) and r.get("status") != "FAILED"), None)
+    return next((r for r in ranked(rows, mode) if counts(r["objective"]) and r.get("status") != "failed"), None)
 
 
 def study_from_trials(spec: SpecBase, trials: Iterable[tuple[dict[str, str], float]], mode: str):

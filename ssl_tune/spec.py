@@ -19,123 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ssl_tune.data.datasets import DATASET_NAMES, NEEDS_ROOT
 
-T = TypeVar("T")
-
-
-class StrictModel(BaseModel):
-    """Base for every spec section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-# --- search ranges -----------------------------------------------------------------------
-
-
-class _FloatRange(StrictModel):
-    low: float
-    high: float
-    default: float | None = None
-
-    @model_validator(mode="after")
-    def _ordered(self) -> _FloatRange:
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        return self
-
-
-class Uniform(_FloatRange):
-    type: Literal["uniform"]
-
-    def centre(self) -> float:
-        return (self.low + self.high) / 2
-
-
-class LogUniform(_FloatRange):
-    type: Literal["loguniform"]
-
-    @model_validator(mode="after")
-    def _positive(self) -> LogUniform:
-        if self.low <= 0:
-            raise ValueError(f"low must be > 0 for a loguniform range (got {self.low})")
-        return self
-
-    def centre(self) -> float:
-        return math.sqrt(self.low * self.high)
-
-
-class IntRange(StrictModel):
-    type: Literal["int"]
-    low: int
-    high: int
-    step: int = Field(1, ge=1)
-    log: bool = False
-    default: int | None = None
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"low must be > 0 for a log int range (got {self.low})")
-        return self
-
-    def centre(self) -> int:
-        mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
-        return self.low + self.step * round((mid - self.low) / self.step)
-
-
-class Choice(StrictModel):
-    type: Literal["choice"]
-    values: list[Any] = Field(min_length=1)
-    default: Any = None
-    branches: dict[str, dict[str, "Range"]] = Field(
-        default_factory=dict,
-        description="conditional sub-ranges: {value: {field.path: range}}, searched only when that value is "
-        "chosen; the fields hold a fixed value in the spec, used when their branch is not taken",
-    )
-
-    @model_validator(mode="after")
-    def _branches(self) -> Choice:
-        unknown = sorted(set(self.branches) - {str(v) for v in self.values})
-        if unknown:
-            raise ValueError(f"branches {unknown} are not among the values {self.values}")
-        if any(isinstance(r, Choice) and r.branches for b in self.branches.values() for r in b.values()):
-            raise ValueError("branches cannot nest: a branch's choice has no branches of its own")
-        return self
-
-    def centre(self) -> Any:
-        return self.values[0]
-
-
-Range = Annotated[Union[Uniform, LogUniform, IntRange, Choice], Field(discriminator="type")]
-RANGE_TYPES = (Uniform, LogUniform, IntRange, Choice)
-Choice.model_rebuild()
-
-
-
-def _fixed_or_range(value: Any) -> str:
-    return "range" if isinstance(value, (dict, BaseModel)) else "fixed"
-
-
-# A field that holds a fixed value of type T or a search range over such values. The
-# discriminator validates only one branch, so an error speaks of what the user wrote.
-Searchable = Annotated[
-    Union[Annotated[T, Tag("fixed")], Annotated[Range, Tag("range")]], Discriminator(_fixed_or_range)
-]
-
-
-def range_default(r: Uniform | LogUniform | IntRange | Choice) -> Any:
-    """The value `ssl-tune train` uses for a range: its `default`, else its centre."""
-    return r.default if r.default is not None else r.centre()
-
+# The ranges are part of the schema: `from ssl_tune.spec import Choice` is how the rest of the package names them.
+from ssl_tune.ranges import RANGE_TYPES, Choice, IntRange, LogUniform, Searchable, StrictModel, Uniform, range_default  # noqa: F401
 
 # --- sections ------------------------------------------------------------------------------
 
@@ -435,6 +327,8 @@ class MlflowSpec(StrictModel):
 class SpecBase(StrictModel):
     """Everything but the method; `trainers.spec_model()` adds the method union."""
 
+    if TYPE_CHECKING:  # the field `trainers.spec_model()` adds: one method's config, or a choice over methods
+        method: MethodConfig
     name: str = Field("ssl-tune", description="experiment name")
     data: DataSpec = DataSpec()
     backbone: BackboneSpec = BackboneSpec()
@@ -541,9 +435,6 @@ class SpecBase(StrictModel):
 
 class SpecError(Exception):
     """A spec file or override that is not valid; the message is meant for the user as is."""
-
-
-# --- paths ---------------------------------------------------------------------------------
 
 
 def set_path(raw: dict, keys: list[str], value: Any) -> None:

@@ -1,9 +1,9 @@
-"""The spec reference in the README, generated from the schema so that it cannot drift.
+"""The spec reference page of the docs (docs/spec.md), generated from the schema so that it cannot drift.
 
     python -m ssl_tune.spec_reference            # print it
-    python -m ssl_tune.spec_reference --write    # replace the README's generated section
+    python -m ssl_tune.spec_reference --write    # replace the page's generated section
 
-`tests/test_spec.py` fails when the README's section differs from what this prints.
+`tests/test_spec.py` fails when the page's section differs from what this prints.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from ssl_tune.spec import SpecBase
 
 START, END = "<!-- spec-reference:start (generated: python -m ssl_tune.spec_reference --write) -->", "<!-- spec-reference:end -->"
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "spec.md"
 CONSTRAINTS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
@@ -59,7 +59,7 @@ def _describe_type(annotation: Any) -> tuple[str, list[str]]:
 
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
-        return f"`{field.default_factory()!r}`"
+        return f"`{field.default_factory()!r}`"  # type: ignore[call-arg]  # ours take no argument
     value = field.default
     if isinstance(value, BaseModel):
         return ""
@@ -70,7 +70,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
-        annotation = field.annotation if not field.metadata else Annotated[(field.annotation, *field.metadata)]
+        annotation = field.annotation if not field.metadata else Annotated[tuple([field.annotation, *field.metadata])]
         inner = field.annotation
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             rows += _rows(inner, f"{path}.")
@@ -81,7 +81,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     return rows
 
 
-def reference_markdown(methods: dict[str, type] | None = None) -> str:
+def reference_markdown(methods: dict[str, Any] | None = None) -> str:
     """The reference of the shared sections and of each method's config (default: the built-in methods)."""
     from trainers import builtin_methods
 
@@ -93,20 +93,20 @@ def reference_markdown(methods: dict[str, type] | None = None) -> str:
     return "\n".join(lines)
 
 
-def readme_section(text: str) -> str:
+def generated_section(text: str) -> str:
     return text[text.index(START) + len(START) : text.index(END)].strip("\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help=f"replace the generated section of {README.name}")
+    parser.add_argument("--write", action="store_true", help=f"replace the generated section of {PAGE}")
     args = parser.parse_args()
     generated = reference_markdown()
     if not args.write:
         print(generated)
         return
-    text = README.read_text()
-    README.write_text(text[: text.index(START) + len(START)] + "\n" + generated + "\n" + text[text.index(END) :])
+    text = PAGE.read_text()
+    PAGE.write_text(text[: text.index(START) + len(START)] + "\n" + generated + "\n" + text[text.index(END) :])
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import copy
 import reprlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ssl_tune.spec import Choice, SpecBase, SpecError, set_path, range_default
+from ssl_tune.spec import Choice, SpecBase, SpecError, range_default, set_path
 from trainers import methods, spec_model
-
 
 # A YAML document may name a node once (&anchor) and reuse it (*alias) without copying it; expanded,
 # nine levels of nine aliases are 387 million nodes (the "billion laughs"). Specs are a few hundred.
@@ -238,8 +238,11 @@ def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     return "\n".join(lines)
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SpecBase:
-    """Read, override and validate a spec file. Raises SpecError with a user-facing message."""
+def load_spec(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SpecBase:
+    """Read, override and validate a spec file. Raises SpecError with a user-facing message.
+
+    `overrides`: `--set` strings (`"training.epochs=3"`, the value parsed as YAML), or a mapping of dotted
+    field names to values (`{"training.epochs": 3}`)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -256,18 +259,29 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     except yaml.YAMLError as exc:
         raise SpecError(yaml_error(path, exc)) from None
     raw = copy.deepcopy(raw) if raw is not None else {}
-    source = str(path)
+    return _overridden(raw, str(path), overrides)
+
+
+def _overridden(raw: Any, source: str, overrides: Sequence[str] | Mapping[str, Any]) -> SpecBase:
     if overrides:
-        source += " (with " + " ".join(f"--set {o}" for o in overrides) + ")"
+        if isinstance(overrides, Mapping):
+            source += f" (with overrides {dict(overrides)})"
+        else:
+            source += " (with " + " ".join(f"--set {o}" for o in overrides) + ")"
         if not isinstance(raw, dict):
             raise SpecError(f"invalid spec {source}: the file must hold a mapping of sections")
         for override in overrides:
             try:
-                apply_override(raw, override)
+                if isinstance(overrides, Mapping):
+                    if not isinstance(override, str) or not override or any(not k for k in override.split(".")):
+                        raise SpecError(f"override {override!r} must be a dotted field name such as training.epochs")
+                    set_path(raw, override.split("."), overrides[override])
+                else:
+                    apply_override(raw, override)
             except SpecError as exc:
                 raise SpecError(f"invalid spec {source}: {exc}") from None
     return _validate(raw, source)
 
 
-def spec_from_dict(raw: dict, source: str = "<dict>") -> SpecBase:
-    return _validate(copy.deepcopy(raw), source)
+def spec_from_dict(raw: dict, source: str = "<dict>", overrides: Sequence[str] | Mapping[str, Any] = ()) -> SpecBase:
+    return _overridden(copy.deepcopy(raw), source, overrides)

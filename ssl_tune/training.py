@@ -9,13 +9,13 @@ per-epoch history, data cache) and, after the last epoch, the final evaluation a
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.evaluation import EVALUATION_FILE, load_arrays
 from ssl_tune.spec import SpecBase
-from trainers.loop import Reporter, TrainResult, Trainer
-
+from trainers.loop import Reporter, Trainer, TrainResult
 
 SPEC_FILE = "spec.json"
 METRICS_FILE = "metrics.json"
@@ -78,3 +78,61 @@ def write_figures(run_dir: Path) -> list[Path]:
         figures.save_figure(fig, directory / f"{name}.png")
         written.append(directory / f"{name}.png")
     return written
+
+
+class ConsoleReporter(Reporter):
+    """Prints a progress bar (on a terminal) and one line per epoch: what `ssl-tune train` shows."""
+
+    def __init__(self, stream=None, resumed_from: Path | None = None) -> None:
+        self.stream = stream or sys.stdout  # read when created: tests and notebooks replace sys.stdout
+        self.tty = self.stream.isatty()
+        self.resumed_from = resumed_from
+        self.epochs = 0
+
+    def on_start(self, trainer) -> None:
+        spec = trainer.spec
+        self.epochs = spec.training.epochs
+        clear = "\r\033[K" if self.tty else ""
+        if self.resumed_from is not None:
+            print(clear, f"resumed from {self.resumed_from} at epoch {trainer.epoch}", sep="", file=self.stream)
+            clear = ""
+        print(clear, f"training {spec.method.name} on {spec.data.name} ({len(trainer.dataset.ssl_images)} images, "
+              f"{spec.training.epochs} epochs, batch {spec.training.batch_size}, {trainer.device})",
+              sep="", file=self.stream)
+        b = trainer.baseline
+        print(f"random-init kNN top-1 {b['knn_top1_random_init']:.2f}% (the baseline to beat)", file=self.stream, flush=True)
+
+    def on_step(self, epoch: int, step: int, steps: int) -> None:
+        if self.tty:
+            filled = int(30 * step / steps)
+            print(f"\repoch {epoch}/{self.epochs} [{'#' * filled}{'.' * (30 - filled)}] {step}/{steps}", end="",
+                  file=self.stream, flush=True)
+
+    def on_phase(self, description: str) -> None:
+        if self.tty:  # a status line, overwritten by the next one (logs get only the epoch lines)
+            print(f"\r\033[K{description} ...", end="", file=self.stream, flush=True)
+
+    def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
+        from ssl_tune.figures import TRAINING_METRICS
+
+        skip = {"loss", *TRAINING_METRICS}
+        terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in skip and not k.startswith(("knn", "linear")))
+        knn = f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else ""
+        print(
+            "\r\033[K" if self.tty else "",
+            f"epoch {int(metrics['epoch'])}/{self.epochs}  loss {metrics['loss']:.4f} ({terms})  lr {metrics['lr']:.3g}  "
+            f"{metrics['images_per_s']:.0f} img/s{knn}",
+            sep="", file=self.stream, flush=True,
+        )
+
+
+def summary(result: TrainResult, seconds: float, out_dir: Path) -> str:
+    """The end of `ssl-tune train`: the status and the kNN and linear-probe accuracies against the random init."""
+    m = result.metrics
+    rows = [("kNN top-1, random init", m.get("knn_top1_random_init")), ("kNN top-1, trained", m.get("knn_top1")),
+            ("kNN top-5, trained", m.get("knn_top5"))]
+    rows += [(k.replace("_", " "), v) for k, v in m.items() if k.startswith("linear_top1")]
+    lines = [f"{result.status} after {result.epochs_completed} epochs in {seconds:.0f} s"]
+    lines += [f"  {name:<32} {value:6.2f}%" for name, value in rows if value is not None]
+    lines.append(f"  checkpoint and metrics in {out_dir}")
+    return "\n".join(lines)

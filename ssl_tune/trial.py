@@ -33,7 +33,6 @@ from ssl_tune.trial_record import TrialRecorder, reachable_here
 from trainers import spec_model
 from trainers.loop import Reporter
 
-
 # A result key (not a metric) that ends a trial as FAILED with its reason, without an exception:
 # divergence and bad data are deterministic, so restarting the trial (`search.max_failures`) would
 # only fail again.
@@ -56,7 +55,7 @@ class RayReporter(Reporter):
     """Sends each epoch's metrics and checkpoint to Tune or Ray Train: `report` and `checkpoint_class`
     are `ray.tune.report` and `ray.tune.Checkpoint`, or their `ray.train` counterparts."""
 
-    def __init__(self, report: Callable[..., None], checkpoint_class: type, extra: dict[str, float] | None = None,
+    def __init__(self, report: Callable[..., None], checkpoint_class: Any, extra: dict[str, float] | None = None,
                  storage: str = "", recorder: TrialRecorder | None = None) -> None:
         self.report, self.checkpoint_class, self.extra = report, checkpoint_class, extra or {}
         self.storage = storage  # where Ray keeps this trial's checkpoints (for error messages; "": Tune's trial directory)
@@ -336,7 +335,8 @@ def _fit_train_run(spec: SpecBase, payload: dict[str, Any], name: str, run_dir: 
             # timeout: the run fails at once and Tune restarts the trial (search.max_failures) from
             # the latest checkpoint, the same way as a single-worker trial. The restart is then
             # visible (console, MLflow), and leftover placement groups are removed in between.
-            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),
+            # (Ray Train's own FailureConfig takes it; the type stubs describe Tune's)
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),  # type: ignore[call-arg]
         ),
     ).fit()
 

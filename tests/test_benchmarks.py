@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import yaml
 from benchmarks import __main__ as harness
 from benchmarks import search_efficiency as se
 from ssl_tune.specfile import load_spec
-from tests.conftest import IPROUTE_INSTALL, method_names, namespaces_allowed, require_system, tiny_spec_dict
+from tests.conftest import IPROUTE_INSTALL, ROOT, method_names, namespaces_allowed, require_system, tiny_spec_dict
 
 EPOCHS = 8  # search_spaces/twist.yaml
 BEST = (1.0, 0.5)  # (lr, tau) of the synthetic table's best point
@@ -250,3 +252,49 @@ def test_cluster_benchmark_through_the_harness(tmp_path):
     assert [r["worker_nodes"] for r in result["runs"]["two_hosts"]] == [2.0]
     assert result["two_hosts_over_one_host"] > 0
     assert "| two hosts over a veth link, 1 CPU each | 2 | " in (tmp_path / "b.md").read_text()
+
+
+# A search on the bundled data small enough to take seconds: what the smoke runs below override.
+SMOKE = ["training.epochs=1", "search.num_samples=2", "backbone.width=4", "evaluation.linear_probe=false",
+         "training.batch_size=512"]
+
+
+def test_every_benchmark_has_a_smoke_run_in_the_suite():
+    """A benchmark that no test runs breaks silently (search-overhead once called a function that had moved)."""
+    text = Path(__file__).read_text()
+    through_harness = {word for call in re.findall(r"harness\.main\((.*?)\)\n", text, flags=re.S)
+                       for word in re.findall(r'"([a-z-]+)"', call)}
+    called = {name for name, (_, run) in harness.BENCHMARKS.items()
+              if f"{run.__module__.rpartition('.')[2]}.{run.__name__}(" in text}
+    assert set(harness.BENCHMARKS) - through_harness - called == set()
+
+
+@pytest.mark.slow
+def test_the_search_benchmarks_run_at_a_smoke_size(tmp_path):
+    """search-overhead, knn-bank and label-free each run a real search; efficiency-table then noise train a grid."""
+    results, report = tmp_path / "results", tmp_path / "benchmarks.md"
+    common = ["--results", str(results), "--report", str(report)]
+    twist = str(Path(ROOT) / "search_spaces" / "twist.yaml")
+    small = tmp_path / "small.yaml"
+    spec = yaml.safe_load(Path(twist).read_text())
+    spec["backbone"]["width"], spec["training"]["batch_size"] = 4, 512
+    small.write_text(yaml.safe_dump(spec))
+    harness.main([*common, "search-overhead", "--spec", str(small), "--trials", "1", "--epochs", "1", "--workers", "1"])
+    overhead = json.loads((results / "search-overhead.json").read_text())
+    assert overhead["rows"][0]["trials"] == 1 and overhead["rows"][0]["ratio"] > 0
+    harness.main([*common, "knn-bank", "--banks", "50", *[x for o in SMOKE for x in ("--set", o)]])
+    bank = json.loads((results / "knn-bank.json").read_text())
+    assert set(bank["banks"]) == {"50"}
+    harness.main([*common, "label-free", "--methods", "twist", *[x for o in SMOKE for x in ("--set", o)]])
+    assert json.loads((results / "label-free.json").read_text())["methods"]["twist"]["trials"] == 2
+    harness.main([*common, "efficiency-table", "--spec", str(small), "--points", "2", "--processes", "2",
+                  "--set", "training.epochs=1", "--set", "method.lam1=0.0", "--set", "method.lam2=1.0"])
+    table = json.loads((results / "efficiency-table.json").read_text())
+    assert len(table["points"]) == 4 and table["epochs"] == 1
+    harness.main([*common, "noise", "--every", "1", "--seeds", "2", "--processes", "2"])
+    # the subgrid starts at each axis's second value: 1 point of the 2 x 2 grid, on 2 fresh seeds
+    assert len(json.loads((results / "noise-runs.json").read_text())["runs"]) == 2
+    assert json.loads((results / "noise.json").read_text())["seeds"] == 2
+    text = report.read_text()
+    for name in ("search-overhead", "knn-bank", "label-free", "efficiency-table", "noise"):
+        assert f"python -m benchmarks {name}" in text, name

@@ -213,7 +213,7 @@ def test_ci_installs_every_system_package_the_tests_ask_for():
 
 
 def test_validate_shows_what_auto_chose_for_the_stem_and_the_gpus(monkeypatch, capsys, twist_spec_path):
-    from ssl_tune import cli
+    from ssl_tune import preview
 
     assert main(["validate", twist_spec_path, "--set", "backbone.name=resnet18"]) == 0
     out = capsys.readouterr().out
@@ -221,7 +221,7 @@ def test_validate_shows_what_auto_chose_for_the_stem_and_the_gpus(monkeypatch, c
     assert "backbone.cifar_stem auto at 28 px" in out
     assert "resources.gpus_per_worker: auto -> 0 (no node has a GPU)" in out
     eight_gpus = [{"id": "n1", "address": "10.0.0.1", "CPU": 64.0, "GPU": 8.0}]
-    monkeypatch.setattr(cli, "_cluster_nodes", lambda address: ("the Ray cluster at head:6379", eight_gpus))
+    monkeypatch.setattr(preview, "_cluster_nodes", lambda address: ("the Ray cluster at head:6379", eight_gpus))
     assert main(["validate", twist_spec_path, "--set", "backbone.name=timm:vit_tiny_patch16_224",
                  "--set", "backbone.kwargs={img_size: 28, patch_size: 4}"]) == 0
     out = capsys.readouterr().out

@@ -24,10 +24,10 @@ def _spec(**confirm):
 
 def test_configs_are_the_top_k_trials_by_the_one_rule_and_the_default_on_the_same_fresh_seeds():
     spec = _spec(top_k=2, seeds=3)
-    rows = [{"trial_id": "a", "run_id": "ra", "objective": 70.0, "status": "FINISHED"},
-            {"trial_id": "b", "run_id": "rb", "objective": 90.0, "status": "FAILED"},  # a failed run is no result
-            {"trial_id": "c", "run_id": "rc", "objective": 75.0, "status": "KILLED"},
-            {"trial_id": "d", "run_id": "rd", "objective": 60.0, "status": "FINISHED"}]
+    rows = [{"trial_id": "a", "run_id": "ra", "objective": 70.0, "status": "finished"},
+            {"trial_id": "b", "run_id": "rb", "objective": 90.0, "status": "failed"},  # a failed run is no result
+            {"trial_id": "c", "run_id": "rc", "objective": 75.0, "status": "stopped"},
+            {"trial_id": "d", "run_id": "rd", "objective": 60.0, "status": "finished"}]
     configs = confirmation_configs(spec, rows, {t: {"method.tau": i + 0.5} for i, t in enumerate("abcd")})
     points = [c[CONFIRMATION_KEY] for c in configs]
     assert [(p["of"], p["seed"]) for p in points] == [(of, s) for of in ("rc", "ra", DEFAULT) for s in (1, 2, 3)]

@@ -334,7 +334,7 @@ def test_a_trial_restored_from_its_last_epoch_reports_that_epoch_again_with_its_
     assert metrics["epoch"] == 1.0 and "linear_top1" in metrics and metrics[RESTORED_FROM_KEY] == 1.0
     assert [h["epoch"] for h in json.loads(metrics[RESTORED_HISTORY_KEY])] == [1.0]
     assert files == sorted([CHECKPOINT_FILE, RECORD_FILE, EVALUATION_FILE])
-    assert load_arrays(tmp_path / "last" / EVALUATION_FILE).keys() == {"embedding_2d", "labels", "confusion"}
+    assert load_arrays(tmp_path / "last" / EVALUATION_FILE).keys() == {"embedding_2d", "labels", "confusion", "class_names"}
 
 
 @pytest.mark.slow

@@ -96,7 +96,15 @@ def test_layers_point_down():
     search; the trainer draws nothing."""
     graph = import_graph()
     assert not {m for m in graph["ssl_tune.spec"] if m.startswith("trainers")}
-    assert not graph["ssl_tune.figures"] & {"ssl_tune.tracking", "trainers.loop", "ssl_tune.search"}
+    assert not graph["ssl_tune.figures"] & {"ssl_tune.tracking", "trainers.loop", "ssl_tune.tuning"}
     for method in (m for m in graph if m.startswith("trainers.") and m not in ("trainers.loop", "trainers.optim")):
-        assert not {m for m in graph[method] if m in ("ssl_tune.search", "ssl_tune.tracking", "trainers.loop")}, method
+        assert not {m for m in graph[method] if m in ("ssl_tune.tuning", "ssl_tune.tracking", "trainers.loop")}, method
     assert "ssl_tune.figures" not in graph["trainers.loop"]
+
+
+def test_modules_stay_small_enough_to_own():
+    """One concern per module: none over 450 lines, and the search's stages (`ssl_tune.tuning`) at most 400."""
+    sizes = {name: len(path.read_text().splitlines()) for name, path in module_files().items()
+             if name.startswith("ssl_tune")}
+    assert {name: n for name, n in sizes.items() if n > 450} == {}
+    assert sizes["ssl_tune.tuning"] <= 400

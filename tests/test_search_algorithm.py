@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ssl_tune.search import build_scheduler, build_search_algorithm, startup_trials
+from ssl_tune.algorithms import build_scheduler, build_search_algorithm, startup_trials
 from ssl_tune.space import SearchSpace, field_values
 from ssl_tune.specfile import spec_from_dict
 from tests.conftest import tiny_spec_dict
@@ -148,10 +148,10 @@ def test_points_to_evaluate_must_name_searched_fields():
 def test_one_best_trial_rule_skips_failed_trials_and_nan_and_follows_the_mode():
     from ssl_tune.space import best_trial, better, ranked
 
-    rows = [{"run_id": "nan", "objective": float("nan"), "status": "KILLED"},
-            {"run_id": "failed", "objective": 99.0, "status": "FAILED"},
-            {"run_id": "low", "objective": 70.0, "status": "FINISHED"},
-            {"run_id": "high", "objective": 80.0, "status": "KILLED"}]
+    rows = [{"run_id": "nan", "objective": float("nan"), "status": "stopped"},
+            {"run_id": "failed", "objective": 99.0, "status": "failed"},
+            {"run_id": "low", "objective": 70.0, "status": "finished"},
+            {"run_id": "high", "objective": 80.0, "status": "stopped"}]
     assert best_trial(rows, "max")["run_id"] == "high"
     assert best_trial(rows, "min")["run_id"] == "low"
     assert [r["run_id"] for r in ranked(rows, "max")] == ["failed", "high", "low", "nan"]
@@ -176,7 +176,7 @@ def test_early_stopping_across_methods_compares_each_method_with_itself():
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from ssl_tune.search import MethodwiseASHA
+    from ssl_tune.algorithms import MethodwiseASHA
 
     spec = spec_from_dict(cross_method_spec_dict())
     assert spec.method_names() == ["twist", "isd"] and spec.resolve().method.name == "twist"

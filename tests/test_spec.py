@@ -151,11 +151,11 @@ def test_resolve_rejects_unknown_paths(twist_spec_path):
         load_spec(twist_spec_path).resolve({"method.nonexistent": 1.0})
 
 
-def test_readme_spec_reference_is_the_generated_one():
-    from ssl_tune.spec_reference import README, readme_section, reference_markdown
+def test_the_docs_spec_reference_is_the_generated_one():
+    from ssl_tune.spec_reference import PAGE, generated_section, reference_markdown
 
-    assert readme_section(README.read_text()) == reference_markdown(), (
-        "README's spec reference is stale: run python -m ssl_tune.spec_reference --write")
+    assert generated_section(PAGE.read_text()) == reference_markdown(), (
+        f"{PAGE}'s spec reference is stale: run python -m ssl_tune.spec_reference --write")
 
 
 @pytest.mark.parametrize("method", method_names())

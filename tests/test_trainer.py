@@ -50,7 +50,7 @@ def test_resume_continues_exactly(tmp_path, method):
 def test_console_shows_the_evaluation_steps_on_a_terminal(tmp_path):
     import io
 
-    from ssl_tune.cli import ConsoleReporter
+    from ssl_tune.training import ConsoleReporter
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -89,7 +89,7 @@ def _spec_model(path: tuple[Path, ...]) -> type[SpecBase]:
     found = _discover(path)
     names = ", ".join(found)
     # One method's config by its name, or a choice over methods (`method.name: {type: choice, ...}`).
-    method_type = Annotated[
+    method_type = Annotated[  # type: ignore[valid-type]  # built at run time from the registry
         Union[tuple(Annotated[m.Config, Tag(name)] for name, m in found.items()) + (Annotated[MethodChoice, Tag(CHOICE)],)],
         Discriminator(_method_tag, custom_error_type="unknown_method",
                       custom_error_message=f"unknown method; allowed: {names}, or a choice over them")]

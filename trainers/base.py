@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import copy
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -42,7 +42,11 @@ class StepOutput(NamedTuple):
     terms: dict[str, torch.Tensor]
 
 
-class Method(nn.Module, abc.ABC):
+# A method's own config class: `Twist(Method[TwistConfig])` reads `self.config.lam1` with its type.
+ConfigT = TypeVar("ConfigT", bound=MethodConfig)
+
+
+class Method(nn.Module, abc.ABC, Generic[ConfigT]):
     """Base of every SSL method.
 
     Subclasses set ``name`` and ``Config`` (a `ssl_tune.spec.MethodConfig` subclass), build their
@@ -59,9 +63,9 @@ class Method(nn.Module, abc.ABC):
     Config: ClassVar[type[MethodConfig]]
     num_views: ClassVar[int] = 2
 
-    def __init__(self, config: MethodConfig, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
+    def __init__(self, config: ConfigT, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
         super().__init__()
-        self.config = config
+        self.config: ConfigT = config
         self.backbone = backbone
         self.seed = seed
 

@@ -99,7 +99,7 @@ class CorInfoMaxLoss(nn.Module):
         return CorInfoMaxTerms(self.alpha * sim + cov, cov, sim)
 
 
-class CorInfoMax(Method):
+class CorInfoMax(Method[CorInfoMaxConfig]):
     name = "corinfomax"
     Config = CorInfoMaxConfig
 

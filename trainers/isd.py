@@ -70,7 +70,7 @@ def isd_loss(student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor, *
     return ISDLoss(loss, entropy)
 
 
-class ISD(Method):
+class ISD(Method[ISDConfig]):
     name = "isd"
     Config = ISDConfig
 

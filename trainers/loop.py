@@ -25,7 +25,7 @@ from ssl_tune.data.cache import network_input, open_dataset
 from ssl_tune.data.datasets import ImageDataset
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from ssl_tune.evaluation import (EVALUATION_FILE, bank_rows, confusion_counts, extract_features, knn_ranking,
-                                 linear_probe, load_arrays, principal_components, rankme, rankme_rows, ranking_accuracy,
+                                 linear_probe, load_arrays, principal_components, ranking_accuracy, rankme, rankme_rows,
                                  save_arrays, stratified_subset)
 from ssl_tune.models import backbone_from_spec
 from ssl_tune.preprocess import InputContract
@@ -182,7 +182,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         # After the last epoch: the arrays of the final evaluation, saved next to the final
         # checkpoint (`EVALUATION_FILE`) for the figures.
-        self.final_outputs: dict[str, torch.Tensor] | None = None
+        self.final_outputs: dict[str, Any] | None = None  # tensors, and the class names
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -241,8 +241,8 @@ class Trainer:
         self.baseline = dict(state["baseline"])
         self.history = [dict(h) for h in state["history"]]
         evaluation = path.parent / EVALUATION_FILE  # next to the last epoch's checkpoint only
-        self.final_outputs = ({k: torch.from_numpy(v) for k, v in load_arrays(evaluation).items()}
-                              if evaluation.exists() else None)
+        self.final_outputs = ({k: v.tolist() if v.dtype.kind == "U" else torch.from_numpy(v)  # names stay strings
+                               for k, v in load_arrays(evaluation).items()} if evaluation.exists() else None)
 
     # --- evaluation ----------------------------------------------------------------------
     #
@@ -315,7 +315,8 @@ class Trainer:
                     metrics.update(self.final_evaluation(train_features, test_features))
                     self.final_outputs = {
                         "embedding_2d": principal_components(test_features), "labels": d.test_labels.cpu(),
-                        "confusion": confusion_counts(ranked[:, 0], d.test_labels, d.num_classes)}
+                        "confusion": confusion_counts(ranked[:, 0], d.test_labels, d.num_classes),
+                        **({"class_names": list(d.class_names)} if d.class_names else {})}
         return distributed.broadcast_from_first(metrics)
 
     # --- device memory -------------------------------------------------------------------

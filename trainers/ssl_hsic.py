@@ -148,7 +148,7 @@ def bandwidth_objective(views: Sequence[torch.Tensor], scale: torch.Tensor, num_
     return -0.5 * (derivative**2).clamp_min(1e-14).log().mean()
 
 
-class SSLHSIC(Method):
+class SSLHSIC(Method[SSLHSICConfig]):
     name = "ssl_hsic"
     Config = SSLHSICConfig
 

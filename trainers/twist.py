@@ -74,7 +74,7 @@ def twist_loss(
     return TwistLoss(kl + (1 + lam1) * eh - lam2 * he, kl, eh, he)
 
 
-class Twist(Method):
+class Twist(Method[TwistConfig]):
     name = "twist"
     Config = TwistConfig
 

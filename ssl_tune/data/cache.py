@@ -184,7 +184,7 @@ def _dataset(path: Path, manifest: dict[str, Any]) -> ImageDataset:
         test_images=images("test"), test_labels=labels("test"), num_classes=manifest["num_classes"],
         pretrain_images=images("pretrain"), channel_stats=(manifest["mean"], manifest["std"]),
         input_size=manifest.get("input_size"), train_aspects=aspects("train"), test_aspects=aspects("test"),
-        pretrain_aspects=aspects("pretrain"),
+        pretrain_aspects=aspects("pretrain"), class_names=tuple(manifest["classes"]),
     )
 
 
@@ -294,7 +294,7 @@ def _build_arrays(data, root: Path, tmp: Path) -> tuple[dict, list[str], list]:
               "test": _write_split(tmp, "test", d.test_images.numpy(), d.test_labels.numpy())}
     if d.pretrain_images is not None:
         splits["pretrain"] = _write_split(tmp, "pretrain", d.pretrain_images.numpy(), np.zeros(0))
-    return splits, [str(c) for c in range(d.num_classes)], []
+    return splits, list(d.class_names or [str(c) for c in range(d.num_classes)]), []
 
 
 def _build_imagefolder(data, root: Path, tmp: Path, stream, workers: int | None) -> tuple[dict, list[str], list]:

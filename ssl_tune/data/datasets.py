@@ -9,6 +9,7 @@ decoded cache (`ssl_tune.data.cache`) that trials memory-map.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 BUNDLED_FILE = "fashion_mnist_subset.npz"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 DATASET_NAMES = ("fashion_mnist_subset", "fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
 # Data sets that cannot be found without a user-given root.
 NEEDS_ROOT = ("cifar10", "cifar100", "stl10", "imagefolder")
@@ -45,6 +48,7 @@ class ImageDataset:
     train_aspects: torch.Tensor | None = None
     test_aspects: torch.Tensor | None = None
     pretrain_aspects: torch.Tensor | None = None
+    class_names: tuple[str, ...] | None = None  # label i's name, where the data set has names (figures show them)
 
     @property
     def channels(self) -> int:
@@ -87,7 +91,8 @@ def find_in_root(root: Path, names: list[str], what: str) -> Path:
     raise DataError(f"{root}: no {what} found (looked for {', '.join(names)})")
 
 
-def _from_numpy(name: str, xtr, ytr, xte, yte, num_classes: int, pretrain=None) -> ImageDataset:
+def _from_numpy(name: str, xtr, ytr, xte, yte, num_classes: int, pretrain=None,
+                class_names: Sequence[str] | None = None) -> ImageDataset:
     def images(x: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x))
         return (t.unsqueeze(1) if t.ndim == 3 else t).contiguous()
@@ -100,6 +105,8 @@ def _from_numpy(name: str, xtr, ytr, xte, yte, num_classes: int, pretrain=None) 
         test_labels=torch.from_numpy(np.asarray(yte, dtype=np.int64)),
         num_classes=num_classes,
         pretrain_images=None if pretrain is None else images(pretrain),
+        # names only when the data set's list covers its labels (a partial list would mislabel)
+        class_names=tuple(class_names) if class_names is not None and len(class_names) == num_classes else None,
     )
 
 
@@ -109,7 +116,7 @@ def load_bundled() -> ImageDataset:
         return _from_numpy(
             "fashion_mnist_subset",
             arrays["train_images"], arrays["train_labels"],
-            arrays["test_images"], arrays["test_labels"], 10,
+            arrays["test_images"], arrays["test_labels"], 10, class_names=FASHION_MNIST_CLASSES,
         )
 
 
@@ -120,7 +127,7 @@ def load_fashion_mnist(root: Path) -> ImageDataset:
     return _from_numpy(
         "fashion_mnist",
         part("train", "images-idx3"), part("train", "labels-idx1"),
-        part("t10k", "images-idx3"), part("t10k", "labels-idx1"), 10,
+        part("t10k", "images-idx3"), part("t10k", "labels-idx1"), 10, class_names=FASHION_MNIST_CLASSES,
     )
 
 
@@ -155,7 +162,8 @@ def load_cifar10(root: Path) -> ImageDataset:
 
     train, test = (_official(CIFAR10, root, "CIFAR-10", train=split) for split in (True, False))
     return _from_numpy("cifar10", train.data.transpose(0, 3, 1, 2), np.asarray(train.targets),
-                       test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), 10)
+                       test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), 10,
+                       class_names=train.classes)
 
 
 def load_cifar100(root: Path) -> ImageDataset:
@@ -164,7 +172,8 @@ def load_cifar100(root: Path) -> ImageDataset:
 
     train, test = (_official(CIFAR100, root, "CIFAR-100", train=split) for split in (True, False))
     return _from_numpy("cifar100", train.data.transpose(0, 3, 1, 2), np.asarray(train.targets),
-                       test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), 100)
+                       test.data.transpose(0, 3, 1, 2), np.asarray(test.targets), 100,
+                       class_names=train.classes)
 
 
 def load_stl10(root: Path) -> ImageDataset:
@@ -177,7 +186,8 @@ def load_stl10(root: Path) -> ImageDataset:
     pretrain, test = _official(STL10, root, "STL-10", split="train+unlabeled"), _official(STL10, root, "STL-10", split="test")
     labelled = int((pretrain.labels >= 0).sum())  # train comes first, then the unlabeled images (label -1)
     return _from_numpy("stl10", pretrain.data[:labelled], pretrain.labels[:labelled].astype(np.int64),
-                       test.data, test.labels.astype(np.int64), 10, pretrain.data)
+                       test.data, test.labels.astype(np.int64), 10, pretrain.data,
+                       class_names=getattr(test, "classes", None))
 
 
 def load_dataset(name: str, root: Path | None = None) -> ImageDataset:

@@ -1,9 +1,9 @@
 """Image folders as users have them: `root/train/<class>/*` and `root/test/<class>/*` (or `val/`).
 
 Listing uses torchvision's own `ImageFolder` rules (class folders, image extensions; other files are
-ignored). Decoding (PIL) runs in worker processes, one chunk of files each, and writes every image straight into its row of an output array
-(a memory-mapped cache file), so nothing is held twice. Grey, palette, RGBA, CMYK and 16-bit images
-become 8-bit RGB.
+ignored). Decoding (PIL) runs in worker processes, one chunk of files each, and writes every image
+straight into its row of an output array (a memory-mapped cache file), so nothing is held twice. Grey,
+palette, RGBA, CMYK and 16-bit images become 8-bit RGB.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import numpy as np
 import torch
@@ -146,7 +146,7 @@ class ViewLoader:
             return (self.images[idx.to(self.device)] for idx in indices)
         return _Prefetcher(self.images, indices, self.device, self.prefetch)
 
-    def epoch(self, epoch: int) -> Iterator[list[torch.Tensor]]:
+    def epoch(self, epoch: int) -> Generator[list[torch.Tensor], None, None]:
         g = torch.Generator(device=self.device).manual_seed(_mix(self.seed, epoch, self.rank, 1))
         indices = self.indices(epoch)
         batches = self.batches(indices)

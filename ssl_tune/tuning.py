@@ -1,8 +1,10 @@
-"""`ssl-tune run` and `ssl-tune resume`: a Ray Tune search with Optuna's TPE and ASHA over a spec's ranges.
+"""`ssl-tune run` and `ssl-tune resume`: the Ray Tune runs of a search's stages (the search, then its
+confirmation), recorded in MLflow.
 
-The pieces it puts together live elsewhere: the space and the objective (`ssl_tune.space`), one
-trial (`ssl_tune.trial`), the checks before any trial (`ssl_tune.cluster`), the MLflow record
-(`ssl_tune.tracking`) and the console table (`ssl_tune.console`).
+The pieces it puts together live elsewhere: the space and the objective (`ssl_tune.space`), the sampler
+and scheduler (`ssl_tune.algorithms`), one trial (`ssl_tune.trial`), the checks before any trial
+(`ssl_tune.cluster`), stopping (`ssl_tune.stopping`), the MLflow record (`ssl_tune.tracking`) and the
+console table (`ssl_tune.console`). `ssl_tune.api` is the Python entry point over it.
 """
 
 from __future__ import annotations
@@ -17,115 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ray.tune import Callback
-from ray.tune.schedulers import FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from ssl_tune import budget, checkpoints, cluster, replay, tracking
+from ssl_tune.algorithms import build_scheduler, build_search_algorithm
 from ssl_tune.confirmation import confirmation_configs
 from ssl_tune.shell import ssl_tune_command
-from ssl_tune.space import CONFIRMATION_KEY, SearchSpace, field_values, optuna_names
+from ssl_tune.space import CONFIRMATION_KEY, field_values
 from ssl_tune.spec import SpecBase, SpecError
-from ssl_tune.trial import FAILURE_KEY, STORAGE_FULL_KEY, checkpoint_config, run_trial
+from ssl_tune.stopping import StopSignals, StopWhenStorageFull, space_reserve, storage_full
+from ssl_tune.trial import FAILURE_KEY, checkpoint_config, run_trial
 from trainers import spec_model
 from trainers.loop import check_backbone
-
-
-def startup_trials(spec: SpecBase) -> int:
-    """Trials TPE samples at random before modelling: `search.startup_trials`, else 2 per searched
-    parameter, at most Optuna's default of 10.
-
-    With Optuna's 10, a search of 8 trials (the shipped specs) never leaves random sampling. On the
-    search-efficiency benchmark (docs/benchmarks.md, 2 parameters), TPE alone needed 0.95 of random
-    search's compute to reach random search's result, TPE + ASHA 0.52; with 2 per parameter, 0.67 and 0.31.
-    """
-    return spec.search.startup_trials or min(10, 2 * len(spec.searchable_paths()))
-
-
-class EvaluatedOptunaSearch(OptunaSearch):
-    """OptunaSearch that passes over the epochs between evaluations (`evaluation.eval_every`), whose
-    results carry no objective (Ray's would fail on them)."""
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.metric in result:
-            super().on_trial_result(trial_id, result)
-
-
-def build_search_algorithm(spec: SpecBase, max_concurrent: int):
-    """OptunaSearch with the spec's seeded sampler (TPE or random), limited to `max_concurrent` open trials.
-
-    Trials stopped early by ASHA reach Optuna as completed with their last (low-fidelity) value:
-    ASHA stops a trial only when it ranks low among trials at the same epoch, so the lower value
-    is a fair signal for TPE that the region is worse.
-    """
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-
-    s = spec.search
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    algorithm = EvaluatedOptunaSearch(
-        space=SearchSpace(spec),
-        metric=s.metric,
-        mode=s.mode,
-        sampler=(optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup_trials(spec)) if s.sampler == "tpe"
-                 else optuna.samplers.RandomSampler(seed=s.seed)),
-        points_to_evaluate=[optuna_names(spec, p) for p in s.points_to_evaluate] or None,
-    )
-    return ConcurrencyLimiter(algorithm, max_concurrent=max_concurrent)
-
-
-def build_scheduler(spec: SpecBase):
-    """ASHA over the spec's epochs (FIFO with `search.scheduler: none`); across methods, one ASHA per method."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    s = spec.search
-    if s.scheduler == "none":
-        return FIFOScheduler()
-    # The trainer's own `epoch`, not Tune's training_iteration, which restarts after a trial restore.
-    asha = dict(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.training.epochs,
-                grace_period=min(s.grace_period, spec.training.epochs), reduction_factor=s.reduction_factor)
-    return MethodwiseASHA(**asha) if len(spec.method_names()) > 1 else ASHAScheduler(**asha)
-
-
-class MethodwiseASHA(FIFOScheduler):
-    """One ASHA per method, for a search across methods.
-
-    ASHA stops a trial that ranks low among the trials that reached the same epoch. Methods learn at
-    different speeds, so one ASHA over all trials would stop a slow starter's trials for their method,
-    not their settings, and TPE would then learn mostly about the fast starters. Here each method's
-    trials are compared only with each other; which method wins is left to the objective at the
-    full budget, and to TPE, which models `method.name` like any other choice.
-    """
-
-    def __init__(self, **asha: Any) -> None:
-        super().__init__()
-        self.asha, self.by_method = asha, {}
-
-    def _for(self, trial):
-        from ray.tune.schedulers import ASHAScheduler
-
-        method = str(field_values(getattr(trial, "config", None) or {}).get("method.name", ""))
-        if method not in self.by_method:
-            self.by_method[method] = ASHAScheduler(**self.asha)
-        return self.by_method[method]
-
-    def on_trial_add(self, tune_controller, trial) -> None:
-        self._for(trial).on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result):
-        return self._for(trial).on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller, trial, result) -> None:
-        self._for(trial).on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_remove(self, tune_controller, trial) -> None:
-        self._for(trial).on_trial_remove(tune_controller, trial)
-
-    def on_trial_error(self, tune_controller, trial) -> None:
-        self._for(trial).on_trial_error(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        return "; ".join(f"{method}: {s.debug_string()}" for method, s in self.by_method.items())
 
 
 @contextlib.contextmanager
@@ -159,6 +63,8 @@ class SearchOutcome:
     experiment: str
     parent_run_id: str
     tracking_uri: str
+    metric: str  # the objective, as the search's spec set it: what every ranking of its trials uses
+    mode: str
     rows: list[dict[str, Any]]
     best_run_id: str | None
     interrupted: bool = False
@@ -186,69 +92,46 @@ def _trainable(spec: SpecBase, data, uri: str, parent_run_id: str):
                                cluster.tune_trial_resources(spec))
 
 
-class StopWhenStorageFull(Callback):
-    """A trial that cannot write its checkpoint to a full disk (`STORAGE_FULL_KEY`) stops the whole search
-    the way Ctrl-C does (Tune's SIGUSR1): every trial would meet the same disk, and stopped trials stay
-    unfinished, so `ssl-tune resume` goes on once there is room. Trials failed for it would not."""
+@dataclass(kw_only=True)
+class _Stage:
+    """What the search's stages share: the spec, the data, the MLflow parent run and where Tune keeps state."""
 
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        import signal
+    spec: SpecBase
+    data: Any
+    client: Any
+    parent_id: str
+    experiment_id: str
+    experiment_name: str
+    uri: str
+    storage: str
+    run_name: str
+    verbose: bool
+    max_concurrent: int
 
-        if result.get(STORAGE_FULL_KEY) and not _storage_full:
-            _storage_full.append(str(result[STORAGE_FULL_KEY]))
-            _space_reserve.release()  # room for Tune's last save of its state, as it stops
-            os.kill(os.getpid(), signal.SIGUSR1)
+    def outcome(self, rows: list[dict[str, Any]], best_run_id: str | None, **more: Any) -> SearchOutcome:
+        return SearchOutcome(self.experiment_name, self.parent_id, self.uri, self.spec.search.metric,
+                             self.spec.search.mode, rows, best_run_id, storage=self.storage, **more)
 
+    def tuner(self, name: str, tune_config, console, param_space: dict[str, Any] | None = None):
+        """The Tuner of one stage (`name`: its directory under the storage path); `console` is the compact
+        table shown unless `verbose`."""
+        from ray import tune
 
-_storage_full: list[str] = []  # what the first trial that met a full disk said, in this process
-_space_reserve = checkpoints.SpaceReserve()  # held on the storage path's disk while a stage runs
-
-
-class StopSignals:
-    """How a search ended, known rather than counted: the first SIGINT (Ctrl-C) or SIGTERM (a batch
-    scheduler ending the job) is recorded here and passed to Tune as its own graceful stop (SIGUSR1):
-    trials stop, the experiment state is saved with them unfinished, and `ssl-tune resume` continues
-    them. Tune, told by SIGINT, would record them TERMINATED like trials that finished. A second
-    signal stops at once (KeyboardInterrupt), as does one that arrives before Tune listens."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-
-    def _handle(self, signum: int, frame) -> None:
-        import signal
-
-        first = self.received is None
-        self.received = self.received or signal.Signals(signum).name
-        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-        if not first or not tune_listens:
-            raise KeyboardInterrupt
-        print(f"\n{self.received}: stopping the trials at their last checkpoint (again to stop at once)",
-              file=sys.__stdout__, flush=True)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    @contextlib.contextmanager
-    def installed(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        # Tune then leaves SIGINT to us and listens for SIGUSR1 only (ray.tune.tune._setup_signal_catching).
-        saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        previous_usr1 = signal.getsignal(signal.SIGUSR1)
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            signal.signal(signal.SIGUSR1, previous_usr1)
-            if saved_env is None:
-                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-            else:
-                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
+        return tune.Tuner(
+            _trainable(self.spec, self.data, self.uri, self.parent_id),
+            param_space=param_space,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=self.storage,
+                callbacks=[tracking.MlflowTrialLogger(self.uri, self.experiment_id, self.parent_id, self.spec),
+                           StopWhenStorageFull()] + ([] if self.verbose else [console]),
+                checkpoint_config=checkpoint_config(train=False),
+                # A trial whose worker died restarts from its latest checkpoint, in the same MLflow run.
+                failure_config=tune.FailureConfig(max_failures=self.spec.search.max_failures),
+                verbose=1 if self.verbose else 0,
+            ),
+        )
 
 
 def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, address: str | None = None,
@@ -283,26 +166,15 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
     parent_id = tracking.open_search_run(client, experiment, run_name, spec, spec_source=spec_source,
                                          ray_address=ray_address, experiment_dir=f"{storage.rstrip('/')}/{run_name}",
                                          max_concurrent=max_concurrent, data=data)
-
-    tuner = tune.Tuner(
-        _trainable(spec, data, uri, parent_id),
-        tune_config=tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent),
-                                    scheduler=build_scheduler(spec), num_samples=spec.search.num_samples,
-                                    # a new trial reuses a finished trial's process: no fresh imports
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=run_name,
-            storage_path=storage,
-            callbacks=[tracking.MlflowTrialLogger(uri, experiment, parent_id, spec), StopWhenStorageFull()]
-            + ([] if verbose else [ConsoleTable(spec, epochs_after=budget.confirmation_trials(spec) * spec.training.epochs)]),
-            checkpoint_config=checkpoint_config(train=False),
-            # A trial whose worker died restarts from its latest checkpoint, in the same MLflow run.
-            failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-            verbose=1 if verbose else 0,
-        ),
-    )
-    stage = _Stage(spec, data, client, parent_id, experiment, experiment_name, uri, storage, run_name, verbose,
-                   max_concurrent)
+    stage = _Stage(spec=spec, data=data, client=client, parent_id=parent_id, experiment_id=experiment,
+                   experiment_name=experiment_name, uri=uri, storage=storage, run_name=run_name, verbose=verbose,
+                   max_concurrent=max_concurrent)
+    tuner = stage.tuner(
+        run_name,
+        tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent), scheduler=build_scheduler(spec),
+                        num_samples=spec.search.num_samples,
+                        reuse_actors=True),  # a new trial reuses a finished trial's process: no fresh imports
+        ConsoleTable(spec, epochs_after=budget.confirmation_trials(spec) * spec.training.epochs))
     return _fit_and_record(tuner, stage, confirming=False)
 
 
@@ -357,32 +229,17 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     root, name = _storage_root_and_name(storage)
     with _console(_driver_log(root, name), verbose):
         _, fits, data = cluster.prepare_cluster(spec, root, uri, address, verbose)
-        cluster.check_disk_space(spec, root, min(spec.search.max_concurrent or fits, spec.search.num_samples))
+        max_concurrent = min(spec.search.max_concurrent or fits, spec.search.num_samples)
+        cluster.check_disk_space(spec, root, max_concurrent)
         tracking.reopen_search_run(client, parent)
         # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
         tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, data, uri, parent_id), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        experiment_name = client.get_experiment(parent.info.experiment_id).name
-        stage = _Stage(spec, data, client, parent.info.run_id, parent.info.experiment_id, experiment_name, uri, root,
-                       parent.info.run_name, verbose, min(spec.search.max_concurrent or fits, spec.search.num_samples))
+        stage = _Stage(spec=spec, data=data, client=client, parent_id=parent_id,
+                       experiment_id=parent.info.experiment_id,
+                       experiment_name=client.get_experiment(parent.info.experiment_id).name, uri=uri, storage=root,
+                       run_name=parent.info.run_name, verbose=verbose, max_concurrent=max_concurrent)
         return _fit_and_record(tuner, stage, confirming=confirming, resumed=True)
-
-
-@dataclass
-class _Stage:
-    """What the search's stages share: the spec, the data, the MLflow parent run and where Tune keeps state."""
-
-    spec: SpecBase
-    data: Any
-    client: Any
-    parent_id: str
-    experiment_id: str
-    experiment_name: str
-    uri: str
-    storage: str
-    run_name: str
-    verbose: bool
-    max_concurrent: int
 
 
 def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = False) -> SearchOutcome:
@@ -400,9 +257,9 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = F
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     stop = StopSignals()
     tracking.updates_given_up(reset=True)
-    _storage_full.clear()
+    storage_full.clear()
     try:
-        reserve = _space_reserve.held(stage.storage, checkpoints.SpaceReserve.size(stage.spec.search.num_samples))
+        reserve = space_reserve.held(stage.storage, checkpoints.SpaceReserve.size(stage.spec.search.num_samples))
         with stop.installed(), reserve:
             results = tuner.fit()
     except BaseException as exc:
@@ -411,10 +268,10 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = F
         if checkpoints.disk_full(exc):  # Tune could not write its own state there: one line, not its traceback
             raise replay.StorageFull(stage.storage, stage.parent_id, stage.uri, str(exc).splitlines()[0][:300]) from None
         raise
-    if _storage_full:  # a trial met a full disk and the search was stopped for it (`StopWhenStorageFull`)
+    if storage_full:  # a trial met a full disk and the search was stopped for it (`StopWhenStorageFull`)
         with contextlib.suppress(*replay.tracking_errors()):
             tracking.close_search_run(stage.client, stage.parent_id, interrupted=True)
-        raise replay.StorageFull(stage.storage, stage.parent_id, stage.uri, _storage_full[0])
+        raise replay.StorageFull(stage.storage, stage.parent_id, stage.uri, storage_full[0])
     # Tune counts trials it stopped on a signal as TERMINATED, like finished ones: the signal decides.
     interrupted = stop.received is not None
     try:
@@ -441,14 +298,12 @@ def _record(results, stage: _Stage, *, confirming: bool, interrupted: bool) -> S
     if interrupted:
         done = _ended_on_their_own(client, parent_id, tracking.KIND_TRIAL)
         rows, _ = tracking.close_search_run(client, parent_id, interrupted=True, spec=spec)
-        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, None, interrupted=True,
-                             trials_done=done, trials_ok=ok, storage=stage.storage)
+        return stage.outcome(rows, None, interrupted=True, trials_done=done, trials_ok=ok)
     confirm = bool(spec.search.confirm.top_k) and ok > 0
     rows, best = tracking.close_search_run(client, parent_id, interrupted=False, spec=spec, trials_ok=ok,
                                            confirming=confirm)
     if not confirm:
-        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, best, trials_done=done, trials_ok=ok,
-                             storage=stage.storage)
+        return stage.outcome(rows, best, trials_done=done, trials_ok=ok)
     configs = {r.metrics["trial_id"]: field_values(r.config) for r in results if r.metrics and "trial_id" in r.metrics}
     return _confirm(confirmation_configs(spec, rows, configs), stage)
 
@@ -473,22 +328,12 @@ def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
           file=sys.__stdout__, flush=True)
     stage.client.set_tag(stage.parent_id, tracking.TAG_STORAGE, f"{stage.storage.rstrip('/')}/{name}")
     stage.client.set_tag(stage.parent_id, tracking.TAG_CONFIRMATION_TRIALS, str(len(configs)))
-    tuner = tune.Tuner(
-        _trainable(spec, stage.data, stage.uri, stage.parent_id),
-        param_space={CONFIRMATION_KEY: tune.grid_search([c[CONFIRMATION_KEY] for c in configs])},
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=min(stage.max_concurrent, len(configs)),
-                                    reuse_actors=True, trial_dirname_creator=_confirmation_dirname),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=stage.storage,
-            callbacks=[tracking.MlflowTrialLogger(stage.uri, stage.experiment_id, stage.parent_id, spec),
-                       StopWhenStorageFull()]
-            + ([] if stage.verbose else [ConsoleTable(spec, num_samples=len(configs), early_stopping=False)]),
-            checkpoint_config=checkpoint_config(train=False),
-            failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-            verbose=1 if stage.verbose else 0,
-        ),
-    )
+    tuner = stage.tuner(
+        name,
+        tune.TuneConfig(num_samples=1, max_concurrent_trials=min(stage.max_concurrent, len(configs)),
+                        reuse_actors=True, trial_dirname_creator=_confirmation_dirname),
+        ConsoleTable(spec, num_samples=len(configs), early_stopping=False),
+        param_space={CONFIRMATION_KEY: tune.grid_search([c[CONFIRMATION_KEY] for c in configs])})
     return _fit_and_record(tuner, stage, confirming=True)
 
 
@@ -502,13 +347,11 @@ def _record_confirmation(stage: _Stage, interrupted: bool) -> SearchOutcome:
     client, parent_id = stage.client, stage.parent_id
     parent = client.get_run(parent_id)
     rows = tracking.leaderboard(client, parent)
-    ok = sum(r["status"] != "FAILED" for r in rows)
-    common = dict(trials_done=len(rows), trials_ok=ok, storage=stage.storage)
+    ok = sum(r["status"] != tracking.FAILED for r in rows)
+    common = dict(trials_done=len(rows), trials_ok=ok)
     if interrupted:  # stopped during the confirmation stage (Ctrl-C, SIGTERM)
         common["trials_done"] = _ended_on_their_own(client, parent_id, tracking.KIND_CONFIRMATION)
         tracking.close_search_run(client, parent_id, interrupted=True)
-        return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, None, interrupted=True,
-                             in_confirmation=True, **common)
+        return stage.outcome(rows, None, interrupted=True, in_confirmation=True, **common)
     table, verdict, winner = tracking.record_confirmation(client, parent_id, stage.spec)
-    return SearchOutcome(stage.experiment_name, parent_id, stage.uri, rows, winner, confirmation=table,
-                         verdict=verdict, **common)
+    return stage.outcome(rows, winner, confirmation=table, verdict=verdict, **common)

@@ -1,0 +1,124 @@
+"""`ssl-tune validate`: what `ssl-tune run` would do with a spec, printed without starting anything."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ssl_tune.shell import ssl_tune_command
+from ssl_tune.spec import SpecBase, SpecError
+
+
+def _describe_range(r) -> str:
+    from ssl_tune.spec import Choice, IntRange, range_default
+
+    if isinstance(r, Choice):
+        text = "choice of " + ", ".join(map(str, r.values))
+    elif isinstance(r, IntRange):
+        text = f"int {r.low} to {r.high}" + (f" step {r.step}" if r.step != 1 else "") + (" (log)" if r.log else "")
+    else:
+        text = f"{r.type} {r.low:g} to {r.high:g}"
+    return f"{text}; default {range_default(r)}"
+
+
+def _cluster_nodes(address: str | None) -> tuple[str, list[dict]]:
+    """The nodes trials would run on: the Ray cluster at `address` (or $RAY_ADDRESS), else this machine
+    as a local Ray instance would see it."""
+
+    from ssl_tune import cluster
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        where = cluster.init_ray(address, log_to_driver=False)
+        try:
+            return f"the Ray cluster at {where}", cluster.node_resources()
+        finally:
+            ray.shutdown()
+    import torch
+
+    return "this machine", [{"id": "local", "address": "this machine", "CPU": float(os.cpu_count() or 1),
+                             "GPU": float(torch.cuda.device_count())}]
+
+
+def _describe_backbone(spec) -> str:
+    """One line: the backbone, its feature size and parameters, and what `cifar_stem: auto` chose;
+    SpecError when it cannot take the data set's images (`trainers.loop.check_backbone`)."""
+    from ssl_tune.data.cache import network_input
+    from ssl_tune.models import is_resnet, resolve_cifar_stem
+    from trainers.loop import check_backbone
+
+    b = spec.backbone
+    dim, parameters = check_backbone(spec)
+    channels, size = network_input(spec.data)
+    line = f"backbone: {b.name} ({parameters / 1e6:.2f}M parameters, {dim} features) on {channels} x {size} x {size} images"
+    if is_resnet(b.name):
+        stem = "CIFAR stem (3x3 conv, no max-pool)" if resolve_cifar_stem(b, size) else "ImageNet stem (7x7 conv, max-pool)"
+        line += f"; {stem}" + (f": backbone.cifar_stem auto at {size} px" if b.cifar_stem == "auto" else "")
+    return line
+
+
+def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], address: str | None) -> None:
+    """Print what `ssl-tune run` would do with `spec`: ranges, trials, expected epochs, backbone, resources, fit,
+    disk, tracking. Raises SpecError (exit 2) for a spec `run` would refuse."""
+    from ssl_tune import budget, cluster, tracking
+    from ssl_tune.algorithms import startup_trials
+    from ssl_tune.space import direction
+    t, s, r = spec.training, spec.search, spec.resources
+    print(f"{spec_path}: a valid spec")
+    print(f"  method {' or '.join(spec.method_names())} on {spec.data.name}; {t.epochs} epochs of batch {t.batch_size}; "
+          f"objective {direction(s.metric, s.mode)}")
+    ranges = spec.search_ranges()
+    if not ranges:
+        raise SpecError(f"{spec_path} has no search ranges, so `ssl-tune run` refuses it; `ssl-tune train` trains its "
+                        "one configuration")
+    print(f"searched ranges ({len(ranges)}):")
+    width = max(map(len, ranges))
+    branches = spec.branch_ranges()
+    for path, found in ranges.items():
+        print(f"  {path:<{width}}  {_describe_range(found)}")
+        for (of, value), sub in branches.items():
+            if of == path:
+                for sub_path, sub_range in sub.items():
+                    print(f"  {'':<{width}}    when {value}: {sub_path} {_describe_range(sub_range)}")
+    sampler = f"TPE, the first {min(startup_trials(spec), s.num_samples)} at random" if s.sampler == "tpe" else "random"
+    confirming = budget.confirmation_trials(spec)
+    print(f"trials: {s.num_samples} in the search ({sampler})" + (
+        f", then {confirming} in the confirmation stage (the {s.confirm.top_k} best"
+        f"{' and the default' if s.confirm.default else ''}, {s.confirm.seeds} seeds each)" if confirming else ""))
+    full = s.num_samples * t.epochs
+    if budget.rungs(spec):
+        expected = s.num_samples * budget.expected_epochs_left(spec, 0)
+        searched = (f"about {expected:.0f} expected with ASHA (at epochs {', '.join(map(str, budget.rungs(spec)))} "
+                    f"only the best 1 in {s.reduction_factor:g} goes on), at most {full}")
+    else:
+        searched = f"{full} (no early stopping)"
+    print(f"epochs: {searched}" + (f"; {confirming * t.epochs} in the confirmation stage" if confirming else ""))
+    try:
+        print(_describe_backbone(spec))
+    except SpecError as exc:
+        raise SpecError(f"{spec_path}: {exc}") from None
+    where, nodes = _cluster_nodes(address)
+    chose = cluster.resolve_gpus(spec, nodes)
+    per_worker = f"{r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU"
+    print(f"each trial asks for: {r.num_workers} worker(s) x ({per_worker})"
+          + (f" + {cluster.TRAIN_DRIVER_CPU:g} CPU for its Ray Train driver" if r.num_workers > 1 else "")
+          + (f"; {chose}" if chose else ""))
+    offered = ", ".join(f"{n['CPU']:g} CPU + {n['GPU']:g} GPU" for n in nodes)
+    try:
+        fits = cluster.check_resources(spec, nodes)
+    except SpecError as exc:
+        raise SpecError(f"{spec_path}: does not fit on {where} ({offered}): {exc}") from None
+    at_once = min(s.max_concurrent or fits, s.num_samples)
+    print(f"cluster: {where} ({len(nodes)} node(s): {offered}) fits {fits} trial(s) at once; {at_once} will run at once"
+          + (" (search.max_concurrent)" if s.max_concurrent and s.max_concurrent < fits else ""))
+    try:
+        needed = cluster.check_disk_space(spec, spec.storage_path, at_once)
+    except SpecError as exc:
+        raise SpecError(f"{spec_path}: {exc}") from None
+    print(f"checkpoints: {cluster.checkpoint_bytes(spec) / 2**20:,.1f} MiB each, about {needed / 2**30:,.2f} GiB on "
+          f"{spec.storage_path} while {at_once} trial(s) run")
+    uri = tracking.resolve_uri(spec.mlflow.tracking_uri)
+    print(f"tracking: {uri}, experiment {spec.mlflow.experiment_name or spec.name!r}; Ray storage: {spec.storage_path}")
+    print(f"start it with:  {ssl_tune_command('run', str(spec_path), *[f'--set={o}' for o in overrides])}")

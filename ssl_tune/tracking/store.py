@@ -1,0 +1,112 @@
+"""The tracking store: its URI, a client, the checks before a search, and batched writes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ssl_tune.spec import SpecError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The given URI, else MLFLOW_TRACKING_URI, else ./mlflow.db; sqlite paths made absolute (Ray workers chdir)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def client_for(uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def existing_store_client(uri: str):
+    """A client for a tracking store that must already exist (read-only commands: results, list,
+    export). MLflow would create an empty store for a missing sqlite file or local directory, and then
+    report "no experiment"; this raises LookupError naming the store instead."""
+    if uri.startswith("sqlite:///"):
+        local = uri.removeprefix("sqlite:///")
+    elif uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
+        local = uri.removeprefix("file://").removeprefix("file:")  # a local directory store
+    else:
+        local = None  # a server (http, databricks, ...): it answers for itself
+    if local is not None and not Path(local).exists():
+        raise LookupError(f"no MLflow tracking store at {uri} ({local} does not exist); run this where the search "
+                          "ran, or name the store with --tracking-uri or MLFLOW_TRACKING_URI")
+    return client_for(uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Raise `SpecError` if the tracking store cannot be reached (checked before any trial starts)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    # One quick attempt instead of MLflow's default minutes of retries with back-off.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        client_for(uri).search_experiments(max_results=1)
+    except Exception as exc:  # connection refused, DNS, HTTP errors: all mean "cannot log here"
+        text = str(exc)
+        if "error code 401" in text or "error code 403" in text:
+            who = ("as " + os.environ["MLFLOW_TRACKING_USERNAME"]) if os.environ.get("MLFLOW_TRACKING_USERNAME") else \
+                "without credentials"
+            raise SpecError(f"mlflow.tracking_uri: the MLflow tracking server at {uri} refused this client {who} "
+                            f"(HTTP {'401: not authenticated' if 'error code 401' in text else '403: no permission'}); "
+                            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to "
+                            "an account of that server") from None
+        raise SpecError(f"mlflow.tracking_uri: cannot reach the MLflow tracking server at {uri} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
+                        "start it (mlflow server --host ...) or point mlflow.tracking_uri / "
+                        "MLFLOW_TRACKING_URI at a running one") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# Each MLflow HTTP call of the driver gives up after about 20 s (MLflow's default is minutes of
+# retries); `MlflowWriter` retries held updates itself. Values set in the environment win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def bound_http_retries() -> None:
+    """Short timeouts and few retries for this process's MLflow HTTP calls, unless the user set them."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def experiment_id(client, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else client.create_experiment(name)
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    entries = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for chunk in _chunks(entries, 100):  # MLflow's limit per batch
+        client.log_batch(run_id, params=chunk)
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int, timestamp: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    now = timestamp if timestamp is not None else int(time.time() * 1000)
+    entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for chunk in _chunks(entries, 1000):
+        client.log_batch(run_id, metrics=chunk)

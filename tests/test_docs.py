@@ -1,0 +1,34 @@
+"""The README stays a first page, and the docs site builds in strict mode (a broken link or anchor fails)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+README = Path(ROOT) / "README.md"
+
+
+def test_the_readme_is_a_first_page_whose_links_exist():
+    text = README.read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 200
+    assert [n for n, line in enumerate(lines, 1) if len(line) > 110] == []
+    assert lines[2:6] == ["```bash",
+                          "bash scripts/in-venv.sh ssl-tune run search_spaces/twist.yaml   # set up, then search TWIST's "
+                          "hyperparameters",
+                          "bash scripts/in-venv.sh python -m pytest -q                     # set up, then run the tests",
+                          "```"]
+    for target in re.findall(r"\]\(([^)#]+)", text):
+        if "://" not in target:
+            assert (Path(ROOT) / target).exists(), target
+
+
+def test_the_docs_site_builds_in_strict_mode(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "site" / "python-api" / "index.html").is_file()
