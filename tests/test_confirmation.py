@@ -8,6 +8,7 @@ import signal
 import pytest
 import yaml
 
+import ssl_tune
 from ssl_tune import confirmation, tracking
 from ssl_tune.confirmation import DEFAULT, Interval, confirmation_configs, summarise, verdict
 from ssl_tune.space import CONFIRMATION_KEY, resolve_trial
@@ -125,6 +126,10 @@ def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_pat
     assert "default_mean" in parent.data.metrics
     if winner["confirms"] != DEFAULT:
         assert parent.data.tags[tracking.TAG_BEATS_DEFAULT] == str(winner["beats_default"]).lower()
+    assert "figures/confirmation.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    found = ssl_tune.open_search("c1", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # the Python API agrees
+    assert found.best.confirmed and found.best.run_id == winner["run_id"]
+    assert list(found.confirmation["mean"]) == [r["mean"] for r in table] and found.verdict == confirmation.verdict(table)
     results = run_cli(["results", "c1"], cwd=tmp_path)
     assert results.returncode == 0 and "ci95_low" in results.stdout and "search #1" in results.stdout
     listed = run_cli(["list"], cwd=tmp_path).stdout.splitlines()

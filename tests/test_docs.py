@@ -15,7 +15,9 @@ def test_the_readme_is_a_first_page_whose_links_exist():
     text = README.read_text()
     lines = text.splitlines()
     assert len(lines) <= 200
-    assert [n for n, line in enumerate(lines, 1) if len(line) > 110] == []
+    fenced = [line.lstrip().startswith("```") for line in lines]
+    inside = [sum(fenced[: n + 1]) % 2 == 1 or fenced[n] for n in range(len(lines))]  # quoted output may be wider
+    assert [n for n, line in enumerate(lines, 1) if len(line) > 110 and not inside[n - 1]] == []
     assert lines[2:6] == ["```bash",
                           "bash scripts/in-venv.sh ssl-tune run search_spaces/twist.yaml   # set up, then search TWIST's "
                           "hyperparameters",
