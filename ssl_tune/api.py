@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssl_tune import tracking
+from ssl_tune.space import param_value
 
 if TYPE_CHECKING:
     import pandas
@@ -103,8 +104,6 @@ class Search:
             return None
         run = self._client.get_run(run_id)
         searched = [p for p in parent.data.tags.get(tracking.TAG_SEARCHED, "").split(",") if p]
-        from ssl_tune.space import param_value
-
         return BestTrial(run_id, run.data.metrics.get(self.metric, float("nan")),
                          {p: param_value(run.data.params.get(p)) for p in searched},
                          run.data.tags.get(tracking.TAG_KIND) == tracking.KIND_CONFIRMATION)

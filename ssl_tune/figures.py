@@ -50,10 +50,11 @@ def embedding_figure(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[s
     fig, ax = plt.subplots(figsize=(6.8, 5), layout="constrained")
     points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10" if labels.max(initial=0) < 10 else "tab20",
                         s=4, alpha=0.7)
-    handles, numbers = points.legend_elements(num=None)
-    if class_names is not None and len(class_names) <= NAMED_CLASSES:
-        present = sorted(set(labels.tolist()))
-        numbers = [class_names[int(c)] for c in present][: len(handles)]
+    named = class_names is not None and len(class_names) <= NAMED_CLASSES
+    # One entry per class when they are named; else matplotlib's few evenly spaced labels (1,000 classes).
+    handles, numbers = points.legend_elements(num=None if named else "auto")
+    if named:
+        numbers = [class_names[int(c)] for c in sorted(set(labels.tolist()))][: len(handles)]
     fig.legend(handles, numbers, title="class", fontsize=7, loc="outside right upper", markerscale=0.8)
     ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
     return fig

@@ -72,3 +72,22 @@ def test_method_trains_from_its_search_space(tmp_path, method):
     assert terms and all(f"{term} " in proc.stdout for term in terms)
     assert torch.load(tmp_path / method / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert {"embedding.png", "knn_confusion.png"} <= {p.name for p in (tmp_path / method / "figures").iterdir()}
+
+
+@pytest.mark.slow
+def test_the_docs_train_example_runs_as_written(tmp_path):
+    import re
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import ROOT
+
+    text = (Path(ROOT) / "docs" / "first-search.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "ssl_tune.train(" in b]
+    shutil.copytree(Path(ROOT) / "search_spaces", tmp_path / "search_spaces")
+    ran = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    status, knn = ran.stdout.split()[-2:]
+    assert status == "finished" and 0 < float(knn) <= 100
+    assert (tmp_path / "runs" / "twist" / "checkpoint.pt").is_file()

@@ -107,6 +107,14 @@ def test_class_names_label_the_confusion_matrix_and_the_embedding():
     assert [t.get_text() for t in unnamed["knn_confusion"].axes[0].get_xticklabels()] == ["0", "1", "2"]
     for fig in unnamed.values():
         figures.close(fig)
+    many = 200  # past NAMED_CLASSES: no name per class on the axes, and a legend of a few entries, not 200
+    crowded = figures.evaluation_figures({"embedding_2d": np.random.default_rng(0).normal(size=(400, 2)),
+                                          "labels": np.arange(400) % many, "confusion": np.eye(many, dtype=int),
+                                          "class_names": np.asarray([f"class {i}" for i in range(many)])})
+    assert len(legend_texts(crowded["embedding"].legends[0])) < 20
+    assert "class 0" not in [t.get_text() for t in crowded["knn_confusion"].axes[0].get_xticklabels()]
+    for fig in crowded.values():
+        figures.close(fig)
 
 
 def test_learning_curves_name_trials_by_their_searched_values():

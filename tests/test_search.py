@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,8 @@ def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logge
         example = next(block for block in python_blocks(page) if f'load_backbone("exports/{name}")' in block)
         (work / "exports").mkdir(exist_ok=True)
         (work / "exports" / name).symlink_to(exported)
-        ran = subprocess.run([sys.executable, "-c", example], cwd=work, capture_output=True, text=True, timeout=120)
+        ran = subprocess.run([sys.executable, "-c", textwrap.dedent(example)], cwd=work, capture_output=True, text=True,
+                             timeout=120)  # (dedented: the README's block sits in a list item)
         assert ran.returncode == 0, (page, ran.stderr)
         assert f"torch.Size([1, {width}])" in ran.stdout and "grey 28x28" in ran.stdout, page
 
