@@ -187,6 +187,7 @@ def open_search(name_or_run_id: str, tracking_uri: str | None = None) -> Search:
     uri = tracking.resolve_uri(tracking_uri)
     try:
         parent = tracking.find_parent_run(tracking.existing_store_client(uri), name_or_run_id)
+        tracking.objective_of(parent)  # a run that ssl-tune did not write has none: say so here, not later
     except LookupError as exc:
         raise LookupError(str(exc) if uri in str(exc) else f"{exc} (tracking store {uri})") from None
     return Search(parent.info.run_id, uri)

@@ -104,3 +104,13 @@ def test_resume_ranks_each_methods_best_by_the_searchs_own_mode(monkeypatch, cap
     assert "objective loss (min)" in out
     per_method = out.split("best trial per method:\n")[1].split("\n\n")[0].splitlines()[1:]
     assert [line.split()[1:3] for line in per_method] == [["isd", "0.5"], ["twist", "1"]]
+
+
+def test_a_run_that_ssl_tune_did_not_write_is_refused_by_name(tmp_path):
+    from ssl_tune import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client_for(uri)
+    run = client.create_run(client.create_experiment("someone-else"))
+    with pytest.raises(LookupError, match=f"run {run.info.run_id} is not an ssl-tune search.*tracking store {uri}"):
+        ssl_tune.open_search(run.info.run_id, tracking_uri=uri)
