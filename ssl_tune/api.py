@@ -104,7 +104,8 @@ class Search:
             return None
         run = self._client.get_run(run_id)
         searched = [p for p in parent.data.tags.get(tracking.TAG_SEARCHED, "").split(",") if p]
-        return BestTrial(run_id, run.data.metrics.get(self.metric, float("nan")),
+        metric = tracking.objective_of(parent)[0]  # (the parent read once, not again through `self.metric`)
+        return BestTrial(run_id, run.data.metrics.get(metric, float("nan")),
                          {p: param_value(run.data.params.get(p)) for p in searched},
                          run.data.tags.get(tracking.TAG_KIND) == tracking.KIND_CONFIRMATION)
 
