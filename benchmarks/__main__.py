@@ -5,7 +5,9 @@
     python -m benchmarks gpu-check           # ResNet-50 at 96 and 160 px, bf16, streamed vs resident (GPU)
     python -m benchmarks search-overhead     # ssl-tune run vs bare trainer calls, 1 and 2 workers
     python -m benchmarks efficiency-table    # trains the grid the efficiency benchmark replays
-    python -m benchmarks efficiency          # TPE + ASHA vs random vs TPE alone, same compute
+    python -m benchmarks efficiency          # TPE + ASHA vs random vs TPE alone vs GP, CMA-ES, QMC, same compute
+    python -m benchmarks proxy               # search at a proxy, confirm at full scale, against the full pipeline
+    python -m benchmarks warm-start          # a search warm-started from an earlier one against a cold one
     python -m benchmarks noise               # seed noise of one configuration; RankMe vs kNN top-1
     python -m benchmarks label-free          # RankMe vs kNN top-1 over each method's search trials
     python -m benchmarks knn-bank            # a subset kNN bank against the whole training split, a search's trials
@@ -25,8 +27,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks import (backbones, cluster, common, data, gpu_check, knn_bank, label_free, loss_scaling, noise, report,
-                        search_efficiency, search_overhead, throughput)
+from benchmarks import (backbones, cluster, common, data, gpu_check, knn_bank, label_free, loss_scaling, noise,
+                        proxy_search, report, search_efficiency, search_overhead, throughput)
 
 BENCHMARKS = {  # name -> (add_arguments, run)
     "throughput": (throughput.add_arguments, throughput.run),
@@ -35,6 +37,8 @@ BENCHMARKS = {  # name -> (add_arguments, run)
     "search-overhead": (search_overhead.add_arguments, search_overhead.run),
     "efficiency-table": (lambda p: search_efficiency.add_arguments(p, table=True), search_efficiency.run_table),
     "efficiency": (lambda p: search_efficiency.add_arguments(p, table=False), search_efficiency.run),
+    "proxy": (proxy_search.add_proxy_arguments, proxy_search.run_proxy_args),
+    "warm-start": (proxy_search.add_warm_start_arguments, proxy_search.run_warm_start),
     "noise": (noise.add_arguments, noise.run),
     "label-free": (label_free.add_arguments, label_free.run),
     "knn-bank": (knn_bank.add_arguments, knn_bank.run),

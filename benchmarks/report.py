@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks import (backbones, cluster, data, gpu_check, knn_bank, label_free, loss_scaling, noise,
+from benchmarks import (backbones, cluster, data, gpu_check, knn_bank, label_free, loss_scaling, noise, proxy_search,
                         search_efficiency, search_overhead, throughput)
 
 # (result file, title, what it measures, renderer, command to run when there is no result yet)
@@ -32,9 +32,18 @@ SECTIONS = [
      "Every point of a grid over TWIST's lr and tau trained with the real trainer on the bundled data; "
      "the efficiency benchmark replays searches on these curves.",
      search_efficiency.report_table),
-    ("efficiency", "Search efficiency: TPE + ASHA against random search and TPE alone",
+    ("efficiency", "Search efficiency: TPE + ASHA against random search, TPE alone and Optuna's other samplers",
      "Best objective reached as a function of the compute spent (epochs trained), at the same budget.",
      search_efficiency.report),
+    ("proxy", "Searching at a proxy, confirming at the full setting",
+     "The shipped TWIST pipeline (search and confirmation at the full setting) against a search at a cheap proxy "
+     "whose confirmation runs at the full setting (`search.confirm.overrides`): the winners' confirmed means, "
+     "paired by seed, and the compute of each.",
+     proxy_search.report_proxy),
+    ("warm-start", "Warm start from an earlier search",
+     "A search of the shipped TWIST spec, then the same spec with `search.warm_start` naming it and another "
+     "sampler seed: the epochs each trains before its best reaches the first search's best within the noise floor.",
+     proxy_search.report_warm_start),
     ("noise", "Seed noise, and RankMe against kNN top-1",
      "Configurations of the efficiency grid trained again on fresh seeds: how much one configuration's result "
      "varies from seed to seed (the noise floor every comparison of single runs sits on), and how well the "

@@ -1,4 +1,4 @@
-"""Search efficiency: TPE + ASHA against random search and TPE alone, at the same compute budget.
+"""Search efficiency: TPE + ASHA against random search, TPE alone and Optuna's other samplers, at the same budget.
 
     python -m benchmarks efficiency-table [--points 6] [--processes 2]     # trains the grid (~30 min)
     python -m benchmarks efficiency [--seeds 10] [--budget-trials 12]      # replays searches on it
@@ -17,7 +17,8 @@ Optimization", 2019; Eggensperger et al., 2015):
    objective reached is recorded as a function of the epochs spent.
 
 Strategies: TPE + ASHA (the default), random search + ASHA, TPE without early stopping, random
-search, and both TPE strategies with Optuna's default of 10 random start-up trials. The target is random
+search, both TPE strategies with Optuna's default of 10 random start-up trials, and GP, CMA-ES and
+quasi-Monte Carlo (`search.sampler`) with ASHA. The target is random
 search's mean best objective at the full budget; reported is the compute each strategy's mean curve needs
 to reach it, and its ratio to random search's.
 """
@@ -51,6 +52,10 @@ STRATEGIES = {  # name -> (sampler, scheduler, TPE's random start-up trials; Non
     # Optuna's own default start-up (10 trials), which ssl-tune used before this benchmark.
     "TPE + ASHA, 10 start-up": ("tpe", "asha", 10),
     "TPE, 10 start-up": ("tpe", "none", 10),
+    # Optuna's other samplers (`search.sampler`), with ASHA as the product runs them.
+    "GP + ASHA": ("gp", "asha", None),
+    "CMA-ES + ASHA": ("cmaes", "asha", None),
+    "QMC + ASHA": ("qmc", "asha", None),
 }
 
 

@@ -178,11 +178,15 @@ def _print_best_per_method(rows: list[dict], mode: str) -> None:
 def _print_confirmation(rows: list[dict], verdict: str) -> None:
     """The confirmation stage's table (mean, SD, 95% interval, paired gain over the default) and verdict."""
     from ssl_tune import tracking
+    from ssl_tune.confirmation import rank_transfer, rank_transfer_line
 
     if rows or verdict:
         print("\nconfirmed on fresh seeds (best mean first; export takes the first row's best seed):")
         print(tracking.format_table(rows, tracking.confirmation_columns(rows)))
         print(verdict)
+        transfer = rank_transfer_line(rank_transfer(rows))
+        if transfer:
+            print(transfer)
 
 
 def _naming_store(exc: Exception, uri: str) -> str:

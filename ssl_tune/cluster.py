@@ -169,9 +169,15 @@ def init_ray(address: str | None, *, log_to_driver: bool = True) -> str:
 
 
 def _check_batch(spec: SpecBase, images: int) -> None:
-    if spec.training.batch_size > images:
+    from ssl_tune.data.datasets import subset_size
+
+    kept = subset_size(spec.data.subset, images)
+    if kept > images:
+        raise SpecError(f"data.subset ({spec.data.subset}) asks for more than data set {spec.data.name!r} holds "
+                        f"({images} training images)")
+    if spec.training.batch_size > kept:
         raise SpecError(f"training.batch_size ({spec.training.batch_size}) is larger than data set "
-                        f"{spec.data.name!r} ({images} images)")
+                        f"{spec.data.name!r} ({kept} images{' in data.subset' if kept < images else ''})")
 
 
 def trial_nodes(spec: SpecBase, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -125,3 +125,37 @@ def verdict(rows: Sequence[dict[str, Any]]) -> str:
     if best["beats_default"]:
         return f"the winner beats the default beyond seed noise: {interval} over {best['seeds']} paired seeds"
     return f"the winner does not beat the default beyond seed noise: {interval} over {best['seeds']} paired seeds"
+
+
+# Fewer configurations than this give no rank correlation worth reading.
+RANK_TRANSFER_MIN = 3
+
+
+def rank_transfer(rows: Sequence[dict[str, Any]]) -> tuple[float, int] | None:
+    """Spearman's rank correlation between the confirmed configurations' search scores ("search_objective":
+    their single run in the search) and their confirmed means, with how many configurations it is over;
+    None for fewer than `RANK_TRANSFER_MIN` with both, or when either is constant.
+
+    After a search at a cheap proxy (`search.confirm.overrides`), it says whether the proxy ranks
+    configurations as the full setting does: near 1, the proxy's order holds and its search can be
+    trusted to pick; near 0 or below, the proxy's winner was luck or the proxy measures something else.
+    """
+    from scipy.stats import spearmanr
+
+    pairs = [(r["search_objective"], r["mean"]) for r in rows
+             if counts(r.get("search_objective")) and counts(r.get("mean"))]
+    if len(pairs) < RANK_TRANSFER_MIN or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+        return None
+    rho = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
+    return (rho, len(pairs)) if not math.isnan(rho) else None
+
+
+def rank_transfer_line(found: tuple[float, int] | None) -> str:
+    """One line on the rank transfer (`rank_transfer`); "" when there is none."""
+    if found is None:
+        return ""
+    rho, n = found
+    if rho >= 1 - 1e-9:
+        return f"rank transfer: Spearman {rho:+.2f} over {n} configurations: the confirmation kept the search's order"
+    return (f"rank transfer: Spearman {rho:+.2f} over {n} configurations: the confirmation did not keep the search's "
+            "order, so the search's setting ranks these configurations differently from the confirmation's")

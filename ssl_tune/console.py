@@ -118,14 +118,14 @@ class ConsoleTable(Callback):
 
     The ETA is the time left for the whole command: the epochs the stage's trials are expected to
     run still (under ASHA, `ssl_tune.budget`: each rung's measured promotion rate) plus the epochs of
-    the stages after it (`epochs_after`: the confirmation stage), at the measured time between two
-    epochs of one trial, divided over the most trials seen running at once (not the current count,
-    which dips between one trial's end and the next one's start). There is none ("-") until an
-    epoch's duration has been measured: start-ups and restarts are not epochs.
+    the stages after it (`epochs_after`: the confirmation stage, in epochs of this stage's setting), at
+    the measured time between two epochs of one trial, divided over the most trials seen running at once
+    (not the current count, which dips between one trial's end and the next one's start). There is none
+    ("-") until an epoch's duration has been measured: start-ups and restarts are not epochs.
     """
 
     def __init__(self, spec: SpecBase, num_samples: int | None = None, *, early_stopping: bool = True,
-                 epochs_after: int = 0) -> None:
+                 epochs_after: float = 0) -> None:
         self.spec = spec
         self.metric, self.mode = spec.search.metric, spec.search.mode
         self.params = spec.searchable_paths()

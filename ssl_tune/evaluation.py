@@ -14,6 +14,7 @@ from torch import nn
 
 from ssl_tune import distributed
 from ssl_tune.data.augment import centre_view
+from ssl_tune.data.datasets import stratified_subset
 from ssl_tune.data.loader import Normalizer
 
 # Next to a run's final checkpoint: the arrays of its final evaluation (the test embedding's first
@@ -174,20 +175,6 @@ def ranking_accuracy(ranked: torch.Tensor, labels: torch.Tensor) -> tuple[float,
     top1 = (ranked[:, :1] == truth).any(1).float().mean().item()
     top5 = (ranked[:, :5] == truth).any(1).float().mean().item()
     return 100.0 * top1, 100.0 * top5
-
-
-def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Indices of `fraction` of the samples of every class (at least one per class), in increasing order.
-    One sort of the labels, not a pass per class (1,000 passes over 1.28M labels for ImageNet)."""
-    g = torch.Generator().manual_seed(seed)
-    by_class = torch.argsort(labels.cpu(), stable=True)
-    counts = torch.bincount(labels.cpu())
-    picks = []
-    for members in by_class.split(counts.tolist()):
-        if len(members):
-            count = max(1, round(fraction * len(members)))
-            picks.append(members[torch.randperm(len(members), generator=g)[:count]])
-    return torch.cat(picks).sort().values
 
 
 def linear_probe(

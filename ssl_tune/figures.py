@@ -200,6 +200,27 @@ def confirmation_figure(rows: Sequence[Mapping], metric: str, mode: str) -> Figu
     return fig
 
 
+def rank_transfer_figure(rows: Sequence[Mapping], metric: str, mode: str, rho: float) -> Figure:
+    """Each confirmed configuration's search score (its single run in the search, x) against its confirmed
+    mean with the 95 % interval (y); Spearman's rho in the title (`confirmation.rank_transfer`)."""
+    import math
+
+    drawn = [r for r in rows if all(isinstance(r.get(k), float) and not math.isnan(r[k])
+                                    for k in ("search_objective", "mean"))]
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+    for row in drawn:
+        low, high = row["ci95_low"], row["ci95_high"]
+        error = [[row["mean"] - low], [high - row["mean"]]] if not math.isnan(low) else None
+        colour = "grey" if row["configuration"] == "default" else "tab:blue"
+        ax.errorbar(row["search_objective"], row["mean"], yerr=error, fmt="o", color=colour, capsize=4)
+        ax.annotate(row["configuration"], (row["search_objective"], row["mean"]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=7)
+    ax.set(xlabel=f"{metric} in the search (one run)", ylabel=f"{metric} confirmed (mean, 95 % interval)",
+           title=f"rank transfer: Spearman {rho:+.2f} over {len(drawn)} configurations ({direction(metric, mode)})")
+    ax.title.set_fontsize(9)
+    return fig
+
+
 def study_figures(study, varied: Sequence[str], metric: str, mode: str) -> dict[str, Figure]:
     """Optuna's own plots of a study of finished trials, titled with the objective and its direction;
     parameter importance over the `varied` parameters when there are some and at least two trials."""

@@ -59,6 +59,15 @@ def _describe_backbone(spec) -> str:
     return line
 
 
+def _setting(spec: SpecBase) -> str:
+    """The fidelity of a spec's trials: epochs, images, image size and backbone."""
+    d = spec.data
+    images = ("all training images" if d.subset is None else
+              f"{d.subset:g} of the training images" if isinstance(d.subset, float) else f"{d.subset} training images")
+    size = f", {d.image_size} px" if d.image_size else ""
+    return f"{spec.training.epochs} epochs a trial, {images}{size}, backbone {spec.backbone.name}"
+
+
 def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], address: str | None) -> None:
     """Print what `ssl-tune run` would do with `spec`: ranges, trials, expected epochs, backbone, resources, fit,
     disk, tracking. Raises SpecError (exit 2) for a spec `run` would refuse."""
@@ -82,7 +91,9 @@ def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], 
             if of == path:
                 for sub_path, sub_range in sub.items():
                     print(f"  {'':<{width}}    when {value}: {sub_path} {_describe_range(sub_range)}")
-    sampler = f"TPE, the first {min(startup_trials(spec), s.num_samples)} at random" if s.sampler == "tpe" else "random"
+    modelled = {"tpe": "TPE", "gp": "a Gaussian process", "cmaes": "CMA-ES"}.get(s.sampler)
+    sampler = (f"{modelled}, the first {min(startup_trials(spec), s.num_samples)} at random" if modelled
+               else {"qmc": "quasi-random Sobol points", "random": "random"}[s.sampler])
     confirming = budget.confirmation_trials(spec)
     print(f"trials: {s.num_samples} in the search ({sampler})" + (
         f", then {confirming} in the confirmation stage (the {s.confirm.top_k} best"
@@ -90,11 +101,18 @@ def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], 
     full = s.num_samples * t.epochs
     if budget.rungs(spec):
         expected = s.num_samples * budget.expected_epochs_left(spec, 0)
-        searched = (f"about {expected:.0f} expected with ASHA (at epochs {', '.join(map(str, budget.rungs(spec)))} "
+        searched = (f"about {expected:.0f} epochs expected with ASHA (at epochs {', '.join(map(str, budget.rungs(spec)))} "
                     f"only the best 1 in {s.reduction_factor:g} goes on), at most {full}")
     else:
-        searched = f"{full} (no early stopping)"
-    print(f"epochs: {searched}" + (f"; {confirming * t.epochs} in the confirmation stage" if confirming else ""))
+        searched = f"{full} epochs (no early stopping)"
+    print(f"search budget: {searched}; {_setting(spec)}")
+    if confirming:
+        confirm_spec = spec.confirmation_spec()
+        overridden = " (search.confirm.overrides)" if s.confirm.overrides else ""
+        print(f"confirmation budget: {confirming} x {confirm_spec.training.epochs} = {budget.confirmation_epochs(spec)} "
+              f"epochs; {_setting(confirm_spec)}{overridden}")
+    if s.warm_start:
+        print(f"warm start from: {', '.join(s.warm_start)} (read from the tracking store when the search starts)")
     try:
         print(_describe_backbone(spec))
     except SpecError as exc:

@@ -114,3 +114,20 @@ Searchable = Annotated[
 def range_default(r: Uniform | LogUniform | IntRange | Choice) -> Any:
     """The value `ssl-tune train` uses for a range: its `default`, else its centre."""
     return r.default if r.default is not None else r.centre()
+
+
+class SpecError(Exception):
+    """A spec file or override that is not valid; the message is meant for the user as is."""
+
+
+def set_path(raw: dict, keys: list[str], value: Any) -> None:
+    """Set `raw[k0][k1]...` = value, creating sections on the way."""
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"field `{'.'.join(keys[: i + 1])}` holds a value, not a section")
+        node = child
+    node[keys[-1]] = value

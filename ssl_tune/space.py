@@ -91,6 +91,20 @@ def field_values(config: dict[str, Any]) -> dict[str, Any]:
     return {field_path(name): value for name, value in config.items()}
 
 
+# Where a search trial's configuration came from (its run's `ssl_tune.origin` tag): the sampler, a point of
+# `search.points_to_evaluate`, or "warm_start:SEARCH", an earlier search's best (`ssl_tune.warm_start`).
+ORIGIN_SAMPLER, ORIGIN_POINTS = "sampler", "points_to_evaluate"
+
+
+def origin(values: dict[str, Any], origins: list[tuple[dict[str, Any], str]]) -> str:
+    """Where a new trial's configuration came from: a point it repeats (`search.points_to_evaluate`, or an
+    earlier search's best), else the sampler."""
+    for point, label in origins:
+        if point and all(k in values and str(values[k]) == str(v) for k, v in point.items()):
+            return label
+    return ORIGIN_SAMPLER
+
+
 def resolve_trial(spec: SpecBase, config: dict[str, Any]) -> SpecBase:
     """The resolved spec a trial trains: the sampled values, and a confirmation's own training seed."""
     resolved = spec.resolve(field_values(config))

@@ -27,7 +27,11 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from ssl_tune.data.datasets import DATASET_NAMES, NEEDS_ROOT
 
 # The ranges are part of the schema: `from ssl_tune.spec import Choice` is how the rest of the package names them.
-from ssl_tune.ranges import RANGE_TYPES, Choice, IntRange, LogUniform, Searchable, StrictModel, Uniform, range_default  # noqa: F401
+from ssl_tune.ranges import (RANGE_TYPES, Choice, IntRange, LogUniform, Searchable, SpecError,  # noqa: F401
+                             StrictModel, Uniform, range_default, set_path)
+# The search section: `from ssl_tune.spec import OBJECTIVES` is how the rest of the package names it.
+from ssl_tune.search_spec import (OBJECTIVES, SAMPLERS, ConfirmSpec, SearchSpec,  # noqa: F401
+                                  check_confirm_overrides, confirmation_spec)
 
 # --- sections ------------------------------------------------------------------------------
 
@@ -138,6 +142,11 @@ class DataSpec(StrictModel):
         "auto", description="keep the training images in each GPU's memory (true), or stream each rank's rows of "
         "every batch from the node's cache through pinned memory (false); auto: resident when they take at most "
         f"{int(RESIDENT_FRACTION * 100)}% of the GPU's free memory, streamed on a CPU")
+    subset: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="train on part of the training images: a count (20000) or a fraction (0.25), stratified by "
+        "class and the same for every trial (`data.subset_seed`); the kNN bank is drawn from it. With "
+        "`search.confirm.overrides: {data.subset: null}`, a cheap proxy for the search; null: all images")
+    subset_seed: int = Field(0, description="which images `data.subset` takes")
     augmentation: AugmentationSpec = AugmentationSpec()
 
     @field_validator("image_size")
@@ -257,45 +266,6 @@ class EvaluationSpec(StrictModel):
     )
 
 
-# Metrics reported after every evaluated epoch, so a scheduler can compare trials on them. `rankme`
-# needs no labels: the effective rank of the training split's representations (RankMe, Garrido et al. 2023).
-OBJECTIVES = ("knn_top1", "knn_top5", "rankme", "loss")
-
-
-class ConfirmSpec(StrictModel):
-    """After the search: re-train the best configurations and the default on fresh seeds."""
-
-    top_k: Annotated[int, Field(ge=0)] = Field(
-        0, description="best configurations of the search re-trained at the full budget; 0: no confirmation stage")
-    seeds: Annotated[int, Field(ge=2)] = Field(
-        3, description="fresh training seeds per confirmed configuration (at least 2, for a standard deviation)")
-    default: bool = Field(True, description="also re-train the spec's default configuration, the baseline to beat")
-
-
-class SearchSpec(StrictModel):
-    num_samples: Annotated[int, Field(ge=1)] = 8
-    max_concurrent: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="trials at once; default: as many as the cluster's CPUs/GPUs fit"
-    )
-    metric: Literal[OBJECTIVES] = Field("knn_top1", description="objective")  # type: ignore[valid-type]
-    mode: Literal["max", "min"] = "max"
-    sampler: Literal["tpe", "random"] = Field(
-        "tpe", description="Optuna sampler: tpe (model-based), or random (a baseline to compare with)")
-    startup_trials: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="TPE: trials sampled at random before it models the results; "
-        "default: 2 per searched parameter, at most 10 (Optuna's default)")
-    scheduler: Literal["asha", "none"] = Field("asha", description="asha: early stopping of weak trials")
-    grace_period: Annotated[int, Field(ge=1)] = Field(1, description="ASHA: epochs before a trial can be stopped")
-    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
-    seed: int = Field(0, description="seed of Optuna's sampler")
-    max_failures: Annotated[int, Field(ge=0)] = Field(
-        2, description="restarts of a trial whose worker died, each from its latest checkpoint")
-    points_to_evaluate: list[dict[str, Any]] = Field(
-        default_factory=list, description="warm start: trials to run first, e.g. [{method.tau: 0.5}]"
-    )
-    confirm: ConfirmSpec = ConfirmSpec()
-
-
 class ResourcesSpec(StrictModel):
     num_workers: Annotated[int, Field(ge=1)] = Field(1, description="DDP workers per trial")
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
@@ -354,6 +324,16 @@ class SpecBase(StrictModel):
             raise ValueError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
                              f"resources.num_workers ({self.resources.num_workers}): it is the global batch")
         return self
+
+    @model_validator(mode="after")
+    def _confirm_overrides(self) -> SpecBase:
+        check_confirm_overrides(self)
+        return self
+
+    def confirmation_spec(self) -> SpecBase:
+        """The spec the confirmation trials train (the default's too): this one with `search.confirm.overrides`
+        set, its ranges kept; itself without overrides."""
+        return confirmation_spec(self)
 
     # --- searchable fields ---
 
@@ -431,20 +411,3 @@ class SpecBase(StrictModel):
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
-
-
-class SpecError(Exception):
-    """A spec file or override that is not valid; the message is meant for the user as is."""
-
-
-def set_path(raw: dict, keys: list[str], value: Any) -> None:
-    """Set `raw[k0][k1]...` = value, creating sections on the way."""
-    node = raw
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise SpecError(f"field `{'.'.join(keys[: i + 1])}` holds a value, not a section")
-        node = child
-    node[keys[-1]] = value

@@ -14,13 +14,13 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ssl_tune import budget, checkpoints, cluster, replay, tracking
+from ssl_tune import budget, checkpoints, cluster, replay, tracking, warm_start
 from ssl_tune.algorithms import build_scheduler, build_search_algorithm
 from ssl_tune.confirmation import confirmation_configs
 from ssl_tune.shell import ssl_tune_command
@@ -107,6 +107,11 @@ class _Stage:
     run_name: str
     verbose: bool
     max_concurrent: int
+    origins: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # `space.origin`'s points
+    search_spec: SpecBase | None = None  # in the confirmation stage: the search's spec (`spec` has the overrides)
+
+    def trial_logger(self) -> tracking.MlflowTrialLogger:
+        return tracking.MlflowTrialLogger(self.uri, self.experiment_id, self.parent_id, self.spec, origins=self.origins)
 
     def outcome(self, rows: list[dict[str, Any]], best_run_id: str | None, **more: Any) -> SearchOutcome:
         return SearchOutcome(self.experiment_name, self.parent_id, self.uri, self.spec.search.metric,
@@ -124,8 +129,7 @@ class _Stage:
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=self.storage,
-                callbacks=[tracking.MlflowTrialLogger(self.uri, self.experiment_id, self.parent_id, self.spec),
-                           StopWhenStorageFull()] + ([] if self.verbose else [console]),
+                callbacks=[self.trial_logger(), StopWhenStorageFull()] + ([] if self.verbose else [console]),
                 checkpoint_config=checkpoint_config(train=False),
                 # A trial whose worker died restarts from its latest checkpoint, in the same MLflow run.
                 failure_config=tune.FailureConfig(max_failures=self.spec.search.max_failures),
@@ -141,6 +145,8 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     if spec.is_resolved:
         raise SpecError(f"invalid spec {spec_source}: it has no search ranges; use `ssl-tune train` for one configuration")
     check_backbone(spec)  # a backbone that cannot take the data's images fails here, not in every trial
+    if spec.confirmation_spec() is not spec:
+        check_backbone(spec.confirmation_spec())  # (at the confirmation's setting too, not after the search)
     run_name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = tracking.resolve_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
@@ -157,24 +163,31 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
     from ssl_tune.console import ConsoleTable
 
     experiment_name = spec.mlflow.experiment_name or spec.name
+    client = tracking.client_for(uri)
+    warm = warm_start.gather(spec, client, uri)  # an unknown earlier search fails here, before Ray starts
     ray_address, fits, data = cluster.prepare_cluster(spec, storage, uri, address, verbose)
+    if _data_fields(spec.confirmation_spec()) != _data_fields(spec):
+        # The confirmation's data too, before any trial: decoding it after the search would leave the GPUs idle.
+        cluster.prepare_data(spec.confirmation_spec(), cluster.node_resources(), stream=sys.__stdout__)
     max_concurrent = min(spec.search.max_concurrent or fits, spec.search.num_samples)
     cluster.check_disk_space(spec, storage, max_concurrent)
 
-    client = tracking.client_for(uri)
     experiment = tracking.experiment_id(client, experiment_name)
     parent_id = tracking.open_search_run(client, experiment, run_name, spec, spec_source=spec_source,
                                          ray_address=ray_address, experiment_dir=f"{storage.rstrip('/')}/{run_name}",
                                          max_concurrent=max_concurrent, data=data)
+    if warm.lines:
+        print("warm start:\n  " + "\n  ".join(warm.lines), file=sys.__stdout__, flush=True)
+        tracking.record_warm_start(client, parent_id, warm)
     stage = _Stage(spec=spec, data=data, client=client, parent_id=parent_id, experiment_id=experiment,
                    experiment_name=experiment_name, uri=uri, storage=storage, run_name=run_name, verbose=verbose,
-                   max_concurrent=max_concurrent)
+                   max_concurrent=max_concurrent, origins=warm.origins)
     tuner = stage.tuner(
         run_name,
-        tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent), scheduler=build_scheduler(spec),
+        tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent, warm), scheduler=build_scheduler(spec),
                         num_samples=spec.search.num_samples,
                         reuse_actors=True),  # a new trial reuses a finished trial's process: no fresh imports
-        ConsoleTable(spec, epochs_after=budget.confirmation_trials(spec) * spec.training.epochs))
+        ConsoleTable(spec, epochs_after=budget.confirmation_cost(spec, data)))
     return _fit_and_record(tuner, stage, confirming=False)
 
 
@@ -225,7 +238,9 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
                         "it was removed, or the search stopped before its first trial started")
     with tempfile.TemporaryDirectory() as tmp:
         spec_text = Path(client.download_artifacts(parent_id, "spec.yaml", tmp)).read_text()
-    spec = spec_model().model_validate(yaml.safe_load(spec_text))
+    search_spec = spec_model().model_validate(yaml.safe_load(spec_text))
+    # The confirmation stage's trials train the spec with `search.confirm.overrides` (`_confirmation_stage`).
+    spec = search_spec.confirmation_spec() if confirming else search_spec
     root, name = _storage_root_and_name(storage)
     with _console(_driver_log(root, name), verbose):
         _, fits, data = cluster.prepare_cluster(spec, root, uri, address, verbose)
@@ -238,7 +253,8 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
         stage = _Stage(spec=spec, data=data, client=client, parent_id=parent_id,
                        experiment_id=parent.info.experiment_id,
                        experiment_name=client.get_experiment(parent.info.experiment_id).name, uri=uri, storage=root,
-                       run_name=parent.info.run_name, verbose=verbose, max_concurrent=max_concurrent)
+                       run_name=parent.info.run_name, verbose=verbose, max_concurrent=max_concurrent,
+                       search_spec=search_spec)
         return _fit_and_record(tuner, stage, confirming=confirming, resumed=True)
 
 
@@ -279,8 +295,7 @@ def _fit_and_record(tuner, stage: _Stage, *, confirming: bool, resumed: bool = F
         if given_up and interrupted:
             raise ConnectionError(f"{given_up} updates held past the end of the stage")
         if (resumed or given_up) and not interrupted:  # what this or an earlier driver could not give MLflow
-            replay.replay(results, tracking.MlflowTrialLogger(stage.uri, stage.experiment_id, stage.parent_id,
-                                                              stage.spec))
+            replay.replay(results, stage.trial_logger())
         return _record(results, stage, confirming=confirming, interrupted=interrupted)
     except replay.tracking_errors() as exc:
         # Nothing is lost: Tune's files hold every result and checkpoint, and resume replays them.
@@ -321,10 +336,12 @@ def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
 
     from ssl_tune.console import ConsoleTable
 
+    stage = _confirmation_stage(stage)
     spec, name = stage.spec, f"{stage.run_name}-confirm"
     confirm = spec.search.confirm
+    at = f", at {_overrides_text(stage.search_spec)}" if stage.search_spec.search.confirm.overrides else ""
     print(f"\nconfirmation: the {confirm.top_k} best configuration(s){' and the default' if confirm.default else ''} "
-          f"re-trained on {confirm.seeds} fresh seeds ({len(configs)} trials of {spec.training.epochs} epochs)",
+          f"re-trained on {confirm.seeds} fresh seeds ({len(configs)} trials of {spec.training.epochs} epochs{at})",
           file=sys.__stdout__, flush=True)
     stage.client.set_tag(stage.parent_id, tracking.TAG_STORAGE, f"{stage.storage.rstrip('/')}/{name}")
     stage.client.set_tag(stage.parent_id, tracking.TAG_CONFIRMATION_TRIALS, str(len(configs)))
@@ -335,6 +352,28 @@ def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
         ConsoleTable(spec, num_samples=len(configs), early_stopping=False),
         param_space={CONFIRMATION_KEY: tune.grid_search([c[CONFIRMATION_KEY] for c in configs])})
     return _fit_and_record(tuner, stage, confirming=True)
+
+
+def _confirmation_stage(stage: _Stage) -> _Stage:
+    """The confirmation stage's view of `stage`: its trials train `spec.confirmation_spec()` (the search's spec
+    with `search.confirm.overrides`). Data the overrides change (another image size, another data set) was
+    prepared before the search; here every node checks it again (a node may have joined since)."""
+    confirming = stage.spec.confirmation_spec()
+    if confirming is stage.spec:
+        return replace(stage, search_spec=stage.spec)
+    data = stage.data
+    if _data_fields(confirming) != _data_fields(stage.spec):
+        data = cluster.prepare_data(confirming, cluster.node_resources(), stream=sys.__stdout__)
+    return replace(stage, spec=confirming, data=data, search_spec=stage.spec)
+
+
+def _data_fields(spec: SpecBase) -> dict[str, Any]:
+    """What decides the data cache (the subset is drawn by each trial from the same cache)."""
+    return spec.data.model_dump(mode="json", exclude={"subset", "subset_seed", "augmentation", "on_device"})
+
+
+def _overrides_text(spec: SpecBase) -> str:
+    return ", ".join(f"{path} {value}" for path, value in spec.search.confirm.overrides.items())
 
 
 def _confirmation_dirname(trial) -> str:

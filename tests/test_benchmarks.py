@@ -13,6 +13,7 @@ import yaml
 
 from benchmarks import __main__ as harness
 from benchmarks import search_efficiency as se
+from ssl_tune.budget import rungs as budget_rungs
 from ssl_tune.specfile import load_spec
 from tests.conftest import IPROUTE_INSTALL, ROOT, method_names, namespaces_allowed, require_system, tiny_spec_dict
 
@@ -86,7 +87,8 @@ def test_replay_with_asha_stops_trials_and_starts_more():
     for trial, epoch, _ in results:
         epochs[trial] = epoch
     assert len(epochs) > 10  # many more trials than the 6 full ones the budget pays for
-    assert sum(e == 1 for e in epochs.values()) >= 4  # stopped at the first rung
+    first_rung = budget_rungs(spec())[0]  # after the warm-up (`search.grace_period`'s default)
+    assert first_rung == 2 and sum(e == first_rung for e in epochs.values()) >= 4  # stopped at the first rung
     assert max(epochs.values()) == EPOCHS  # and the best were promoted to the end
 
 
@@ -306,3 +308,26 @@ def test_the_search_benchmarks_run_at_a_smoke_size(tmp_path):
     for name in ("search-overhead", "knn-bank", "label-free", "efficiency-table", "noise"):  # each section rendered
         assert f"Not measured yet. Command: `python -m benchmarks {name}`" not in text, name
         assert f"--report {report} {name} " in text, name  # with the command that measured it
+
+
+@pytest.mark.slow
+def test_the_proxy_and_warm_start_benchmarks_run_at_a_smoke_size(tmp_path):
+    """proxy: two pipelines of 2 two-epoch trials and 2 confirmation trials; warm-start: two searches of 2 trials."""
+    results, report = tmp_path / "results", tmp_path / "benchmarks.md"
+    common = ["--results", str(results), "--report", str(report)]
+    small = ["search.num_samples=2", "backbone.width=4", "evaluation.linear_probe=false", "training.batch_size=512",
+             "training.epochs=2", "search.confirm.top_k=1", "search.confirm.seeds=2", "search.confirm.default=false"]
+    sets = [x for o in small for x in ("--set", o)]
+    harness.main([*common, "proxy", *sets, "--proxy", "data.subset=0.5", "--proxy", "training.epochs=1"])
+    proxy = json.loads((results / "proxy.json").read_text())
+    assert proxy["confirm"] == "search.confirm.overrides={training.epochs: 2, data.subset: null}"
+    # the proxy's search: 2 trials of 1 epoch on half the images, against 2 of 2 epochs on all of them
+    assert proxy["search_compute_ratio"] == pytest.approx(0.25)
+    assert proxy["full"]["confirmation_image_epochs"] == proxy["proxy_pipeline"]["confirmation_image_epochs"] == 4 * 10000
+    assert proxy["winner_gap"]["seeds"] == 2 and 0 < proxy["compute_ratio"] < 1
+    harness.main([*common, "warm-start", *sets[:-6]])  # (no confirmation stage: the benchmark turns it off)
+    warm = json.loads((results / "warm-start.json").read_text())
+    assert warm["observations"] == 2 and warm["epochs"]["cold"] >= 2 and warm["ratio"] >= 0
+    text = report.read_text()
+    for name in ("proxy", "warm-start"):
+        assert f"Not measured yet. Command: `python -m benchmarks {name}`" not in text, name

@@ -22,11 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ssl_tune import budget, checkpoints, distributed
 from ssl_tune.checkpoints import CHECKPOINT_FILE  # noqa: F401  (re-exported)
 from ssl_tune.data.cache import network_input, open_dataset
-from ssl_tune.data.datasets import ImageDataset
+from ssl_tune.data.datasets import ImageDataset, stratified_subset, subset_rows
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from ssl_tune.evaluation import (EVALUATION_FILE, bank_rows, confusion_counts, extract_features, knn_ranking,
                                  linear_probe, load_arrays, principal_components, ranking_accuracy, rankme, rankme_rows,
-                                 save_arrays, stratified_subset)
+                                 save_arrays)
 from ssl_tune.models import backbone_from_spec
 from ssl_tune.preprocess import InputContract
 from ssl_tune.spec import RESIDENT_FRACTION, SpecBase, SpecError
@@ -134,10 +134,13 @@ class Trainer:
         self.device = device or default_device()
         t = spec.training
         self.dataset = dataset or open_dataset(spec.data)[0]
-        if t.batch_size > len(self.dataset.ssl_images):
-            raise SpecError(f"training.batch_size ({t.batch_size}) is larger than data set {spec.data.name!r} "
-                            f"({len(self.dataset.ssl_images)} images)")
         d = self.dataset
+        # `data.subset`: the rows of the training images this trial trains on (None: all of them)
+        self.subset = subset_rows(d, spec.data.subset, spec.data.subset_seed)
+        trained = len(self.subset) if self.subset is not None else len(d.ssl_images)
+        if t.batch_size > trained:
+            raise SpecError(f"training.batch_size ({t.batch_size}) is larger than data set {spec.data.name!r} "
+                            f"({trained} images{' in data.subset' if self.subset is not None else ''})")
         self.normalizer = Normalizer(d.train_images, stats=d.channel_stats).to(self.device)
         self.method = build_method(spec, self.dataset.channels, self.device, self.dataset.image_size).to(self.device)
         cuda = self.device.type == "cuda"
@@ -153,7 +156,13 @@ class Trainer:
         self.data_resident = self._data_on_device()
         with self.out_of_memory("resident data", "set data.on_device: false (stream the images)"):
             _test_hook("resident data")
-            images = self.dataset.ssl_images.to(self.device) if self.data_resident else self.dataset.ssl_images
+            # Resident: only the subset's rows go to the device; streamed: the loader draws the subset's rows.
+            images, rows, aspects = d.ssl_images, self.subset, d.ssl_aspects
+            if self.data_resident:
+                if rows is not None:
+                    images, aspects = images[rows], (aspects[rows] if aspects is not None else None)
+                    rows = None
+                images = images.to(self.device)
         self.loader = ViewLoader(
             images,
             self.method.view_augmentations(spec.data.augmentation),
@@ -164,11 +173,17 @@ class Trainer:
             world_size=distributed.world_size(),
             device=self.device,
             stream=not self.data_resident,
-            aspects=self.dataset.ssl_aspects,
+            aspects=aspects,
             size=self.dataset.image_size,
+            rows=rows,
         )
-        # The labelled training images evaluation uses (`evaluation.bank_size`), the same every epoch.
-        self.bank = bank_rows(self.dataset.train_labels, spec.evaluation.bank_size)
+        # The labelled training images evaluation uses (`evaluation.bank_size`), the same every epoch; with
+        # `data.subset` of labelled images, drawn from the subset (the images the trial learnt from).
+        if self.subset is not None and d.pretrain_images is None:
+            within = bank_rows(d.train_labels[self.subset], spec.evaluation.bank_size)
+            self.bank = self.subset if within is None else self.subset[within]
+        else:
+            self.bank = bank_rows(d.train_labels, spec.evaluation.bank_size)
         o = spec.optimizer
         self.optimizer, self.auxiliary_optimizer = build_optimizers(self.method, spec)
         steps = self.loader.steps_per_epoch
@@ -330,8 +345,9 @@ class Trainer:
         if self.device.type != "cuda":
             return False
         images = self.dataset.ssl_images
+        kept = len(self.subset) if self.subset is not None else len(images)
         free, _ = torch.cuda.mem_get_info(self.device)
-        return images.numel() * images.element_size() <= RESIDENT_FRACTION * free
+        return kept * images[0].numel() * images.element_size() <= RESIDENT_FRACTION * free
 
     def peak_memory(self) -> dict[str, float]:
         """Rank 0's peak device memory since the last call, in GiB (`peak_device_memory_gib`); none on a CPU."""

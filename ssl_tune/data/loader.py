@@ -113,12 +113,14 @@ class ViewLoader:
         prefetch: int = 2,
         aspects: torch.Tensor | None = None,
         size: int | None = None,
+        rows: torch.Tensor | None = None,
     ) -> None:
         if global_batch_size % world_size:
             raise ValueError(f"batch size {global_batch_size} is not divisible by {world_size} workers")
-        if len(images) < global_batch_size:
-            raise ValueError(f"batch size {global_batch_size} is larger than the data set ({len(images)} images)")
         self.images, self.views, self.normalizer = images, views, normalizer
+        self.rows = rows  # `data.subset`: the rows of `images` an epoch draws from (None: all of them)
+        if self.num_images < global_batch_size:
+            raise ValueError(f"batch size {global_batch_size} is larger than the data set ({self.num_images} images)")
         self.global_batch_size, self.seed, self.rank = global_batch_size, seed, rank
         self.local_batch_size = global_batch_size // world_size
         self.device = torch.device(device) if device is not None else images.device
@@ -130,12 +132,18 @@ class ViewLoader:
         self.aspects, self.size = aspects, size
 
     @property
+    def num_images(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.images)
+
+    @property
     def steps_per_epoch(self) -> int:
-        return len(self.images) // self.global_batch_size
+        return self.num_images // self.global_batch_size
 
     def indices(self, epoch: int) -> list[torch.Tensor]:
         """This rank's rows of every step of `epoch`, in order."""
-        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+        order = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+        if self.rows is not None:
+            order = self.rows[order]
         lo = self.rank * self.local_batch_size
         return [order[step * self.global_batch_size + lo: step * self.global_batch_size + lo + self.local_batch_size]
                 for step in range(self.steps_per_epoch)]

@@ -17,7 +17,8 @@ from ssl_tune.tracking.artifacts import checkpoint_of, checkpoint_on_disk, log_s
 from ssl_tune.tracking.lookup import (best_per_method, best_trial_run_id, child_runs, confirmation_columns,
                                       confirmation_table, find_parent_run, format_table, leaderboard, list_searches,
                                       objective_of)
-from ssl_tune.tracking.record import close_search_run, close_unfinished, open_search_run, record_confirmation, reopen_search_run
+from ssl_tune.tracking.record import (close_search_run, close_unfinished, open_search_run, record_confirmation,
+                                      record_warm_start, reopen_search_run)
 from ssl_tune.tracking.store import (DEFAULT_TRACKING_URI, bound_http_retries, check_reachable, client_for,
                                      existing_store_client, experiment_id, log_metrics, log_params, resolve_uri)
 from ssl_tune.tracking.tags import (ENDED, FAILED, FINISHED, INTERRUPTED, KIND_CONFIRMATION, KIND_TRIAL, RUNNING,
@@ -25,8 +26,9 @@ from ssl_tune.tracking.tags import (ENDED, FAILED, FINISHED, INTERRUPTED, KIND_C
                                     TAG_CHECKPOINT_ARTIFACT, TAG_CHECKPOINT_EPOCH, TAG_CONFIRMATION_TRIALS,
                                     TAG_CONFIRMS, TAG_DAMAGED_CHECKPOINT, TAG_EPOCHS_LOST, TAG_ERROR,
                                     TAG_INTERRUPTED_AT, TAG_KIND, TAG_LAST_RESTART, TAG_METHOD, TAG_METRIC, TAG_MODE,
-                                    TAG_RESTARTS, TAG_SEARCHED, TAG_SEED, TAG_STAGE, TAG_STOPPED_AT, TAG_STORAGE,
-                                    TAG_TRIAL_ID, TAG_VERDICT, trial_status)
+                                    TAG_ORIGIN, TAG_RANK_TRANSFER, TAG_RESTARTS,
+                                    TAG_SEARCHED, TAG_SEED, TAG_STAGE, TAG_STOPPED_AT, TAG_STORAGE,
+                                    TAG_TRIAL_ID, TAG_VERDICT, TAG_WARM_START, trial_status)
 from ssl_tune.tracking.trial_logger import MlflowTrialLogger, result_metrics
 from ssl_tune.tracking.writer import MlflowWriter, final_flush_s, updates_given_up
 
@@ -35,12 +37,14 @@ __all__ = [
     "KIND_CONFIRMATION", "KIND_TRIAL", "MlflowTrialLogger", "MlflowWriter",
     "TAG_BEATS_DEFAULT", "TAG_BEST_TRIAL_RUN", "TAG_CHECKPOINT", "TAG_CHECKPOINT_ARTIFACT", "TAG_CHECKPOINT_EPOCH",
     "TAG_CONFIRMATION_TRIALS", "TAG_CONFIRMS", "TAG_DAMAGED_CHECKPOINT", "TAG_EPOCHS_LOST", "TAG_ERROR",
-    "TAG_INTERRUPTED_AT", "TAG_KIND", "TAG_LAST_RESTART", "TAG_METHOD", "TAG_METRIC", "TAG_MODE", "TAG_RESTARTS",
-    "TAG_SEARCHED", "TAG_SEED", "TAG_STAGE", "TAG_STOPPED_AT", "TAG_STORAGE", "TAG_TRIAL_ID", "TAG_VERDICT",
+    "TAG_INTERRUPTED_AT", "TAG_KIND", "TAG_LAST_RESTART", "TAG_METHOD", "TAG_METRIC", "TAG_MODE", "TAG_ORIGIN",
+    "TAG_RANK_TRANSFER", "TAG_RESTARTS",
+    "TAG_SEARCHED", "TAG_SEED", "TAG_STAGE", "TAG_STOPPED_AT", "TAG_STORAGE", "TAG_TRIAL_ID", "TAG_VERDICT", "TAG_WARM_START",
     "best_per_method", "best_trial_run_id", "bound_http_retries", "check_reachable", "checkpoint_of",
     "checkpoint_on_disk", "child_runs", "client_for", "close_search_run", "close_unfinished", "confirmation_columns",
     "confirmation_table", "existing_store_client", "experiment_id", "final_flush_s", "find_parent_run", "format_table",
     "leaderboard", "list_searches", "log_metrics", "log_params", "log_search_figures", "log_trial_figures",
-    "objective_of", "open_search_run", "record_confirmation", "reopen_search_run", "resolve_uri", "result_metrics",
+    "objective_of", "open_search_run", "record_confirmation", "record_warm_start", "reopen_search_run", "resolve_uri",
+    "result_metrics",
     "updates_given_up",
 ]

@@ -185,14 +185,19 @@ def confirmation_table(client, parent, trials: list[dict[str, Any]] | None = Non
         runs[of].append({"objective": value, "status": trial_status(run), "run_id": run.info.run_id,
                          "params": run.data.params})
     rows = confirmation_stage.summarise(objectives, mode)
-    search_rank = {r["run_id"]: r["rank"] for r in (trials if trials is not None else leaderboard(client, parent))}
+    trials = trials if trials is not None else leaderboard(client, parent)
+    by_run = {r["run_id"]: r for r in trials}
     for row in rows:
         of = row["confirms"]
-        row["configuration"] = of if of == confirmation_stage.DEFAULT else f"search #{search_rank.get(of, '?')}"
+        rank = by_run[of]["rank"] if of in by_run else "?"
+        row["configuration"] = of if of == confirmation_stage.DEFAULT else f"search #{rank}"
         best = best_trial(runs[row["confirms"]], mode)
         params = runs[row["confirms"]][0]["params"]
         row.update({p: param_value(params.get(p)) for p in searched})
         row["run_id"] = best["run_id"] if best else None
+        # Its single run in the search (the default has one only when a search trial trained its values).
+        searched_as = by_run.get(of) or next((t for t in trials if searched and all(t.get(p) == row[p] for p in searched)), None)
+        row["search_objective"] = searched_as["objective"] if searched_as else math.nan
     return rows
 
 

@@ -15,8 +15,8 @@ from ssl_tune.tracking.lookup import (best_per_method, child_runs, confirmation_
                                       format_table, leaderboard)
 from ssl_tune.tracking.store import log_metrics, log_params
 from ssl_tune.tracking.tags import (KIND_CONFIRMATION, TAG_BEATS_DEFAULT, TAG_BEST_TRIAL_RUN, TAG_INTERRUPTED_AT,
-                                    TAG_KIND, TAG_METHOD, TAG_METRIC, TAG_MODE, TAG_SEARCHED, TAG_STAGE, TAG_STORAGE,
-                                    TAG_VERDICT)
+                                    TAG_KIND, TAG_METHOD, TAG_METRIC, TAG_MODE, TAG_RANK_TRANSFER, TAG_SEARCHED,
+                                    TAG_STAGE, TAG_STORAGE, TAG_VERDICT, TAG_WARM_START)
 
 
 def open_search_run(client, experiment: str, run_name: str, spec: SpecBase, *, spec_source: str, ray_address: str,
@@ -49,6 +49,14 @@ def open_search_run(client, experiment: str, run_name: str, spec: SpecBase, *, s
                                        "data.train_images": data.manifest["splits"]["train"]["shape"][0]})
         log_metrics(client, parent_id, {"data_skipped_corrupt": data.skipped}, step=0)
     return parent_id
+
+
+def record_warm_start(client, parent_id: str, warm) -> None:
+    """What `search.warm_start` gave this search (`ssl_tune.warm_start.WarmStart`): a line per earlier search
+    as a tag, and how many observations and configurations as params."""
+    client.set_tag(parent_id, TAG_WARM_START, "\n".join(warm.lines)[:5000])
+    log_params(client, parent_id, {"warm_start.observations": len(warm.observations),
+                                   "warm_start.configurations": len(warm.points)})
 
 
 def reopen_search_run(client, parent) -> None:
@@ -103,6 +111,20 @@ def _record_best(client, parent_id: str, run_id: str, spec: SpecBase) -> None:
     log_metrics(client, parent_id, {f"best_{k}": v for k, v in run.data.metrics.items()}, step=0)
 
 
+def _record_rank_transfer(client, parent_id: str, rows: list[dict[str, Any]], spec: SpecBase) -> None:
+    """`confirm_rank_spearman` (`confirmation.rank_transfer`), its line as a tag, and its figure."""
+    found = confirmation_stage.rank_transfer(rows)
+    if found is None:
+        return
+    log_metrics(client, parent_id, {"confirm_rank_spearman": found[0]}, step=0)
+    client.set_tag(parent_id, TAG_RANK_TRANSFER, confirmation_stage.rank_transfer_line(found))
+    try:
+        log_figure(client, parent_id, figures.rank_transfer_figure(rows, spec.search.metric, spec.search.mode, found[0]),
+                   "rank_transfer")
+    except Exception as exc:  # a figure is a view of the results: never lose the finished stage over one
+        print(f"warning: the rank-transfer figure was not logged ({type(exc).__name__}: {exc})", file=sys.__stderr__)
+
+
 def record_confirmation(client, parent_id: str, spec: SpecBase) -> tuple[list[dict[str, Any]], str, str | None]:
     """End the confirmation stage's record: the table (`confirmation.txt`), the winner's interval and
     its gain over the default as `confirmed_*`, `default_*` and `gain_*` metrics, the verdict as tags;
@@ -115,7 +137,9 @@ def record_confirmation(client, parent_id: str, spec: SpecBase) -> tuple[list[di
     rows = confirmation_table(client, parent)
     verdict = confirmation_stage.verdict(rows)
     winner = confirmation_stage.winner(rows)
-    client.log_text(parent_id, format_table(rows, confirmation_columns(rows)) + f"\n\n{verdict}\n", "confirmation.txt")
+    transfer = confirmation_stage.rank_transfer_line(confirmation_stage.rank_transfer(rows))
+    client.log_text(parent_id, format_table(rows, confirmation_columns(rows)) + f"\n\n{verdict}\n{transfer}\n",
+                    "confirmation.txt")
     if rows:
         try:
             log_figure(client, parent_id, figures.confirmation_figure(rows, spec.search.metric, spec.search.mode),
@@ -123,6 +147,7 @@ def record_confirmation(client, parent_id: str, spec: SpecBase) -> tuple[list[di
         except Exception as exc:  # a figure is a view of the results: never lose the finished stage over one
             print(f"warning: the confirmation figure was not logged ({type(exc).__name__}: {exc})", file=sys.__stderr__)
     client.set_tag(parent_id, TAG_VERDICT, verdict[:5000])
+    _record_rank_transfer(client, parent_id, rows, spec)
     if winner is None:  # no confirmation came through: the search's best single run is all there is
         best = best_trial(leaderboard(client, parent), spec.search.mode)
         if best is not None:

@@ -11,6 +11,8 @@ TAG_STAGE = "ssl_tune.stage"  # on parents: "confirmation" while its trials run,
 TAG_CONFIRMATION_TRIALS = "ssl_tune.confirmation_trials"  # on parents: how many the stage runs
 TAG_VERDICT = "ssl_tune.confirmation_verdict"  # on parents: whether the winner beats the default
 TAG_BEATS_DEFAULT = "ssl_tune.beats_default"  # on parents: "true" / "false"
+# On parents: whether the confirmation kept the search's order of its configurations (`confirmation.rank_transfer`).
+TAG_RANK_TRANSFER = "ssl_tune.rank_transfer"
 # On trials: the checkpoint the objective was measured on (its last evaluated epoch; `ssl_tune.space`).
 TAG_CHECKPOINT = "ssl_tune.checkpoint"
 TAG_CHECKPOINT_EPOCH = "ssl_tune.checkpoint_epoch"
@@ -28,6 +30,10 @@ ENDED = ("FINISHED", "FAILED")
 TAG_STORAGE = "ssl_tune.storage"  # on parents: the Tune experiment directory (what `ssl-tune resume` restores)
 TAG_INTERRUPTED_AT = "ssl_tune.interrupted_at_epoch"
 TAG_EPOCHS_LOST = "ssl_tune.epochs_lost"  # completed epochs trained again after restarts
+# On trials: where its configuration came from: "sampler", "points_to_evaluate" or "warm_start:SEARCH"
+# (`ssl_tune.warm_start`); on parents, what each earlier search of `search.warm_start` gave, a line each.
+TAG_ORIGIN = "ssl_tune.origin"
+TAG_WARM_START = "ssl_tune.warm_start"
 TAG_METHOD = "ssl_tune.method"  # on parents: the method(s) searched, comma-separated; on children: the trial's
 
 # A trial's status as people read it (leaderboards, Parquet, `Search.leaderboard()`, the console table).

@@ -6,20 +6,20 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from ssl_tune.space import CONFIRMATION_KEY, resolve_trial
+from ssl_tune.space import CONFIRMATION_KEY, field_values, origin, resolve_trial
 from ssl_tune.spec import SpecBase
 from ssl_tune.tracking.artifacts import checkpoint_on_disk, log_search_figures, log_trial_figures
 from ssl_tune.tracking.store import client_for, log_metrics, log_params
 from ssl_tune.tracking.tags import (KIND_CONFIRMATION, KIND_TRIAL, TAG_CHECKPOINT, TAG_CHECKPOINT_ARTIFACT,
                                     TAG_CHECKPOINT_EPOCH, TAG_CONFIRMS, TAG_DAMAGED_CHECKPOINT, TAG_EPOCHS_LOST,
-                                    TAG_ERROR, TAG_KIND, TAG_LAST_RESTART, TAG_METHOD, TAG_RESTARTS, TAG_SEED,
+                                    TAG_ERROR, TAG_KIND, TAG_LAST_RESTART, TAG_METHOD, TAG_ORIGIN, TAG_RESTARTS, TAG_SEED,
                                     TAG_STOPPED_AT, TAG_TRIAL_ID)
 from ssl_tune.tracking.writer import MlflowWriter, _given_up, final_flush_s
 from ssl_tune.trial import (DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY,
@@ -49,8 +49,10 @@ class MlflowTrialLogger(Callback):
     tracking outage never stalls training; Tune's own result files keep every metric whatever happens.
     """
 
-    def __init__(self, uri: str, experiment: str, parent_run_id: str, spec: SpecBase) -> None:
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, spec: SpecBase,
+                 origins: Sequence[tuple[dict[str, Any], str]] = ()) -> None:
         self.uri, self.experiment, self.parent_run_id, self.spec = uri, experiment, parent_run_id, spec
+        self.origins = list(origins)  # the points tried first, and where each came from (`space.origin`)
         self.metric = spec.search.metric
         self._reset()
 
@@ -128,6 +130,8 @@ class MlflowTrialLogger(Callback):
                 tags.update({TAG_KIND: KIND_CONFIRMATION, TAG_CONFIRMS: confirmation["of"],
                              TAG_SEED: str(confirmation["seed"])})
                 name = f"confirm-{confirmation['of'][:8]}-seed{confirmation['seed']}"
+            else:
+                tags[TAG_ORIGIN] = origin(field_values(trial.config), self.origins)
             run = self.client.create_run(self.experiment, run_name=name, tags=tags)
         if not run.data.params:
             # The resolved spec, flattened: the sampled values sit at their field paths.
