@@ -65,6 +65,10 @@ def test_a_trainer_on_a_subset_trains_and_evaluates_on_those_images():
     assert len(trainer.subset) == 48 and trainer.loader.steps_per_epoch == 3
     assert len(trainer.bank) == 24 and set(trainer.bank.tolist()) <= set(trainer.subset.tolist())  # the bank follows
     assert trainer.fit().status == "finished"
+    resident = Trainer(spec.model_copy(update={"data": spec.data.model_copy(update={"on_device": True})}),
+                       dataset=tiny_dataset(n=96))  # only the subset's images are held (on the device)
+    assert torch.equal(resident.loader.images, tiny_dataset(n=96).train_images[trainer.subset])
+    assert resident.loader.rows is None and resident.loader.steps_per_epoch == 3
 
 
 def test_a_subset_smaller_than_the_batch_or_larger_than_the_data_is_refused_before_any_trial():
