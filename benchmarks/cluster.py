@@ -67,7 +67,7 @@ def _one_trial(two_hosts: bool, args: argparse.Namespace, work: Path) -> dict[st
                               timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"the trial failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        (result_file,) = (work / "ssl_tune_runs" / "t").glob("run_trial_*/result.json")
+        (result_file,) = (work / "ssl_tune_runs").glob("t-*/run_trial_*/result.json")
         results = [json.loads(line) for line in result_file.read_text().splitlines()]
     finally:
         netns_cluster.down(PREFIX, cluster_dir)

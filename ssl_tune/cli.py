@@ -126,6 +126,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _report_outcome(outcome) -> int:
     from ssl_tune import tracking
+    from ssl_tune.search_folder import resume_command
 
     # The printed commands name the tracking store when it is not the one they would find by default.
     uri = [] if outcome.tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", outcome.tracking_uri]
@@ -136,7 +137,7 @@ def _report_outcome(outcome) -> int:
         print(f"\nsearch interrupted {when}; its state and checkpoints are saved, unfinished trials are marked "
               "KILLED in MLflow")
         print(where)
-        print(f"resume with:  {_resume_command(outcome.parent_run_id, outcome.tracking_uri, outcome.storage)}")
+        print(f"resume with:  {resume_command(outcome.parent_run_id, outcome.tracking_uri, outcome.storage)}")
         return EXIT_INTERRUPTED
     print(f"\nsearch finished: {len(outcome.rows)} trials, objective {outcome.metric} ({outcome.mode})")
     print(tracking.format_table(outcome.rows, _leaderboard_columns(outcome.rows)))
@@ -147,22 +148,13 @@ def _report_outcome(outcome) -> int:
         print(f"error: every trial failed; the reasons are in the table above and in each trial run's "
               f"{tracking.TAG_ERROR} tag (the parent run is marked FAILED)", file=sys.stderr)
         return EXIT_ALL_TRIALS_FAILED
-    export_dir = Path("exports") / outcome.experiment
+    # By the search's name while it is the only search of that name, else by its run id (`search_reference`).
+    reference = tracking.search_reference(tracking.client_for(outcome.tracking_uri), outcome.parent_run_id)
+    export_dir = Path("exports") / reference
     print(f"browse the search:         {ssl_tune_command('ui', *uri)}")
-    print(f"export the best backbone:  {ssl_tune_command('export', outcome.experiment, *uri)}")
+    print(f"export the best backbone:  {ssl_tune_command('export', reference, *uri)}")
     print(f"then load it in Python:    backbone, preprocess = ssl_tune.load_backbone({str(export_dir)!r})")
     return 0
-
-
-def _resume_command(parent_run_id: str, tracking_uri: str, storage: str) -> str:
-    """`ssl-tune resume` for a search, naming the tracking store and the storage path where they are not the defaults."""
-    from ssl_tune import tracking
-    from ssl_tune.spec import SpecBase
-
-    uri = [] if tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", tracking_uri]
-    default_storage = str(Path(SpecBase.model_fields["storage_path"].default).resolve())
-    storage_arg = [] if storage in ("", default_storage) else ["--storage-path", storage]
-    return ssl_tune_command("resume", parent_run_id, *uri, *storage_arg)
 
 
 def _print_best_per_method(rows: list[dict], mode: str) -> None:
@@ -403,13 +395,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except StorageFull as exc:
+        from ssl_tune.search_folder import resume_command
+
         print(f"\nerror: {exc}; the search stopped. Free space there, then resume with:  "
-              f"{_resume_command(exc.parent_run_id, exc.uri, exc.storage)}", file=sys.stderr)
+              f"{resume_command(exc.parent_run_id, exc.uri, exc.storage)}", file=sys.stderr)
         return EXIT_STORAGE_FULL
     except TrackingIncomplete as exc:
+        from ssl_tune.search_folder import resume_command
+
         print(f"\nsearch complete, tracking incomplete: {exc}.\nNothing is lost: every result and checkpoint is in "
               f"Ray Tune's files under {exc.storage}; once the server answers, resume replays them into MLflow.\n"
-              f"complete the record with:  {_resume_command(exc.parent_run_id, exc.uri, exc.storage)}", file=sys.stderr)
+              f"complete the record with:  {resume_command(exc.parent_run_id, exc.uri, exc.storage)}", file=sys.stderr)
         return EXIT_TRACKING_INCOMPLETE
 
 

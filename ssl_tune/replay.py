@@ -7,6 +7,10 @@ ends. Tune's files under the storage path keep everything regardless: every resu
 checkpoints. `ssl-tune resume` replays them here, through the same logger, so the record is the
 one the callbacks would have written: each epoch once (the logger skips epochs the run holds), the
 checkpoint tags and the artifact copy, and the final status. Replaying twice changes nothing.
+
+Each search has its own folder of Tune state, and every trial's config names its search's parent run
+(`space.SEARCH_RUN_KEY`): restoring and replaying take only the resumed search's own trials
+(`check_owned`), so a folder that two searches shared (before each had its own) is refused, not mixed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+
+from ssl_tune.spec import SpecError
 
 if TYPE_CHECKING:  # the CLI imports this module for `TrackingIncomplete` alone: no Ray for `--help`
     from ssl_tune.tracking import MlflowTrialLogger
@@ -35,6 +41,58 @@ class StorageFull(RuntimeError):
     def __init__(self, storage: str, parent_run_id: str, uri: str, detail: str = "") -> None:
         super().__init__(f"the disk of the storage path {storage} is full" + (f" ({detail})" if detail else ""))
         self.storage, self.parent_run_id, self.uri = storage, parent_run_id, uri
+
+
+class SearchMismatch(SpecError):
+    """Tune's files that a search names hold another search's trials; nothing of them is restored or replayed."""
+
+
+def check_owned(client, parent, results, action: str) -> None:
+    """Raise SearchMismatch, a line that begins with `action` and names both searches, if `results` (a Tune
+    ResultGrid) hold a trial of another search than `parent`'s. A trial names its search in its config
+    (`space.SEARCH_RUN_KEY`); one from before that is looked up by its trial id among the MLflow runs of
+    the parent's experiment."""
+    from ssl_tune import tracking
+    from ssl_tune.space import SEARCH_RUN_KEY
+
+    parent_id = parent.info.run_id
+    owners = {str(r.config[SEARCH_RUN_KEY]) for r in results if SEARCH_RUN_KEY in (r.config or {})}
+    unnamed = {str(r.metrics["trial_id"]) for r in results
+               if SEARCH_RUN_KEY not in (r.config or {}) and "trial_id" in (r.metrics or {})}
+    if unnamed:
+        runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{tracking.TAG_KIND}` != 'search'",
+                                  max_results=50000)
+        owners |= {r.data.tags.get("mlflow.parentRunId", "") for r in runs if r.data.tags.get(tracking.TAG_TRIAL_ID) in unnamed}
+    others = sorted(owners - {parent_id, ""})
+    if others:
+        raise SearchMismatch(f"{action}: Tune's state at {_folder_of(results)} holds trials of {_named(client, others[0])}, "
+                             f"not of {_named(client, parent_id)}; a search restores and replays its own trials only")
+
+
+def check_state_owned(client, parent, experiment_dir: str) -> None:
+    """`check_owned` over the trials of the Tune state saved at `experiment_dir`, read without starting Ray. Like
+    `Tuner.restore`, this unpickles parts of that state: call it only on a directory the user vouched for."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    try:
+        results = ResultGrid(ExperimentAnalysis(experiment_dir))
+    except (ValueError, OSError):  # no trial state to read (`Tuner.restore` then starts the search's trials afresh)
+        return
+    check_owned(client, parent, results, "resume")
+
+
+def _folder_of(results) -> str:
+    return getattr(results, "experiment_path", "") or "the search's folder"
+
+
+def _named(client, run_id: str) -> str:
+    """'search NAME (RUN_ID)', or 'search RUN_ID' where that run is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return f"search {client.get_run(run_id).info.run_name!r} ({run_id})"
+    except MlflowException:
+        return f"search {run_id} (no longer in the tracking store)"
 
 
 def tracking_errors() -> tuple[type[BaseException], ...]:
@@ -72,6 +130,7 @@ def replay(results, logger: MlflowTrialLogger, *, timeout: float | None = None) 
 
     client = logger.client
     parent = client.get_run(logger.parent_run_id)
+    check_owned(client, parent, results, "replay")
     runs = {r.data.tags.get(tracking.TAG_TRIAL_ID): r for r in tracking.child_runs(client, parent, kind=None)}
     replayed = 0
     for result in results:

@@ -81,6 +81,10 @@ def field_path(name: str) -> str:
 # A confirmation trial's config is {CONFIRMATION_KEY: {"values": field values, "seed": training seed,
 # "of": the search trial's run id, or "default"}}: one grid value, so Tune needs no searcher for it.
 CONFIRMATION_KEY = "confirmation"
+# Every trial's config also holds {SEARCH_RUN_KEY: its search's MLflow parent run id}, so that Tune's own
+# files (`params.json`, `result.json`, the experiment state) say which search a trial belongs to: `resume`
+# and its replay into MLflow refuse another search's trials (`ssl_tune.replay.check_owned`).
+SEARCH_RUN_KEY = "ssl_tune_search"
 
 
 def field_values(config: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +92,7 @@ def field_values(config: dict[str, Any]) -> dict[str, Any]:
     names, or a confirmation trial's values (`CONFIRMATION_KEY`)."""
     if CONFIRMATION_KEY in config:
         return dict(config[CONFIRMATION_KEY]["values"])
-    return {field_path(name): value for name, value in config.items()}
+    return {field_path(name): value for name, value in config.items() if name != SEARCH_RUN_KEY}
 
 
 # Where a search trial's configuration came from (its run's `ssl_tune.origin` tag): the sampler, a point of

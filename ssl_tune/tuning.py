@@ -3,8 +3,8 @@ confirmation), recorded in MLflow.
 
 The pieces it puts together live elsewhere: the space and the objective (`ssl_tune.space`), the sampler
 and scheduler (`ssl_tune.algorithms`), one trial (`ssl_tune.trial`), the checks before any trial
-(`ssl_tune.cluster`), stopping (`ssl_tune.stopping`), the MLflow record (`ssl_tune.tracking`) and the
-console table (`ssl_tune.console`). `ssl_tune.api` is the Python entry point over it.
+(`ssl_tune.cluster`), stopping (`ssl_tune.stopping`), the search's folder of Tune state
+(`ssl_tune.search_folder`), the MLflow record (`ssl_tune.tracking`) and the console table (`ssl_tune.console`). `ssl_tune.api` is the Python entry point over it.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from typing import Any
 
 import yaml
 
-from ssl_tune import budget, checkpoints, cluster, replay, tracking, warm_start
+from ssl_tune import budget, checkpoints, cluster, replay, search_folder, tracking, warm_start
 from ssl_tune.algorithms import build_scheduler, build_search_algorithm
 from ssl_tune.confirmation import confirmation_configs
-from ssl_tune.shell import ssl_tune_command
-from ssl_tune.space import CONFIRMATION_KEY, field_values
+from ssl_tune.space import CONFIRMATION_KEY, SEARCH_RUN_KEY, field_values
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.stopping import StopSignals, StopWhenStorageFull, space_reserve, storage_full
 from ssl_tune.trial import FAILURE_KEY, checkpoint_config, run_trial
@@ -45,17 +44,6 @@ def _console(log_path: Path, verbose: bool):
     print(f"Ray's own output: {log_path}  (--verbose shows it here)", flush=True)
     with ray_output_to(log_path):
         yield
-
-
-def _storage_root_and_name(experiment_dir: str) -> tuple[str, str]:
-    """A Tune experiment directory (a path or a URI such as s3://bucket/runs/NAME) -> (storage path, NAME)."""
-    root, _, name = experiment_dir.rstrip("/").rpartition("/")
-    return root, name
-
-
-def _driver_log(storage: str, run_name: str) -> Path:
-    base = Path(storage) if "://" not in storage else Path("ssl_tune_runs")
-    return base / f"{run_name}.log"
 
 
 @dataclass
@@ -104,7 +92,7 @@ class _Stage:
     experiment_name: str
     uri: str
     storage: str
-    run_name: str
+    folder: str  # the search's own folder under `storage` (`search_folder`); its confirmation's is FOLDER-confirm
     verbose: bool
     max_concurrent: int
     origins: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # `space.origin`'s points
@@ -124,7 +112,7 @@ class _Stage:
 
         return tune.Tuner(
             _trainable(self.spec, self.data, self.uri, self.parent_id),
-            param_space=param_space,
+            param_space={**(param_space or {}), SEARCH_RUN_KEY: self.parent_id},  # (constant in every trial's config)
             tune_config=tune_config,
             run_config=tune.RunConfig(
                 name=name,
@@ -152,12 +140,13 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     tracking.check_reachable(uri)
     tracking.bound_http_retries()
     storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
-    with _console(_driver_log(storage, run_name), verbose):
-        return _start_search(spec, spec_source, run_name, uri, storage, address, verbose)
+    folder = search_folder.new_folder(run_name)
+    with _console(search_folder.driver_log(storage, folder), verbose):
+        return _start_search(spec, spec_source, run_name, folder, uri, storage, address, verbose)
 
 
-def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, storage: str, address: str | None,
-                  verbose: bool) -> SearchOutcome:
+def _start_search(spec: SpecBase, spec_source: str, run_name: str, folder: str, uri: str, storage: str,
+                  address: str | None, verbose: bool) -> SearchOutcome:
     from ray import tune
 
     from ssl_tune.console import ConsoleTable
@@ -173,44 +162,25 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, uri: str, sto
     cluster.check_disk_space(spec, storage, max_concurrent)
 
     experiment = tracking.experiment_id(client, experiment_name)
+    namesakes = tracking.searches_named(client, run_name)
     parent_id = tracking.open_search_run(client, experiment, run_name, spec, spec_source=spec_source,
-                                         ray_address=ray_address, experiment_dir=f"{storage.rstrip('/')}/{run_name}",
+                                         ray_address=ray_address, experiment_dir=f"{storage.rstrip('/')}/{folder}",
                                          max_concurrent=max_concurrent, data=data)
+    if namesakes:
+        search_folder.print_namesakes(run_name, parent_id, namesakes, uri, storage)
     if warm.lines:
         print("warm start:\n  " + "\n  ".join(warm.lines), file=sys.__stdout__, flush=True)
         tracking.record_warm_start(client, parent_id, warm)
     stage = _Stage(spec=spec, data=data, client=client, parent_id=parent_id, experiment_id=experiment,
-                   experiment_name=experiment_name, uri=uri, storage=storage, run_name=run_name, verbose=verbose,
+                   experiment_name=experiment_name, uri=uri, storage=storage, folder=folder, verbose=verbose,
                    max_concurrent=max_concurrent, origins=warm.origins)
     tuner = stage.tuner(
-        run_name,
+        folder,
         tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent, warm), scheduler=build_scheduler(spec),
-                        num_samples=spec.search.num_samples,
+                        num_samples=spec.search.num_samples, trial_dirname_creator=_search_dirname,
                         reuse_actors=True),  # a new trial reuses a finished trial's process: no fresh imports
         ConsoleTable(spec, epochs_after=budget.confirmation_cost(spec, data)))
     return _fit_and_record(tuner, stage, confirming=False)
-
-
-def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) -> str:
-    """The Tune experiment directory a search's parent run names, if the user vouches for it.
-
-    Resuming unpickles `tuner.pkl` from that directory, and anyone who can write tags on a shared
-    tracking server could point the tag elsewhere; so the directory must sit directly in the storage
-    path given on the command line (`--storage-path`), by default the spec default `ssl_tune_runs` here.
-    """
-    root = storage_path or SpecBase.model_fields["storage_path"].default
-    given = "--storage-path " + root if storage_path else f"the default storage path ./{root}"
-
-    def normal(path: str) -> str:
-        return path.rstrip("/") if "://" in path else str(Path(path).resolve())
-
-    parent = _storage_root_and_name(tagged)[0] if tagged else ""
-    if not tagged or normal(parent) != normal(root):
-        raise SpecError(
-            f"resume: the search's MLflow run names its Tune state at {tagged or '(nothing)'}, which is not in {given}; "
-            "resuming unpickles that state (tuner.pkl), so ssl-tune reads it only from a storage path you name. If you "
-            f"trust that directory: {ssl_tune_command('resume', run_ref, '--storage-path', parent or 'DIR')}")
-    return normal(tagged)
 
 
 def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, address: str | None = None,
@@ -231,18 +201,20 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     if parent.info.status in tracking.ENDED:
         raise SpecError(f"resume: search {parent.info.run_name!r} ({parent_id}) already ended ({parent.info.status}); "
                         "nothing to resume")
-    storage = trusted_experiment_dir(parent.data.tags.get(tracking.TAG_STORAGE, ""), storage_path, experiment_or_run)
+    tagged = parent.data.tags.get(tracking.TAG_STORAGE, "")
+    storage = search_folder.trusted_experiment_dir(tagged, storage_path, experiment_or_run)
     confirming = parent.data.tags.get(tracking.TAG_STAGE) == tracking.KIND_CONFIRMATION
     if not tune.Tuner.can_restore(storage):
         raise SpecError(f"resume: no Tune experiment state at {storage!r} for search {parent.info.run_name!r}; "
                         "it was removed, or the search stopped before its first trial started")
+    replay.check_state_owned(client, parent, storage)  # before Ray starts: a folder two searches shared is refused
     with tempfile.TemporaryDirectory() as tmp:
         spec_text = Path(client.download_artifacts(parent_id, "spec.yaml", tmp)).read_text()
     search_spec = spec_model().model_validate(yaml.safe_load(spec_text))
     # The confirmation stage's trials train the spec with `search.confirm.overrides` (`_confirmation_stage`).
     spec = search_spec.confirmation_spec() if confirming else search_spec
-    root, name = _storage_root_and_name(storage)
-    with _console(_driver_log(root, name), verbose):
+    root, name = search_folder.storage_root_and_name(storage)
+    with _console(search_folder.driver_log(root, name), verbose):
         _, fits, data = cluster.prepare_cluster(spec, root, uri, address, verbose)
         max_concurrent = min(spec.search.max_concurrent or fits, spec.search.num_samples)
         cluster.check_disk_space(spec, root, max_concurrent)
@@ -253,7 +225,9 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
         stage = _Stage(spec=spec, data=data, client=client, parent_id=parent_id,
                        experiment_id=parent.info.experiment_id,
                        experiment_name=client.get_experiment(parent.info.experiment_id).name, uri=uri, storage=root,
-                       run_name=parent.info.run_name, verbose=verbose, max_concurrent=max_concurrent,
+                       # (a search from before each had its own folder: its confirmation gets one of its own)
+                       folder=name if name != parent.info.run_name else search_folder.new_folder(name),
+                       verbose=verbose, max_concurrent=max_concurrent,
                        search_spec=search_spec)
         return _fit_and_record(tuner, stage, confirming=confirming, resumed=True)
 
@@ -337,7 +311,7 @@ def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
     from ssl_tune.console import ConsoleTable
 
     stage = _confirmation_stage(stage)
-    spec, name = stage.spec, f"{stage.run_name}-confirm"
+    spec, name = stage.spec, f"{stage.folder}-confirm"
     confirm = spec.search.confirm
     at = f", at {_overrides_text(stage.search_spec)}" if stage.search_spec.search.confirm.overrides else ""
     print(f"\nconfirmation: the {confirm.top_k} best configuration(s){' and the default' if confirm.default else ''} "
@@ -374,6 +348,12 @@ def _data_fields(spec: SpecBase) -> dict[str, Any]:
 
 def _overrides_text(spec: SpecBase) -> str:
     return ", ".join(f"{path} {value}" for path, value in spec.search.confirm.overrides.items())
+
+
+def _search_dirname(trial) -> str:
+    """Tune would name a trial's directory after its whole config, the search's run id included: keep it short
+    (the values are in the trial's params.json and its MLflow run)."""
+    return f"run_trial_{trial.trial_id}"
 
 
 def _confirmation_dirname(trial) -> str:

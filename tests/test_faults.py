@@ -76,7 +76,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(slow_search_spec(num_samples=1, epochs=4)))
     proc = start_cli(["run", "spec.yaml", "--name", "w"], cwd=tmp_path)
     try:
-        result_file = wait_for(lambda: next((p for p in (tmp_path / "ssl_tune_runs" / "w").glob("run_trial_*/result.json")
+        result_file = wait_for(lambda: next((p for p in (tmp_path / "ssl_tune_runs").glob("w-*/run_trial_*/result.json")
                                              if p.read_text().strip()), None), 240, "the first epoch", proc)
         first = json.loads(result_file.read_text().splitlines()[0])
         os.kill(first["pid"], signal.SIGKILL)  # the trial's process, in the middle of epoch 2
@@ -360,7 +360,7 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
     outage_s = 40
     try:
         def results():
-            files = list((tmp_path / "ssl_tune_runs" / "o").glob("run_trial_*/result.json"))
+            files = list((tmp_path / "ssl_tune_runs").glob("o-*/run_trial_*/result.json"))
             return [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
 
         wait_for(lambda: len(results()) >= 3, 300, "three epochs", proc)
@@ -408,10 +408,10 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
     assert steps == list(range(1, 31))
 
 
-def tune_results(experiment_dir: Path) -> dict[str, list[dict]]:
-    """Trial id -> every result Tune wrote for it (result.json)."""
+def tune_results(storage: Path, name: str) -> dict[str, list[dict]]:
+    """Trial id -> every result Tune wrote for it (result.json), in the folder of the search named NAME."""
     found = {}
-    for path in experiment_dir.glob("run_trial_*/result.json"):
+    for path in storage.glob(f"{name}-*/run_trial_*/result.json"):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if lines:
             found[lines[-1]["trial_id"]] = lines
@@ -432,11 +432,10 @@ def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tun
     raw["mlflow"] = {"tracking_uri": started["url"]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("SSL_TUNE_TRACKING_WAIT_S", "5")  # how long the end waits for the server (default 120 s)
-    experiment_dir = tmp_path / "ssl_tune_runs" / "e"
     proc = start_cli(["run", "spec.yaml", "--name", "e"], cwd=tmp_path)
 
     def last_trial_under_way():
-        found = tune_results(experiment_dir)
+        found = tune_results(tmp_path / "ssl_tune_runs", "e")
         return len(found) == 2 and 1 <= min(map(len, found.values())) <= epochs - 2
 
     try:
@@ -465,7 +464,7 @@ def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tun
     assert "completed the MLflow record of 1 trial(s)" in completed.stdout and "search finished: 2 trials" in completed.stdout
     assert again.returncode == 2 and "already ended" in again.stderr  # nothing left to do
     assert parent.info.status == "FINISHED" and parent.data.tags.get(tracking.TAG_BEST_TRIAL_RUN)
-    files = tune_results(experiment_dir)
+    files = tune_results(tmp_path / "ssl_tune_runs", "e")
     assert sorted(files) == sorted(c.data.tags[tracking.TAG_TRIAL_ID] for c in children)
     for child in children:
         lines = files[child.data.tags[tracking.TAG_TRIAL_ID]]
@@ -507,7 +506,7 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     proc = start_cli(["run", "spec.yaml", "--name", "n", "--address", cluster.address], cwd=tmp_path)
     try:
         def epochs_reported():
-            files = list((tmp_path / "ssl_tune_runs" / "n").glob("run_trial_*/result.json"))
+            files = list((tmp_path / "ssl_tune_runs").glob("n-*/run_trial_*/result.json"))
             return [json.loads(line)["epoch"] for line in files[0].read_text().splitlines()] if files else []
 
         wait_for(lambda: len(epochs_reported()) >= 2, 300, "two epochs", proc)
@@ -540,7 +539,7 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     assert "startup timed out" in child.data.tags[tracking.TAG_LAST_RESTART].lower()
     assert epoch_steps(client, child) == [1, 2, 3, 4, 5, 6]  # every epoch logged once
     results = [json.loads(line) for line in
-               next((tmp_path / "ssl_tune_runs" / "n").glob("run_trial_*/result.json")).read_text().splitlines()]
+               next((tmp_path / "ssl_tune_runs").glob("n-*/run_trial_*/result.json")).read_text().splitlines()]
     first_after = next(i for i, r in enumerate(results) if RESTORED_FROM_KEY in r)
     restored, reached = results[first_after][RESTORED_FROM_KEY], max(r["epoch"] for r in results[:first_after])
     assert restored >= 2  # continued from a checkpoint, not from scratch

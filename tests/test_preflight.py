@@ -16,7 +16,7 @@ from ssl_tune.cli import main
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
 from ssl_tune.specfile import spec_from_dict
-from ssl_tune.tuning import trusted_experiment_dir
+from ssl_tune.search_folder import trusted_experiment_dir
 from tests.conftest import run_cli, runs_of, search_spec, tiny_spec_dict
 
 

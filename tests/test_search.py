@@ -89,7 +89,7 @@ def test_mlflow_holds_one_parent_with_nested_trials(finished_search):
 def test_console_shows_the_trial_table_and_no_ray_output(finished_search):
     work, _, proc = finished_search
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("Ray's own output: ") and (work / "ssl_tune_runs" / "s1.log").stat().st_size > 0
+    assert lines[0].startswith("Ray's own output: ") and next((work / "ssl_tune_runs").glob("s1-*.log")).stat().st_size > 0
     assert lines[1] == "resources.gpus_per_worker: auto -> 0 (no node has a GPU)"
     assert lines[2].split()[:6] == ["trial", "status", "method.lam2", "method.tau", "epoch", "loss"]
     assert sum(" finished " in line for line in lines) >= 1 and sum(" stopped " in line for line in lines) >= 1
@@ -117,10 +117,10 @@ def test_results_leaderboard_and_parquet(finished_search):
 def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logged_knn(finished_search):
     work, client, proc = finished_search
     # the search's last lines: commands that run as printed
-    assert printed_command(proc.stdout, "export the best backbone:") == ["export", "search-test"]
+    assert printed_command(proc.stdout, "export the best backbone:") == ["export", "s1"]  # its name, unique
     assert printed_command(proc.stdout, "browse the search:") == ["ui"]
     # one export folder story: the hint loads what `ssl-tune export NAME` writes by default
-    assert "then load it in Python:    backbone, preprocess = ssl_tune.load_backbone('exports/search-test')" in proc.stdout
+    assert "then load it in Python:    backbone, preprocess = ssl_tune.load_backbone('exports/s1')" in proc.stdout
     hint = next(line for line in proc.stdout.splitlines() if line.startswith("export the best backbone:"))
     pasted = subprocess.run(hint.split(":", 1)[1] + " --out pasted", shell=True, cwd=work, capture_output=True,
                             text=True, env=cli_env())
@@ -201,7 +201,7 @@ def test_one_definition_of_best_console_leaderboard_parent_optuna_and_export_agr
     events = [line.split() for line in proc.stdout.splitlines() if line.split()[1:2] in (["finished"], ["stopped"])]
     assert events[-1][6] == f"{best['objective']:.4g}"
     # Optuna's study, as the searcher saved it in the experiment directory
-    (state,) = (work / "ssl_tune_runs").glob("s1/searcher-state-*.pkl")
+    (state,) = (work / "ssl_tune_runs").glob("s1-*/searcher-state-*.pkl")
     study = pickle.loads(state.read_bytes())["_ot_study"]
     assert sorted(t.value for t in study.trials) == sorted(r["objective"] for r in rows)
     assert study.best_value == best["objective"]
@@ -346,8 +346,8 @@ def test_trial_that_errors_is_failed_with_its_error(tmp_path):
     raw["training"]["epochs"] = 3
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = start_cli(["run", "spec.yaml", "--name", "r"], cwd=tmp_path)
-    first = wait_for(lambda: next((p.read_text().splitlines()[0] for p in (tmp_path / "ssl_tune_runs" / "r").glob(
-        "run_trial_*/result.json") if p.read_text().strip()), None), 240, "the first epoch", proc)
+    first = wait_for(lambda: next((p.read_text().splitlines()[0] for p in (tmp_path / "ssl_tune_runs").glob(
+        "r-*/run_trial_*/result.json") if p.read_text().strip()), None), 240, "the first epoch", proc)
     os.kill(json.loads(first)["pid"], 9)  # the trial's process dies, and no restart is allowed: the trial errors
     proc.wait(timeout=300)
     out = output(proc)

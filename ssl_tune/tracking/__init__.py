@@ -16,7 +16,7 @@ its own process (`ssl_tune.trial_record`). One module per concern:
 from ssl_tune.tracking.artifacts import checkpoint_of, checkpoint_on_disk, log_search_figures, log_trial_figures
 from ssl_tune.tracking.lookup import (best_per_method, best_trial_run_id, child_runs, confirmation_columns,
                                       confirmation_table, find_parent_run, format_table, leaderboard, list_searches,
-                                      objective_of)
+                                      objective_of, search_reference, searches_named)
 from ssl_tune.tracking.record import (close_search_run, close_unfinished, open_search_run, record_confirmation,
                                       record_warm_start, reopen_search_run)
 from ssl_tune.tracking.store import (DEFAULT_TRACKING_URI, bound_http_retries, check_reachable, client_for,
@@ -45,6 +45,6 @@ __all__ = [
     "confirmation_table", "existing_store_client", "experiment_id", "final_flush_s", "find_parent_run", "format_table",
     "leaderboard", "list_searches", "log_metrics", "log_params", "log_search_figures", "log_trial_figures",
     "objective_of", "open_search_run", "record_confirmation", "record_warm_start", "reopen_search_run", "resolve_uri",
-    "result_metrics",
+    "result_metrics", "search_reference", "searches_named",
     "updates_given_up",
 ]

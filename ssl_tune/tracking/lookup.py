@@ -23,11 +23,26 @@ def objective_of(parent) -> tuple[str, str]:
                           f"{TAG_MODE} tags") from None
 
 
+def searches_named(client, name: str) -> list:
+    """Every search (parent run) called `name` (`ssl-tune run --name`), in any experiment, newest first."""
+    if '"' in name and "'" in name:  # no MLflow filter string can quote it: no search can be found by it
+        return []
+    quote = "'" if "'" not in name else '"'
+    all_experiments = [e.experiment_id for e in client.search_experiments(max_results=50000)]
+    if not all_experiments:
+        return []
+    return client.search_runs(
+        all_experiments, filter_string=f"tags.`{TAG_KIND}` = 'search' and attributes.run_name = {quote}{name}{quote}",
+        order_by=["attributes.start_time DESC"], max_results=100)
+
+
 def find_parent_run(client, experiment_or_run: str, *, unfinished: bool = False):
     """A search's parent run from its run id, a trial's run id, the search's name (`ssl-tune run
     --name`) or an experiment name (its latest search; with `unfinished`, its one unfinished search).
 
-    Raises LookupError naming the candidates when a name fits more than one search.
+    Raises LookupError naming the candidates when a name fits more than one search. With `unfinished`,
+    a name shared by several searches of which exactly one is unfinished (a search stopped, then `run`
+    again under the same name) means that one.
     """
     from mlflow.exceptions import MlflowException
 
@@ -38,17 +53,17 @@ def find_parent_run(client, experiment_or_run: str, *, unfinished: bool = False)
     if run is not None:
         parent = run.data.tags.get("mlflow.parentRunId")
         return client.get_run(parent) if parent else run
-    is_search = f"tags.`{TAG_KIND}` = 'search'"
-    quote = "'" if "'" not in experiment_or_run else '"'
-    all_experiments = [e.experiment_id for e in client.search_experiments(max_results=50000)]
-    named = client.search_runs(
-        all_experiments, filter_string=f"{is_search} and attributes.run_name = {quote}{experiment_or_run}{quote}",
-        order_by=["attributes.start_time DESC"], max_results=100) if all_experiments and '"' not in experiment_or_run else []
+    named = searches_named(client, experiment_or_run)
+    if len(named) > 1 and unfinished:
+        open_named = [r for r in named if r.info.status not in ENDED]
+        named = open_named or named
     if len(named) == 1:
         return named[0]
     if len(named) > 1:
-        raise LookupError(f"{len(named)} searches are named {experiment_or_run!r}; give one run id:\n"
+        which = "unfinished searches" if unfinished and named[0].info.status not in ENDED else "searches"
+        raise LookupError(f"{len(named)} {which} are named {experiment_or_run!r}; give one run id:\n"
                           + _candidates(client, named))
+    is_search = f"tags.`{TAG_KIND}` = 'search'"
     experiment = client.get_experiment_by_name(experiment_or_run)
     if experiment is None:
         raise LookupError(f"no MLflow experiment, search name or run id {experiment_or_run!r}")
@@ -66,6 +81,13 @@ def find_parent_run(client, experiment_or_run: str, *, unfinished: bool = False)
                           f"{runs[0].info.run_name!r} ({runs[0].info.run_id}), {runs[0].info.status}")
     raise LookupError(f"experiment {experiment_or_run!r} has {len(open_runs)} unfinished searches; give the name or "
                       "run id of one:\n" + _candidates(client, open_runs))
+
+
+def search_reference(client, parent_run_id: str) -> str:
+    """What to call a search in the commands printed for the user: its name while no other search shares
+    it, else its parent run id (which never becomes ambiguous)."""
+    name = client.get_run(parent_run_id).info.run_name
+    return name if [r.info.run_id for r in searches_named(client, name)] == [parent_run_id] else parent_run_id
 
 
 def _candidates(client, runs: list) -> str:
