@@ -148,13 +148,24 @@ def _report_outcome(outcome) -> int:
         print(f"error: every trial failed; the reasons are in the table above and in each trial run's "
               f"{tracking.TAG_ERROR} tag (the parent run is marked FAILED)", file=sys.stderr)
         return EXIT_ALL_TRIALS_FAILED
-    # By the search's name while it is the only search of that name, else by its run id (`search_reference`).
-    reference = tracking.search_reference(tracking.client_for(outcome.tracking_uri), outcome.parent_run_id)
+    reference = _reference(outcome)
     export_dir = Path("exports") / reference
     print(f"browse the search:         {ssl_tune_command('ui', *uri)}")
     print(f"export the best backbone:  {ssl_tune_command('export', reference, *uri)}")
     print(f"then load it in Python:    backbone, preprocess = ssl_tune.load_backbone({str(export_dir)!r})")
     return 0
+
+
+def _reference(outcome) -> str:
+    """The search as the printed commands name it: its name while no other search has it, else its run id; the run
+    id too where the store cannot say (the search has ended: a printed hint never fails the command)."""
+    from ssl_tune import tracking
+    from ssl_tune.replay import tracking_errors
+
+    try:
+        return tracking.search_reference(tracking.client_for(outcome.tracking_uri), outcome.parent_run_id)
+    except tracking_errors():
+        return outcome.parent_run_id
 
 
 def _print_best_per_method(rows: list[dict], mode: str) -> None:

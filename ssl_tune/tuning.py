@@ -4,7 +4,8 @@ confirmation), recorded in MLflow.
 The pieces it puts together live elsewhere: the space and the objective (`ssl_tune.space`), the sampler
 and scheduler (`ssl_tune.algorithms`), one trial (`ssl_tune.trial`), the checks before any trial
 (`ssl_tune.cluster`), stopping (`ssl_tune.stopping`), the search's folder of Tune state
-(`ssl_tune.search_folder`), the MLflow record (`ssl_tune.tracking`) and the console table (`ssl_tune.console`). `ssl_tune.api` is the Python entry point over it.
+(`ssl_tune.search_folder`), the MLflow record (`ssl_tune.tracking`) and the console table
+(`ssl_tune.console`). `ssl_tune.api` is the Python entry point over it.
 """
 
 from __future__ import annotations

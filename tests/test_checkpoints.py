@@ -148,7 +148,7 @@ def test_a_storage_disk_that_fills_stops_the_search_in_one_line_and_resume_finis
 
         # Tune's last save, as it stopped, had the room the reserve held (`checkpoints.SpaceReserve`): its
         # state lists the interrupted trial, where a save cut short by the full disk would not parse.
-        (state,) = (disk / "full").glob("experiment_state-*.json")
+        (state,) = disk.glob("full-*/experiment_state-*.json")  # the search's own folder
         assert len(json.loads(state.read_text())["trial_data"]) == 1
         assert not list(disk.glob(f"{checkpoints.SpaceReserve.NAME}*"))
         (disk / "filler").unlink()

@@ -88,7 +88,7 @@ def test_a_two_worker_trial_spreads_over_two_hosts_with_storage_on_s3(two_hosts,
                ".list_objects_v2(Bucket=sys.argv[2]).get('Contents', [])))")
     keys = subprocess.run(["ip", "netns", "exec", f"{PREFIX}-a", sys.executable, "-c", listing, env["AWS_ENDPOINT_URL"],
                            two_hosts["bucket"]], capture_output=True, text=True, env=env, check=True).stdout.split()
-    assert any(k.startswith("runs/hosts/") and k.endswith("/checkpoint.pt") for k in keys), keys
+    assert any(k.startswith("runs/hosts-") and k.endswith("/checkpoint.pt") for k in keys), keys
     assert not list((tmp_path / "ssl_tune_runs").rglob("checkpoint.pt"))
     assert trial.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "export"
 
