@@ -40,7 +40,7 @@ def measure(spec_path: str, trials: int, epochs: int, workers: int) -> dict[str,
     from ssl_tune import tracking
     from ssl_tune.space import param_value
     from ssl_tune.specfile import load_spec
-    from ssl_tune.testing import run_on_ranks
+    from tests.ranks import run_on_ranks  # (the bare DDP loop it compares with)
     from ssl_tune.tuning import run_search
 
     cores = os.cpu_count() or 1

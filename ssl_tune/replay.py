@@ -158,7 +158,7 @@ def replay(results, logger: MlflowTrialLogger, *, timeout: float | None = None) 
             logger.on_trial_complete(0, [], trial)
     timeout = tracking.final_flush_s() if timeout is None else timeout
     if not logger.writer.drain(timeout):
-        raise ConnectionError(f"{logger.writer.pending} MLflow updates still held after {timeout:g} s")
+        raise ConnectionError(f"{logger.writer.pending} MLflow updates still held: the server did not answer for {timeout:g} s")
     if replayed:
         print(f"completed the MLflow record of {replayed} trial(s) from Tune's result files", file=sys.__stdout__,
               flush=True)

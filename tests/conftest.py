@@ -58,6 +58,21 @@ def tiny_dataset(n=96, size=12, seed=0):
     return ImageDataset("tiny", images, labels, images[:32].clone(), labels[:32].clone(), 4)
 
 
+def image_folder(root: Path, classes=("a", "b"), per_class=3, size=12) -> Path:
+    """A tiny ImageFolder of random JPEGs: train/ and test/, `per_class` images of each class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg", quality=90)
+    return root
+
+
 # --- every registered method -------------------------------------------------------------------
 
 # Settings the shared suites exercise beyond a method's search-space defaults: SSL-HSIC's learned
@@ -93,6 +108,13 @@ def method_spec_dict(name: str, **sections) -> dict:
     return {**tiny_spec_dict(**sections), "method": method}
 
 
+class FakeTrial:
+    """What Tune's callbacks read of a trial (the tracking and console callbacks' tests)."""
+
+    def __init__(self, trial_id, config):
+        self.trial_id, self.config, self.last_result, self.error_file = trial_id, config, {}, None
+
+
 # --- the console script ------------------------------------------------------------------------
 
 SEARCH_EPOCHS = 2
@@ -112,6 +134,28 @@ def search_spec(**search):
 
 def cli_env():
     return {**os.environ, "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
+
+
+@pytest.fixture
+def cli_here(tmp_path, monkeypatch, capsys):
+    """`ssl-tune ARGS` in this process, in tmp_path: `cli_here("resume", "x")` -> (exit status, stdout, stderr).
+    For the checks that need no process boundary (a refusal before Ray starts, results, export); what the
+    command sets in the environment (MLflow's HTTP retry bounds) is undone after the test."""
+    from ssl_tune.cli import main
+    from ssl_tune.tracking.store import HTTP_RETRY_DEFAULTS
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # as `cli_env` gives a subprocess
+        monkeypatch.delenv(key, raising=False)
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        status = main(list(args))
+        printed = capsys.readouterr()
+        return status, printed.out, printed.err
+
+    return run
 
 
 def run_cli(args, cwd, timeout=600, env=None):
@@ -279,3 +323,15 @@ def memory_cgroup(limit_bytes: int):
                 break
             except OSError:
                 time.sleep(0.2)
+
+
+# --- time limits -------------------------------------------------------------------------------
+
+QUICK_TEST_TIMEOUT_S = 120  # the quick subset's limit per test; slow tests have pyproject's `timeout` (600 s)
+
+
+def pytest_collection_modifyitems(items):
+    """A quick test that hangs fails after 2 minutes, not 10 (pytest-timeout, with every thread's stack)."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(QUICK_TEST_TIMEOUT_S))

@@ -29,6 +29,7 @@ def notebook_search(tmp_path_factory):
     return work, proc
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_notebook_search_opens_by_name_from_another_directory(notebook_search, tmp_path, monkeypatch):
     work, proc = notebook_search
@@ -46,6 +47,7 @@ def test_a_notebook_search_opens_by_name_from_another_directory(notebook_search,
         ssl_tune.open_search("no-such-search", tracking_uri=f"sqlite:///{work}/mlflow.db")
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_the_leaderboard_is_what_results_writes_to_parquet(notebook_search):
     import pandas
@@ -59,6 +61,7 @@ def test_the_leaderboard_is_what_results_writes_to_parquet(notebook_search):
                                       written, check_dtype=False)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_export_and_load_from_the_search_object(notebook_search, tmp_path):
     import torch

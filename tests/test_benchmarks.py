@@ -246,6 +246,8 @@ def test_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path):
     assert "| twist | timm:vit_tiny_patch16_224 | 16 px |" in report.read_text()
 
 
+@pytest.mark.ray
+@pytest.mark.netns
 @pytest.mark.slow
 def test_cluster_benchmark_through_the_harness(tmp_path):
     require_system(namespaces_allowed(), "network namespaces", IPROUTE_INSTALL)
@@ -274,6 +276,7 @@ def test_every_benchmark_has_a_smoke_run_in_the_suite():
     assert set(harness.BENCHMARKS) - through_harness - called == set()
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_the_search_benchmarks_run_at_a_smoke_size(tmp_path):
     """search-overhead, knn-bank and label-free each run a real search; efficiency-table then noise train a grid."""
@@ -310,6 +313,7 @@ def test_the_search_benchmarks_run_at_a_smoke_size(tmp_path):
         assert f"--report {report} {name} " in text, name  # with the command that measured it
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_the_proxy_and_warm_start_benchmarks_run_at_a_smoke_size(tmp_path):
     """proxy: two pipelines of 2 two-epoch trials and 2 confirmation trials; warm-start: two searches of 2 trials."""

@@ -13,7 +13,7 @@ import yaml
 from ssl_tune import checkpoints, tracking
 from ssl_tune.checkpoints import CHECKPOINT_FILE, RECORD_FILE, CheckpointError
 from ssl_tune.trial import CHECKPOINTS_KEPT, DAMAGED_CHECKPOINT_KEY, RayReporter, restore
-from tests.conftest import epoch_steps, output, run_cli, runs_of, search_spec, small_disk, start_cli, wait_for
+from tests.conftest import epoch_steps, image_folder, output, run_cli, runs_of, search_spec, small_disk, start_cli, wait_for
 
 
 def state(epoch: int) -> dict:
@@ -91,6 +91,7 @@ def test_restore_skips_a_damaged_latest_checkpoint_for_the_one_before_and_fails_
         restore(_Trainer(), ray.tune.Checkpoint(str(tmp_path / "checkpoint_000001")), report)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_truncated_checkpoint_at_resume_is_named_and_the_trial_goes_on_from_the_one_before(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_concurrent=1)
@@ -119,6 +120,7 @@ def test_a_truncated_checkpoint_at_resume_is_named_and_the_trial_goes_on_from_th
     assert int(child.data.tags[tracking.TAG_EPOCHS_LOST]) == 1  # the damaged checkpoint's epoch, trained again
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_storage_disk_that_fills_stops_the_search_in_one_line_and_resume_finishes_it(tmp_path):
     """The storage path on a 20 MB tmpfs, filled while the first trial trains: exit 5 with one line naming
@@ -183,7 +185,6 @@ def test_a_storage_path_too_small_for_the_checkpoints_is_refused_before_any_tria
 
 def test_an_image_cache_that_does_not_fit_its_disk_is_refused_before_decoding(tmp_path, capsys):
     from ssl_tune.cli import main
-    from tests.test_preflight import image_folder
 
     root = image_folder(tmp_path / "images", per_class=4)
     raw = search_spec()

@@ -20,14 +20,6 @@ def run(*args):
 
 
 @pytest.mark.slow
-def test_help_explains_every_command():
-    for args in (["--help"], ["train", "--help"]):
-        proc = run(*args)
-        assert proc.returncode == 0 and "usage: ssl-tune" in proc.stdout
-    assert "--set" in run("train", "--help").stdout
-
-
-@pytest.mark.slow
 def test_train_then_resume(tmp_path, twist_spec_path):
     out = tmp_path / "run"
     proc = run("train", twist_spec_path, "--set", "training.epochs=1", *FAST, "--out", str(out))

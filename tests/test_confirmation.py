@@ -67,6 +67,7 @@ def test_confirm_fields_are_validated_with_the_field_named():
         _spec(top_k=-1)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_path):
     """A search on RankMe whose confirmation stage is interrupted (Ctrl-C) and resumed, then read back."""

@@ -8,7 +8,7 @@ import torch
 
 from ssl_tune.distributed import gather_with_grad
 from ssl_tune.evaluation import effective_rank
-from ssl_tune.testing import run_on_ranks
+from tests.ranks import run_on_ranks
 from trainers.base import Diverged
 from trainers.corinfomax import CorInfoMaxLoss
 

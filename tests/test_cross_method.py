@@ -48,6 +48,7 @@ def test_cli_train_on_the_cross_method_spec(tmp_path):
     assert yaml.safe_load((tmp_path / "out" / "spec.json").read_text())["method"]["name"] == "twist"
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_search_across_methods_end_to_end(tmp_path):
     raw = search_spec(num_samples=4, max_concurrent=2, metric="knn_top1", mode="max", points_to_evaluate=[

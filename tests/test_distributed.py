@@ -1,10 +1,11 @@
 """Global batch norm under DDP: 2 ranks normalise with the statistics of the whole batch."""
 
+import pytest
 import torch
 from torch import nn
 
 from ssl_tune.distributed import GlobalBatchNorm, convert_batchnorm
-from ssl_tune.testing import run_on_ranks
+from tests.ranks import run_on_ranks
 
 
 def _batch():
@@ -44,3 +45,29 @@ def test_conversion_keeps_batchnorm_state_and_frozen_parameters():
     assert isinstance(converted[1], GlobalBatchNorm)
     assert converted[1].running_mean.eq(0.5).all()
     assert not any(p.requires_grad for p in converted.parameters())
+
+
+def _rank_one_dies(rank):
+    import os
+
+    import torch.distributed as dist
+
+    if rank == 1:
+        os._exit(3)  # as a rank killed by the OOM killer: no result, no traceback
+    dist.all_reduce(torch.ones(1))  # rank 0 waits for it in a collective
+    return rank
+
+
+def _rank_one_blocks(rank):
+    import threading
+
+    if rank == 1:
+        threading.Event().wait()  # never answers
+    return rank
+
+
+def test_a_rank_that_dies_or_blocks_fails_the_caller_instead_of_hanging_it():
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] exited \(codes \[3\]\) without a result"):
+        run_on_ranks(_rank_one_dies, 2, timeout=60)
+    with pytest.raises(RuntimeError, match="no answer from every rank within 5 s; answered: \\[0\\]"):
+        run_on_ranks(_rank_one_blocks, 2, timeout=5)

@@ -19,8 +19,8 @@ from ssl_tune.cluster import check_cluster_paths, check_resources
 from ssl_tune.spec import SpecError
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.trial import RESTORED_FROM_KEY, RESTORED_HISTORY_KEY
-from tests.conftest import (epoch_steps, output, printed_command, run_cli, runs_of, search_spec, start_cli, tiny_spec_dict,
-                            wait_for)
+from tests.conftest import (FakeTrial, epoch_steps, output, printed_command, run_cli, runs_of, search_spec, start_cli,
+                            tiny_spec_dict, wait_for)
 
 
 
@@ -33,15 +33,13 @@ def slow_search_spec(num_samples, epochs, **search):
 # --- before any trial -------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_unreachable_tracking_server_exits_2_before_any_trial(tmp_path):
+def test_unreachable_tracking_server_exits_2_before_any_trial(tmp_path, cli_here):
     raw = search_spec()
     raw["mlflow"] = {"tracking_uri": "http://127.0.0.1:9"}  # the discard port: nothing listens
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     start = time.time()
-    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
+    status, _, err = cli_here("run", "spec.yaml")  # in-process: the check comes before Ray
+    assert status == 2 and "cannot reach the MLflow tracking server at http://127.0.0.1:9" in err
     assert time.time() - start < 60
     assert not (tmp_path / "ssl_tune_runs").exists()
 
@@ -71,6 +69,7 @@ def test_a_file_tracking_store_is_refused_behind_a_ray_client(tmp_path):
 # --- a worker dies -----------------------------------------------------------------------------
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(slow_search_spec(num_samples=1, epochs=4)))
@@ -99,6 +98,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
 # --- the driver stops -------------------------------------------------------------------------
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_interrupted_and_killed_driver_then_resume_finishes_every_trial_once(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(slow_search_spec(num_samples=4, epochs=3)))
@@ -148,6 +148,7 @@ def test_interrupted_and_killed_driver_then_resume_finishes_every_trial_once(tmp
     assert len(sampled) == 4  # the Optuna study went on: no point repeated, none lost
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_in_the_last_round_leaves_the_search_resumable_and_resume_continues_it(tmp_path):
     """Every trial has started when SIGTERM comes: Tune marks the running one TERMINATED like a finished
@@ -185,6 +186,7 @@ def test_sigterm_in_the_last_round_leaves_the_search_resumable_and_resume_contin
 # --- a multi-node cluster ---------------------------------------------------------------------
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_two_worker_trial_spreads_over_two_nodes_of_a_cluster(tmp_path):
     from ray.cluster_utils import Cluster
@@ -214,22 +216,18 @@ class FlakyClient:
     """A real MlflowClient whose calls fail while `down` is set, like a server that went away."""
 
     def __init__(self, client):
-        self.client, self.down = client, False
+        self.client, self.down, self.refused = client, False, 0
 
     def __getattr__(self, name):
         attr = getattr(self.client, name)
 
         def call(*args, **kwargs):
             if self.down:
+                self.refused += 1
                 raise ConnectionError("connection refused")
             return attr(*args, **kwargs)
 
         return call
-
-
-class FakeTrial:
-    def __init__(self, trial_id, config):
-        self.trial_id, self.config, self.last_result, self.error_file = trial_id, config, {}, None
 
 
 def trial_logger(tmp_path, epochs):
@@ -262,8 +260,8 @@ def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_retu
         logger.on_trial_result(0, [], trial, {"epoch": float(epoch), "loss": 3.0 - epoch})
     logger.on_trial_complete(0, [], trial)
     assert time.monotonic() - started < 0.5  # the callback only queues: it never waits for the server
-    time.sleep(1)
-    assert logger.writer.pending >= 3
+    wait_for(lambda: flaky.refused >= 1, 30, "the writer's first try while the server is down")
+    assert logger.writer.pending >= 3  # held, not dropped
     flaky.down = False
     logger.on_experiment_end([])
     err = capfd.readouterr().err  # the console's stderr, not Ray's log
@@ -337,12 +335,15 @@ def test_a_trial_restored_from_its_last_epoch_reports_that_epoch_again_with_its_
     assert load_arrays(tmp_path / "last" / EVALUATION_FILE).keys() == {"embedding_2d", "labels", "confusion", "class_names"}
 
 
+@pytest.mark.ray
+@pytest.mark.services
 @pytest.mark.slow
 def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothing(tmp_path):
-    """A real `mlflow server` (on PostgreSQL where it is installed), SIGKILLed for 40 s in the middle of
-    a trial, then started again on the same store. MLflow's own client would block the Tune loop (and so the trial) for about 247 s per
-    call; here the trial's epochs keep their pace, the console says when the server went away and
-    came back, and afterwards the store holds every epoch once."""
+    """A real `mlflow server` (on PostgreSQL where it is installed), SIGKILLed in the middle of a trial until
+    the console has said so and 5 more epochs have trained, then started again on the same store. MLflow's
+    own client would block the Tune loop (and so the trial) for about 247 s per call; here the trial's epochs
+    keep their pace, the console says when the server went away and came back, and afterwards the store
+    holds every epoch once."""
     script = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "services.py")]
     services = [*script, "mlflow"]
     server_dir = tmp_path / "mlflow-server"
@@ -353,11 +354,11 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
         backend = ["--backend-store-uri", postgres["uri"]]
     started = json.loads(subprocess.run([*services, "start", "--dir", str(server_dir), *backend], capture_output=True,
                                         text=True, check=True, timeout=180).stdout)
-    raw = slow_search_spec(num_samples=1, epochs=30)
+    epochs, trained_while_down = 16, 5
+    raw = slow_search_spec(num_samples=1, epochs=epochs)
     raw["mlflow"] = {"tracking_uri": started["url"]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = start_cli(["run", "spec.yaml", "--name", "o"], cwd=tmp_path)
-    outage_s = 40
     try:
         def results():
             files = list((tmp_path / "ssl_tune_runs").glob("o-*/run_trial_*/result.json"))
@@ -365,10 +366,10 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
 
         wait_for(lambda: len(results()) >= 3, 300, "three epochs", proc)
         subprocess.run([*services, "stop", "--dir", str(server_dir), "--kill"], check=True, timeout=60)
-        down_at_epoch = len(results())
-        time.sleep(outage_s)
-        during_outage = len(results()) - down_at_epoch
-        assert "is unreachable" in output(proc)
+        down_at, down_at_epoch = time.monotonic(), len(results())
+        wait_for(lambda: "is unreachable" in output(proc) and len(results()) >= down_at_epoch + trained_while_down, 300,
+                 "the outage on the console and 5 epochs trained meanwhile", proc)
+        during_outage, outage_s = len(results()) - down_at_epoch, time.monotonic() - down_at
         subprocess.run([*services, "start", "--dir", str(server_dir), "--port", str(started["port"]), *backend],
                        check=True, capture_output=True, timeout=180)
         proc.wait(timeout=600)
@@ -395,9 +396,8 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
     # Training went on at its pace while the server was down.
     epoch_s = [r["time_this_iter_s"] for r in epoch_results[1:]]
     typical = sorted(epoch_s)[len(epoch_s) // 2]
-    print(f"tracking outage of {outage_s} s: {during_outage} epochs trained meanwhile; epoch {typical:.1f} s typical, "
+    print(f"tracking outage of {outage_s:.0f} s: {during_outage} epochs trained meanwhile; epoch {typical:.1f} s typical, "
           f"{max(epoch_s):.1f} s slowest")
-    assert during_outage >= min(5, outage_s / typical / 2)
     assert max(epoch_s) < max(3 * typical, typical + 10), epoch_s
     # Nothing lost, nothing twice.
     (parent,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
@@ -405,7 +405,7 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
     assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (tmp_path / "elsewhere" / "best" / "backbone.pt").is_file()
-    assert steps == list(range(1, 31))
+    assert steps == list(range(1, epochs + 1))
 
 
 def tune_results(storage: Path, name: str) -> dict[str, list[dict]]:
@@ -418,6 +418,8 @@ def tune_results(storage: Path, name: str) -> dict[str, list[dict]]:
     return found
 
 
+@pytest.mark.ray
+@pytest.mark.services
 @pytest.mark.slow
 def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tunes_files(tmp_path, monkeypatch):
     """A real `mlflow server` stopped before the last trial's last epoch and started again after the
@@ -486,6 +488,7 @@ def placement_groups_and_cpus(address: str) -> tuple[dict[str, str], float, floa
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_path, monkeypatch):
     """The issue's scenario: two 1-CPU nodes, a 2-worker SPREAD trial, the second node's raylet
@@ -536,7 +539,10 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     (child,) = children  # one MLflow run for the trial, whatever its attempts
     assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
     assert int(child.data.tags[tracking.TAG_RESTARTS]) >= 2  # the node's death, then at least one wait
-    assert "startup timed out" in child.data.tags[tracking.TAG_LAST_RESTART].lower()
+    # The waits for capacity were restarts of their own (the console showed them); the tag keeps the last reason,
+    # which may also be a worker lost as the group restarted on the new node (seen once: gloo's "connection
+    # closed by peer"), after which the trial went on all the same.
+    assert tracking.TAG_LAST_RESTART in child.data.tags and out.lower().count("worker group startup timed out") >= 1
     assert epoch_steps(client, child) == [1, 2, 3, 4, 5, 6]  # every epoch logged once
     results = [json.loads(line) for line in
                next((tmp_path / "ssl_tune_runs").glob("n-*/run_trial_*/result.json")).read_text().splitlines()]
@@ -551,6 +557,7 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     assert total - available == pytest.approx(0.01 + 2 * 0.9, abs=1e-6)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_placement_groups_left_by_an_earlier_attempt_are_removed(tmp_path):
     import ray
@@ -580,34 +587,21 @@ def test_placement_groups_left_by_an_earlier_attempt_are_removed(tmp_path):
         ray.shutdown()
 
 
-def console_table(monkeypatch, epochs: int, num_samples: int, **search):
-    """A ConsoleTable on a clock the test sets (`now[0]`), printing into `rows`."""
-    from ssl_tune import console
-
-    spec = spec_from_dict({**tiny_spec_dict(training={"epochs": epochs, "batch_size": 32, "seed": 0}),
-                           "search": {"num_samples": num_samples, "metric": "loss", "mode": "min", **search}})
-    table, rows, now = console.ConsoleTable(spec), [], [0.0]
-    monkeypatch.setattr(table, "_print", rows.append)
-    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
-    return table, rows, now
-
-
-def test_eta_counts_epochs_not_restarts(monkeypatch):
-    table, rows, now = console_table(monkeypatch, epochs=10, num_samples=1, scheduler="none")
-    trial = FakeTrial("t1", {})
-    table.on_trial_start(0, [], trial)
-    for epoch, at in [(1, 30.0), (2, 40.0), (3, 50.0)]:  # 30 s to start, then 10 s an epoch
-        now[0] = at
-        table.on_trial_result(0, [], trial, {"epoch": float(epoch), "loss": 1.0})
-    assert rows[1].split()[-1] == "-"  # no estimate before one epoch was measured
-    assert rows[-1].split()[-1] == "1m10s"  # 7 epochs left at 10 s
-    now[0] = 55.0
-    trial.last_result = {"epoch": 3.0}
-    table.on_trial_recover(0, [], trial)
-    table.on_trial_start(0, [], trial)
-    now[0], trial.last_result = 200.0, {}  # a long restart
-    table.on_trial_result(0, [], trial, {"epoch": 4.0, "loss": 1.0})
-    assert rows[-1].split()[-1] == "1m00s"  # still 10 s an epoch
+def test_the_end_waits_while_the_server_answers_and_gives_up_once_it_stops(tmp_path):
+    """A replay of many epochs against a server just back outlasts the wait (SSL_TUNE_TRACKING_WAIT_S): it must
+    not give up while the server answers, only once it stops answering for that long."""
+    real = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    flaky = FlakyClient(real)
+    writer = tracking.MlflowWriter("sqlite:///x", lambda: flaky, retry_s=0.1)
+    written = []
+    for i in range(8):  # 8 updates of 0.25 s each: 2 s of writing against a 0.5-s wait
+        writer.submit(lambda i=i: (time.sleep(0.25), written.append(i)))
+    assert writer.drain(timeout=0.5) and written == list(range(8))
+    flaky.down = True
+    writer.submit(lambda: flaky.search_experiments(max_results=1))
+    started = time.monotonic()
+    assert not writer.drain(timeout=0.5) and writer.pending == 1
+    assert time.monotonic() - started < 5
 
 
 def test_a_figure_that_fails_while_the_server_answers_is_dropped_not_held(tmp_path, capfd):
@@ -624,46 +618,3 @@ def test_a_figure_that_fails_while_the_server_answers_is_dropped_not_held(tmp_pa
     err = capfd.readouterr().err
     assert "warning: figures after trial t1 not logged (ValueError: a plotting corner case)" in err
     assert "unreachable" not in err
-
-
-def test_eta_does_not_jump_when_one_of_two_trials_ends(monkeypatch):
-    table, rows, now = console_table(monkeypatch, epochs=4, num_samples=4, scheduler="none")
-    a, b = FakeTrial("a", {}), FakeTrial("b", {})
-    table.on_trial_start(0, [], a)
-    table.on_trial_start(0, [], b)
-    for at in (10.0, 20.0):  # two trials side by side, 10 s an epoch each
-        now[0] = at
-        table.on_trial_result(0, [], a, {"epoch": at / 10, "loss": 1.0})
-        table.on_trial_result(0, [], b, {"epoch": at / 10, "loss": 1.0})
-    before = rows[-1].split()[-1]
-    a.last_result = {"epoch": 2.0, "loss": 1.0}
-    table.on_trial_complete(0, [], a)  # stopped early: its 2 other epochs never run
-    assert before == "1m00s" and rows[-1].split()[-1] == "50s"  # (16 - 6 settled) x 10 s / 2 at once
-
-
-def test_eta_under_asha_counts_the_epochs_trials_are_expected_to_run(monkeypatch):
-    """16 trials of 8 epochs, ASHA rungs at 1 and 3, 1 in 3 promoted: about 36 epochs, not 128; the
-    estimate then follows the promotions that happened, and adds the stages after this one."""
-    from ssl_tune import budget
-
-    table, rows, now = console_table(monkeypatch, epochs=8, num_samples=16, grace_period=1, reduction_factor=3)
-    spec = table.spec
-    assert budget.rungs(spec) == [1, 3]
-    assert budget.expected_epochs_left(spec, 0) == pytest.approx(1 + 2 / 3 + 5 / 9)
-    assert budget.expected_epochs_left(spec, 2) == pytest.approx(1 + 5 / 3)  # to rung 3, then 1 in 3 goes on
-    assert budget.expected_epochs_left(spec, 3) == pytest.approx(5)  # still running at rung 3: promoted, to the end
-    trial = FakeTrial("a", {})
-    table.on_trial_start(0, [], trial)
-    now[0] = 30.0
-    table.on_trial_result(0, [], trial, {"epoch": 1.0, "loss": 1.0})
-    assert rows[-1].split()[-1] == "-"  # the first epoch includes the start-up: not measured
-    now[0] = 40.0
-    table.on_trial_result(0, [], trial, {"epoch": 2.0, "loss": 1.0})  # 10 s an epoch
-    rates = budget.promotion_rates(spec, {"a": 2}, set())  # one trial went on at rung 1
-    assert rates[0] == pytest.approx((1 + 2 / 3) / 3) and rates[1] == pytest.approx(1 / 3)
-    expected = budget.expected_epochs_left(spec, 2, rates) + 15 * budget.expected_epochs_left(spec, 0, rates)
-    assert table.epochs_left() == pytest.approx(expected) and expected < 0.5 * (6 + 15 * 8)
-    minutes, seconds = divmod(round(expected * 10), 60)
-    assert rows[-1].split()[-1] == f"{minutes}m{seconds:02d}s"
-    table.epochs_after = 72  # the confirmation stage's 9 trials of 8 epochs
-    assert table.epochs_left() == pytest.approx(expected + 72)

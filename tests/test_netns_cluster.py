@@ -17,6 +17,7 @@ from ssl_tune import tracking
 from tests.conftest import IPROUTE_INSTALL, ROOT, SSL_TUNE, namespaces_allowed, output, require_system, search_spec, wait_for
 
 SCRIPTS = Path(ROOT) / "scripts"
+pytestmark = [pytest.mark.netns, pytest.mark.ray]
 PREFIX, SUBNET = f"sslt{os.getpid() % 10000}", f"10.213.{os.getpid() % 200 + 20}"
 
 
@@ -123,7 +124,7 @@ def test_losing_the_second_host_mid_trial_is_survived_from_its_last_checkpoint(t
         # a sqlite store's tables at once collide).
         wait_for(lambda: re.search(rf"^\S+\s+running\s.*\s2/{epochs}\s", output(proc), re.M), 400, "two epochs", proc)
         two_hosts["cluster"].stop_node(two_hosts["directory"], "worker")  # the host is lost
-        time.sleep(5)
+        wait_for(lambda: "restarts from its latest checkpoint" in output(proc), 300, "the trial's restart", proc)
         two_hosts["cluster"].start_ray(PREFIX, SUBNET, two_hosts["directory"], cpus=1, env=two_hosts["storage_env"],
                                        worker_only=True, worker_private_dir=tmp_path / "node-local")  # and comes back
         proc.wait(timeout=700)

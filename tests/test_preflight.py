@@ -17,7 +17,7 @@ from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.search_folder import trusted_experiment_dir
-from tests.conftest import run_cli, runs_of, search_spec, tiny_spec_dict
+from tests.conftest import image_folder, run_cli, runs_of, search_spec, tiny_spec_dict
 
 
 class RunsAShellCommand:
@@ -54,19 +54,6 @@ def test_dead_ray_address_exits_2_within_seconds(tmp_path):
 # --- bad data ----------------------------------------------------------------------------------
 
 
-def image_folder(root: Path, classes=("a", "b"), per_class=3, size=12) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for name in classes:
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg", quality=90)
-    return root
-
-
 def truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -80,6 +67,7 @@ def imagefolder_spec(tmp_path: Path, root: Path, **search) -> Path:
     return tmp_path / "spec.yaml"
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_corrupt_image_is_named_by_train_and_by_run_before_any_trial(tmp_path, capsys):
     root = image_folder(tmp_path / "images")
@@ -133,8 +121,7 @@ def test_crafted_cifar_batch_is_refused_by_its_checksum_before_it_is_unpickled(t
     assert not marker.exists()
 
 
-@pytest.mark.slow
-def test_resume_refuses_tune_state_outside_the_storage_path_the_user_named(tmp_path):
+def test_resume_refuses_tune_state_outside_the_storage_path_the_user_named(tmp_path, cli_here):
     """Anyone who can write tags on a shared tracking server could point a search's storage tag at
     a crafted tuner.pkl; resume must not unpickle it."""
     marker = tmp_path / "code-ran"
@@ -147,10 +134,10 @@ def test_resume_refuses_tune_state_outside_the_storage_path_the_user_named(tmp_p
                                                                  tracking.TAG_STORAGE: str(evil)})
     client.log_text(parent.info.run_id, yaml.safe_dump(search_spec()), "spec.yaml")
     client.set_terminated(parent.info.run_id, "KILLED")
-    proc = run_cli(["resume", "s1"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert f"names its Tune state at {evil}, which is not in the default storage path ./ssl_tune_runs" in proc.stderr
-    assert f"ssl-tune resume s1 --storage-path {evil.parent}" in proc.stderr
+    status, _, err = cli_here("resume", "s1")  # in-process: refused before Ray starts
+    assert status == 2, err
+    assert f"names its Tune state at {evil}, which is not in the default storage path ./ssl_tune_runs" in err
+    assert f" resume s1 --storage-path {evil.parent}" in err
     assert not marker.exists()
 
 
@@ -197,6 +184,7 @@ def test_searches_are_found_by_name_and_ambiguous_names_list_the_candidates(tmp_
 # --- a search in which every trial fails -------------------------------------------------------
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_search_whose_every_trial_failed_exits_3_with_the_parent_failed(tmp_path):
     raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[])

@@ -245,6 +245,7 @@ def proxy_search(tmp_path_factory):
     return work, client, proc, raw
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_overrides_reach_only_the_confirmation_trials_and_their_mlflow_params(proxy_search):
     work, client, proc, _ = proxy_search
@@ -259,6 +260,7 @@ def test_overrides_reach_only_the_confirmation_trials_and_their_mlflow_params(pr
     assert {t.data.tags[tracking.TAG_ORIGIN] for t in trials} == {ORIGIN_SAMPLER}
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_rank_transfer_reaches_the_console_results_the_parent_and_its_figure(proxy_search):
     work, client, proc, _ = proxy_search
@@ -274,6 +276,7 @@ def test_rank_transfer_reaches_the_console_results_the_parent_and_its_figure(pro
     assert results.returncode == 0 and f"rank transfer: Spearman {rho:+.2f} over 3 configurations" in results.stdout
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_warm_start_from_a_finished_search_as_observations_and_as_configurations(proxy_search):
     work, client, _, raw = proxy_search
@@ -303,6 +306,7 @@ def test_warm_start_from_a_finished_search_as_observations_and_as_configurations
     assert all(tried[p] == best[p] for p in ("method.lam2", "method.tau"))
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_each_new_sampler_runs_a_tiny_search(tmp_path):
     """gp, cmaes and qmc, each a search of 3 one-epoch trials (one random start-up trial, then the sampler)."""

@@ -40,6 +40,7 @@ def finished_search(tmp_path_factory):
     return work, client, proc
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_mlflow_holds_one_parent_with_nested_trials(finished_search):
     work, client, _ = finished_search
@@ -85,6 +86,7 @@ def test_mlflow_holds_one_parent_with_nested_trials(finished_search):
             assert "linear_top1" not in child.data.metrics
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_console_shows_the_trial_table_and_no_ray_output(finished_search):
     work, _, proc = finished_search
@@ -97,6 +99,7 @@ def test_console_shows_the_trial_table_and_no_ray_output(finished_search):
         assert marker not in proc.stdout and marker not in proc.stderr, marker
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_results_leaderboard_and_parquet(finished_search):
     import pyarrow.parquet as pq
@@ -113,6 +116,7 @@ def test_results_leaderboard_and_parquet(finished_search):
     assert table[0]["method.lam2"] == 2.0
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logged_knn(finished_search):
     work, client, proc = finished_search
@@ -168,6 +172,7 @@ def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logge
         assert f"torch.Size([1, {width}])" in ran.stdout and "grey 28x28" in ran.stdout, page
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_knn_bank_benchmark_scores_every_trial_checkpoint_with_each_bank(finished_search):
     from benchmarks import knn_bank
@@ -183,6 +188,7 @@ def test_knn_bank_benchmark_scores_every_trial_checkpoint_with_each_bank(finishe
         assert row["10000"] == pytest.approx(row["logged_knn_top1"], abs=0.051)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_one_definition_of_best_console_leaderboard_parent_optuna_and_export_agree(finished_search):
     """A trial's objective is its last evaluated epoch's value (ssl_tune.space): every view of the
@@ -212,6 +218,7 @@ def test_one_definition_of_best_console_leaderboard_parent_optuna_and_export_agr
     assert (info["run_id"], info["epoch"], info["metrics"]["loss"]) == (best["run_id"], last_epoch, best["objective"])
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_search, tmp_path):
     """Every trial that came through has its best checkpoint among its run's artifacts, so the winner
@@ -250,6 +257,7 @@ def test_read_only_commands_name_the_store_and_never_create_one(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_list_shows_the_search(finished_search):
     work, _, _ = finished_search
@@ -260,6 +268,7 @@ def test_list_shows_the_search(finished_search):
     assert row.split()[0] == "s1" and row.split()[4] == "twist" and row.split()[5] == "3" and "FINISHED" in row
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
@@ -277,6 +286,7 @@ def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     assert checkpoint.is_relative_to(tmp_path / "ssl_tune_runs")  # in the storage path, not Ray's session directory
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_infeasible_trial_resources_fail_fast(tmp_path):
     raw = search_spec()
@@ -288,6 +298,7 @@ def test_infeasible_trial_resources_fail_fast(tmp_path):
     assert "resources" in proc.stderr and "64 worker(s)" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_path):
     # Also: a kNN objective evaluated every 2nd epoch (and the last); the epochs between carry no objective.
@@ -309,6 +320,7 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_pat
     assert parent.info.status == "FINISHED" and parent.data.tags[tracking.TAG_BEST_TRIAL_RUN] == healthy.info.run_id
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("workers, stage, advice", [(1, "evaluation", "lower evaluation.batch_size"),
                                                     (2, "training step", "lower training.batch_size")])
@@ -329,6 +341,7 @@ def test_trial_out_of_device_memory_fails_once_naming_the_stage_without_restarts
     assert advice in child.data.tags[tracking.TAG_ERROR]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
@@ -340,6 +353,7 @@ def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path):
     assert not list(tmp_path.glob("ssl_tune_runs/**/run_trial_*"))  # no trial started
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_trial_that_errors_is_failed_with_its_error(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=0)
@@ -383,6 +397,8 @@ def browse(url: str, *, screenshot: Path | None = None, height: int = 1000) -> s
     return re.sub(r"\s+", " ", text) + ("\nPLOTLY-CHART" if "plotly" in dom else "")
 
 
+@pytest.mark.ray
+@pytest.mark.services
 @pytest.mark.slow
 def test_mlflow_ui_in_a_browser_shows_the_search_its_trials_and_their_knn_curves(finished_search, tmp_path):
     import socket

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from ssl_tune import cli, replay, tracking
+from ssl_tune import replay, tracking
 from ssl_tune.space import SEARCH_RUN_KEY, field_values
 from ssl_tune.specfile import spec_from_dict
 from tests.conftest import (epoch_steps, output, printed_command, run_cli, search_spec, start_cli, tiny_spec_dict,
@@ -49,18 +49,12 @@ def tune_trial_ids(folder) -> set[str]:
     return ids
 
 
+@pytest.mark.ray
 @pytest.mark.slow
-def test_two_searches_of_one_name_at_once_each_keeps_its_own_folder_trials_and_commands(tmp_path, monkeypatch, capsys):
+def test_two_searches_of_one_name_at_once_each_keeps_its_own_folder_trials_and_commands(tmp_path, cli_here):
     """Real searches where the process boundary matters (a signal, exit statuses, Ray); the commands that start
     no Ray (a refused resume, export, results) run in-process, in the searches' directory."""
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(two_trial_spec()))
-    monkeypatch.chdir(tmp_path)
-    uri = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-
-    def in_process(*args: str) -> tuple[int, str, str]:
-        status = cli.main([*args, *uri])
-        printed = capsys.readouterr()
-        return status, printed.out, printed.err
 
     def training(pid=None) -> bool:
         """Whether the search `pid` (None: any other than the first) has a trial past its first epoch."""
@@ -103,12 +97,12 @@ def test_two_searches_of_one_name_at_once_each_keeps_its_own_folder_trials_and_c
         assert (tmp_path / "ssl_tune_runs" / f"{os.path.basename(folder)}.log").is_file()  # its own driver log
 
     # The name alone is refused where it fits both; the tie is listed.
-    status, _, err = in_process("export", "same")
+    status, _, err = cli_here("export", "same")
     assert status == 2 and "2 searches are named 'same'" in err and first_id in err and second_id in err
 
     # The first search's state, restored into the second's record (as a shared folder did): refused, one line.
     client.set_tag(first_id, tracking.TAG_STORAGE, folders[second_id])
-    status, _, err = in_process("resume", first_id)  # refused before Ray starts
+    status, _, err = cli_here("resume", first_id)  # refused before Ray starts
     (line,) = err.strip().splitlines()
     assert status == 2 and f"search 'same' ({second_id})" in line and f"search 'same' ({first_id})" in line, err
     client.set_tag(first_id, tracking.TAG_STORAGE, folders[first_id])
@@ -130,9 +124,9 @@ def test_two_searches_of_one_name_at_once_each_keeps_its_own_folder_trials_and_c
         assert len(trials) == 2
         for trial in trials:
             assert trial.info.status == "FINISHED" and epoch_steps(client, trial) == list(range(1, EPOCHS + 1))
-    status, _, err = in_process("export", first_id, "--out", "first")
+    status, _, err = cli_here("export", first_id, "--out", "first")
     assert status == 0 and (tmp_path / "first" / "backbone.pt").is_file(), err
-    status, _, err = in_process("results", second_id, "--out", "second.parquet")
+    status, _, err = cli_here("results", second_id, "--out", "second.parquet")
     assert status == 0, err
     listed = {row["trial_id"] for row in pq.read_table(tmp_path / "second.parquet").to_pylist()}
     assert listed == {t.data.tags[tracking.TAG_TRIAL_ID] for t in found[second_id][1]}

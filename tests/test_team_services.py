@@ -17,6 +17,7 @@ from ssl_tune import tracking
 from tests.conftest import POSTGRES_INSTALL, ROOT, output, require_system, run_cli, search_spec, start_cli, wait_for
 
 SERVICES = [sys.executable, str(Path(ROOT) / "scripts" / "services.py")]
+pytestmark = [pytest.mark.services, pytest.mark.ray]
 
 
 def postgres_installed() -> bool:

@@ -7,7 +7,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssl_tune.evaluation import RANKME_SAMPLES, effective_rank, rankme
 from ssl_tune.specfile import spec_from_dict
-from ssl_tune.testing import run_on_ranks
+from tests.ranks import run_on_ranks
 from tests.conftest import method_names, method_spec_dict, tiny_dataset, tiny_spec_dict
 from trainers.loop import CHECKPOINT_FILE, Reporter, Trainer, build_method
 

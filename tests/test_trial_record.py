@@ -8,7 +8,7 @@ import torch
 from ssl_tune import tracking, trial_record
 from ssl_tune.checkpoints import EXPORT_FILES
 from ssl_tune.specfile import spec_from_dict
-from tests.conftest import tiny_dataset, tiny_spec_dict
+from tests.conftest import tiny_dataset, tiny_spec_dict, wait_for
 from trainers.loop import Trainer
 
 
@@ -41,7 +41,8 @@ def test_the_trial_uploads_its_export_without_optimizer_state_and_logs_system_me
         time.sleep(0.1)
     assert recorder.run_id == child
     assert recorder.upload_export(export) and not export.exists()  # uploaded, then the local copy removed
-    time.sleep(2.5)  # two samples of the system metrics
+    system = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+    wait_for(lambda: system <= set(client.get_run(child).data.metrics), 30, "the system metrics' first sample")
     recorder.close()
 
     run = client.get_run(child)
@@ -50,7 +51,7 @@ def test_the_trial_uploads_its_export_without_optimizer_state_and_logs_system_me
     assert {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(child, "export")} == set(EXPORT_FILES)
     heads = torch.load(client.download_artifacts(child, "export/head.pt", str(tmp_path)), weights_only=True)
     assert not [k for k in heads if k.startswith("backbone.")] and heads  # the head's weights only, no optimizer
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert system <= set(run.data.metrics)
     with tracking.checkpoint_of(client, run) as directory:  # what export reads when Ray's storage is not here
         from ssl_tune import load_backbone
 

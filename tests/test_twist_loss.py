@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ssl_tune.testing import run_on_ranks
+from tests.ranks import run_on_ranks
 from trainers.twist import twist_loss
 
 

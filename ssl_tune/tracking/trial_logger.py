@@ -95,8 +95,8 @@ class MlflowTrialLogger(Callback):
         if self.writer.drain(timeout=final_flush_s()):
             return
         _given_up[0] += self.writer.pending
-        print(f"warning: {self.writer.pending} MLflow updates could not be written to {self.uri} within "
-              f"{final_flush_s():g} s; the metrics are in Tune's result files under the search's storage directory",
+        print(f"warning: {self.writer.pending} MLflow updates could not be written to {self.uri}, which did not answer "
+              f"for {final_flush_s():g} s; the metrics are in Tune's result files under the search's storage directory",
               file=sys.__stderr__)
 
     # --- trials --------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# How long the end of a search waits for held MLflow updates before giving up on them (seconds;
-# $SSL_TUNE_TRACKING_WAIT_S changes it).
+# How long the end of a search waits for a tracking server that does not answer before giving up on the
+# updates it holds (seconds; $SSL_TUNE_TRACKING_WAIT_S changes it). While the server answers, it waits on.
 FINAL_FLUSH_S = 120.0
 
 
@@ -46,7 +46,8 @@ class MlflowWriter:
         self._queue: collections.deque[tuple[Callable[[], None], str | None]] = collections.deque()
         self._wake = threading.Condition()
         self._busy = False
-        self._down_since: float | None = None
+        self._down_since: float | None = None  # since when updates fail (None: the last one was written)
+        self._last_written = 0.0  # time.monotonic() of the last update written
         self._thread = threading.Thread(target=self._run, name="ssl-tune-mlflow-writer", daemon=True)
         self._thread.start()
 
@@ -68,14 +69,16 @@ class MlflowWriter:
             return len(self._queue) + self._busy
 
     def drain(self, timeout: float) -> bool:
-        """Wait until every queued update is written; False if some are still held after `timeout` s."""
-        deadline = time.monotonic() + timeout
+        """Wait until every queued update is written; False once updates have failed and none was written for
+        `timeout` s (the server stays away). While the server answers, it waits however long the queue takes:
+        a replay of many epochs against a server just back must not give up half-way."""
+        start = time.monotonic()
         with self._wake:
             while self._queue or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                unanswered = time.monotonic() - max(start, self._last_written)
+                if self._down_since is not None and unanswered >= timeout:
                     return False
-                self._wake.wait(min(left, 0.5))
+                self._wake.wait(0.5)
         return True
 
     def _run(self) -> None:
@@ -96,6 +99,8 @@ class MlflowWriter:
                 self._busy = False
                 if done:
                     self._queue.popleft()
+                if error is None:
+                    self._last_written = time.monotonic()
                 self._wake.notify_all()
             if error is None:
                 self._back()
