@@ -36,14 +36,16 @@ def new_folder(run_name: str) -> str:
     return f"{run_name}-{secrets.token_hex(4)}"
 
 
-def print_namesakes(run_name: str, parent_id: str, namesakes: list, uri: str, storage: str) -> None:
-    """`run --name NAME` where searches of that name exist: this one starts beside them, in its own folder."""
-    unfinished = [r for r in namesakes if r.info.status not in tracking.ENDED]
+def print_namesakes(run_name: str, parent_id: str, namesakes: list, uri: str) -> None:
+    """`run --name NAME` where searches of that name exist: this one starts beside them, in its own folder; the
+    unfinished ones are named with the command that continues each (from its own storage path)."""
     print(f"note: {len(namesakes) + 1} searches are now named {run_name!r}; this one (run id {parent_id}) has its own "
           "Ray storage folder, and the commands printed for it name its run id", file=sys.__stdout__, flush=True)
-    for run in unfinished:
-        print(f"  the unfinished search {run.info.run_id} ({run.info.status}) goes on with:  "
-              f"{resume_command(run.info.run_id, uri, storage)}", file=sys.__stdout__, flush=True)
+    for run in (r for r in namesakes if r.info.status not in tracking.ENDED):
+        root = storage_root_and_name(run.data.tags.get(tracking.TAG_STORAGE, ""))[0]
+        running = " (if its driver is gone)" if run.info.status == "RUNNING" else ""
+        print(f"  the unfinished search {run.info.run_id} ({run.info.status}) goes on{running} with:  "
+              f"{resume_command(run.info.run_id, uri, root)}", file=sys.__stdout__, flush=True)
 
 
 def resume_command(parent_run_id: str, tracking_uri: str, storage: str) -> str:

@@ -168,7 +168,7 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, folder: str, 
                                          ray_address=ray_address, experiment_dir=f"{storage.rstrip('/')}/{folder}",
                                          max_concurrent=max_concurrent, data=data)
     if namesakes:
-        search_folder.print_namesakes(run_name, parent_id, namesakes, uri, storage)
+        search_folder.print_namesakes(run_name, parent_id, namesakes, uri)
     if warm.lines:
         print("warm start:\n  " + "\n  ".join(warm.lines), file=sys.__stdout__, flush=True)
         tracking.record_warm_start(client, parent_id, warm)

@@ -83,8 +83,8 @@ def test_two_searches_of_one_name_at_once_each_keeps_its_own_folder_trials_and_c
     (second_id,) = set(found) - {first_id}
     # The second run said it starts beside an unfinished search of its name, and how that one goes on.
     assert f"note: 2 searches are now named 'same'; this one (run id {second_id}) has its own" in out_second
-    assert printed_command(out_second, f"  the unfinished search {first_id} (RUNNING) goes on with:  ") == [
-        "resume", first_id]
+    assert printed_command(out_second, f"  the unfinished search {first_id} (RUNNING) goes on (if its driver is gone) "
+                                       "with:  ") == ["resume", first_id]
     # Its printed next steps name it by run id: the name fits two searches.
     assert printed_command(out_second, "export the best backbone:") == ["export", second_id]
     assert f"load_backbone('exports/{second_id}')" in out_second
