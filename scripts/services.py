@@ -72,7 +72,9 @@ def start_mlflow(directory: Path, port: int | None = None, timeout: float = 90.0
                # artifacts through the server (mlflow-artifacts:/): clients on other machines read and write them
                "--serve-artifacts", "--artifacts-destination", artifacts_destination or str(directory / "artifacts")]
     log = open(directory / "mlflow.log", "a")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # Without MLflow 3's job runner: 8 more Python processes (a consumer per GenAI job queue) that a tracking
+    # server for training runs never uses, started again at every restart.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if auth:
         config = directory / "basic_auth.ini"
         config.write_text("[mlflow]\ndefault_permission = READ\n"

@@ -272,6 +272,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow 3's job runner (a consumer process per job queue, for GenAI jobs ssl-tune never submits) would start
+    # 8 more Python processes beside the UI's one.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # MLflow's server imports a module Starlette deprecated: a warning per worker, not the user's to act on.
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), UI_QUIET_WARNING]))
     # One worker: a UI for one person starts faster and holds one process's memory, not four.

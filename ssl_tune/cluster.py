@@ -35,6 +35,14 @@ def node_resources() -> list[dict[str, Any]]:
              "GPU": float(n["Resources"].get("GPU", 0))} for n in ray.nodes() if n["Alive"]]
 
 
+def local_nodes() -> list[dict[str, Any]]:
+    """This machine as the local Ray instance that `init_ray` starts without an address would see it."""
+    import torch
+
+    return [{"id": "local", "address": "this machine", "CPU": float(os.cpu_count() or 1),
+             "GPU": float(torch.cuda.device_count())}]
+
+
 def gpus_per_worker(spec: SpecBase, nodes: list[dict[str, Any]]) -> float:
     """`resources.gpus_per_worker` on these nodes: auto is 1 where any node has a GPU, else 0. Ray hides
     GPUs from a worker that reserves none, so on a GPU cluster 0 would train on the CPU."""
@@ -180,6 +188,16 @@ def _check_batch(spec: SpecBase, images: int) -> None:
                         f"{spec.data.name!r} ({kept} images{' in data.subset' if kept < images else ''})")
 
 
+def _check_bundled_batch(spec: SpecBase) -> bool:
+    """`_check_batch` for the bundled data set, which needs no cache (False for any other data set)."""
+    from ssl_tune.data.datasets import load_bundled
+
+    if spec.data.name != "fashion_mnist_subset":
+        return False
+    _check_batch(spec, len(load_bundled().ssl_images))
+    return True
+
+
 def trial_nodes(spec: SpecBase, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The nodes where at least one of the spec's trial workers fits (those that will run trials)."""
     r, gpus = spec.resources, gpus_per_worker(spec, nodes)
@@ -239,11 +257,10 @@ def prepare_data(spec: SpecBase, nodes: list[dict[str, Any]], *, refresh: bool =
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ssl_tune.data.datasets import DataError, load_bundled
+    from ssl_tune.data.datasets import DataError
 
     stream = stream or sys.stdout
-    if spec.data.name == "fashion_mnist_subset":
-        _check_batch(spec, len(load_bundled().ssl_images))
+    if _check_bundled_batch(spec):
         return None
     targets = trial_nodes(spec, nodes)
     board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
@@ -297,6 +314,12 @@ def prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None,
     """Connect to Ray and, before any trial, check that the trials fit and can write where they must,
     and build the data cache on every node that will run them (`prepare_data`). Returns the address,
     how many trials fit at once, and the cache's `CacheInfo`."""
+    ray = sys.modules.get("ray")
+    if not (address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized())):
+        # A local instance: a trial that cannot fit this machine, or a batch larger than the bundled data,
+        # is refused before Ray starts (and checked again below on the node Ray reports).
+        check_resources(spec, local_nodes())
+        _check_bundled_batch(spec)
     ray_address = init_ray(address, log_to_driver=verbose)
     nodes = node_resources()
     chose = resolve_gpus(spec, nodes)

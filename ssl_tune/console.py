@@ -29,11 +29,14 @@ def ray_output_to(log_path: Path):
     session logs.
     """
     with _LogFile(log_path) as log:
-        handlers = [h for name in ["ray", *logging.root.manager.loggerDict]
+        handlers = {h: None for name in ["ray", *logging.root.manager.loggerDict]
                     if name == "ray" or name.startswith("ray.")
                     for h in getattr(logging.getLogger(name), "handlers", [])
-                    if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-        saved = [(h, h.setStream(log)) for h in handlers]
+                    if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)}
+        # Each handler once, its own stream kept: setStream returns None for a stream already set.
+        saved = [(h, h.stream) for h in handlers]
+        for handler, _ in saved:
+            handler.setStream(log)
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 yield

@@ -88,8 +88,7 @@ def export_run(uri: str, experiment_or_run: str, out: Path, register: str | None
         import mlflow
 
         contract = InputContract.from_dict(json.loads((out / INPUT_FILE).read_text()))
-        mlflow.set_tracking_uri(uri)
-        with mlflow.start_run(run_id=run.info.run_id):
+        with tracking.fluent_tracking_uri(uri), mlflow.start_run(run_id=run.info.run_id):
             info = mlflow.pytorch.log_model(load_backbone(out).backbone, name="backbone", serialization_format="pickle",
                                             registered_model_name=register,
                                             metadata={INPUT_METADATA_KEY: contract.to_dict()})
@@ -158,10 +157,10 @@ def _registered(uri_of_model: str, uri: str) -> Pretrained:
     from mlflow.exceptions import MlflowException
 
     tracking.existing_store_client(uri)  # LookupError naming a missing store; MLflow would create one
-    mlflow.set_tracking_uri(uri)
     try:
-        info = mlflow.models.get_model_info(uri_of_model)
-        backbone = mlflow.pytorch.load_model(uri_of_model, map_location="cpu")
+        with tracking.fluent_tracking_uri(uri):
+            info = mlflow.models.get_model_info(uri_of_model)
+            backbone = mlflow.pytorch.load_model(uri_of_model, map_location="cpu")
     except MlflowException as exc:
         raise LookupError(f"no registered model {uri_of_model} in the tracking store {uri} "
                           f"({str(exc).splitlines()[0]})") from None

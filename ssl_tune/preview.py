@@ -36,10 +36,7 @@ def _cluster_nodes(address: str | None) -> tuple[str, list[dict]]:
             return f"the Ray cluster at {where}", cluster.node_resources()
         finally:
             ray.shutdown()
-    import torch
-
-    return "this machine", [{"id": "local", "address": "this machine", "CPU": float(os.cpu_count() or 1),
-                             "GPU": float(torch.cuda.device_count())}]
+    return "this machine", cluster.local_nodes()
 
 
 def _describe_backbone(spec) -> str:

@@ -138,19 +138,19 @@ def cli_env():
 
 @pytest.fixture
 def cli_here(tmp_path, monkeypatch, capsys):
-    """`ssl-tune ARGS` in this process, in tmp_path: `cli_here("resume", "x")` -> (exit status, stdout, stderr).
-    For the checks that need no process boundary (a refusal before Ray starts, results, export); what the
-    command sets in the environment (MLflow's HTTP retry bounds) is undone after the test."""
+    """`ssl-tune ARGS` in this process, in tmp_path (or `cwd=`): `cli_here("resume", "x")` -> (exit status,
+    stdout, stderr). For the checks that need no process boundary (a refusal before Ray starts, results, list,
+    export); what the command sets in the environment (MLflow's HTTP retry bounds) is undone after the test."""
     from ssl_tune.cli import main
     from ssl_tune.tracking.store import HTTP_RETRY_DEFAULTS
 
-    monkeypatch.chdir(tmp_path)
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # as `cli_env` gives a subprocess
         monkeypatch.delenv(key, raising=False)
     for key, value in HTTP_RETRY_DEFAULTS.items():
         monkeypatch.setenv(key, os.environ.get(key, value))
 
-    def run(*args: str) -> tuple[int, str, str]:
+    def run(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+        monkeypatch.chdir(cwd or tmp_path)
         status = main(list(args))
         printed = capsys.readouterr()
         return status, printed.out, printed.err
@@ -216,6 +216,41 @@ def runs_of(work: Path, experiment: str = "search-test"):
 
 def epoch_steps(client, run) -> list[int]:
     return [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
+
+
+# --- searches shared by the tests that only read their results -----------------------------------
+# Session-scoped: each runs once (under pytest-xdist, on the one worker that runs every test using it).
+
+
+@pytest.fixture(scope="session")
+def finished_search(tmp_path_factory):
+    """A finished ASHA search (`search_spec`: 3 trials of 2 epochs; ASHA stops the second), named s1:
+    (directory, MLflow client, the `ssl-tune run` process)."""
+    from ssl_tune import tracking
+
+    work = tmp_path_factory.mktemp("search")
+    (work / "spec.yaml").write_text(yaml.safe_dump(search_spec()))
+    # MLflow's system metrics every second (10 s by default): these trials take a few seconds
+    proc = run_cli(["run", "spec.yaml", "--name", "s1"], cwd=work, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, tracking.client_for(f"sqlite:///{work}/mlflow.db"), proc
+
+
+@pytest.fixture(scope="session")
+def proxy_search(tmp_path_factory):
+    """A proxy search, confirmed at the full setting: 3 trials of 1 epoch on half the images, then the 3 best
+    re-trained on all images for 2 epochs on 2 seeds; named proxy: (directory, client, process, its spec)."""
+    from ssl_tune import tracking
+
+    work = tmp_path_factory.mktemp("proxy")
+    raw = search_spec(num_samples=3, points_to_evaluate=[], max_concurrent=2,
+                      confirm={"top_k": 3, "seeds": 2, "default": False,
+                               "overrides": {"training.epochs": 2, "data.subset": None}})
+    raw["training"]["epochs"], raw["data"] = 1, {"subset": 0.5}
+    (work / "proxy.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_cli(["run", "proxy.yaml", "--name", "proxy"], cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, tracking.client_for(f"sqlite:///{work}/mlflow.db"), proc, raw
 
 
 def publish_release(monkeypatch, cls, folder: Path) -> None:
@@ -330,8 +365,22 @@ def memory_cgroup(limit_bytes: int):
 QUICK_TEST_TIMEOUT_S = 120  # the quick subset's limit per test; slow tests have pyproject's `timeout` (600 s)
 
 
+def _shared_fixtures(item) -> list[str]:
+    """The module- or session-scoped fixtures of tests/ that `item` uses: what it shares with other tests."""
+    defined_here = ("test_", "conftest")
+    return sorted(name for name, defs in item._fixtureinfo.name2fixturedefs.items()
+                  if defs[-1].scope in ("module", "session")
+                  and defs[-1].func.__module__.rpartition(".")[2].startswith(defined_here))
+
+
 def pytest_collection_modifyitems(items):
-    """A quick test that hangs fails after 2 minutes, not 10 (pytest-timeout, with every thread's stack)."""
+    """A quick test that hangs fails after 2 minutes, not 10 (pytest-timeout, with every thread's stack).
+    Under pytest-xdist (`-n N --dist loadgroup`), tests that share a costly fixture run on one worker, so
+    it is built once; and the slow tests go first, so that no long test starts last and runs alone."""
     for item in items:
         if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(QUICK_TEST_TIMEOUT_S))
+        shared = _shared_fixtures(item)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group("+".join(shared)))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -10,7 +10,7 @@ import pytest
 
 import ssl_tune
 from ssl_tune.tuning import SearchOutcome
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env
 
 
 def docs_python_blocks(page: str) -> list[str]:
@@ -49,13 +49,13 @@ def test_a_notebook_search_opens_by_name_from_another_directory(notebook_search,
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_leaderboard_is_what_results_writes_to_parquet(notebook_search):
+def test_the_leaderboard_is_what_results_writes_to_parquet(notebook_search, cli_here):
     import pandas
     import pyarrow.parquet as pq
 
     work, _ = notebook_search
-    out = run_cli(["results", "notebook", "--out", "trials.parquet"], cwd=work)
-    assert out.returncode == 0, out.stderr
+    status, _, err = cli_here("results", "notebook", "--out", "trials.parquet", cwd=work)
+    assert status == 0, err
     written = pq.read_table(work / "trials.parquet").to_pandas()
     pandas.testing.assert_frame_equal(ssl_tune.open_search("notebook", f"sqlite:///{work}/mlflow.db").leaderboard(),
                                       written, check_dtype=False)

@@ -205,15 +205,15 @@ def test_gpu_throughput_counts_flops(tmp_path):
 
     parser = argparse.ArgumentParser()
     throughput.add_gpu_arguments(parser)
-    args = parser.parse_args(["--allow-cpu", "--images", "64", "--batch-sizes", "32", "--repeats", "1"])
+    args = parser.parse_args(["--allow-cpu", "--images", "8", "--batch-sizes", "8", "--repeats", "1"])
     result = throughput.run_gpu(args)
     row = result["rows"][0]
     # ResNet-18 with the CIFAR stem: ~0.56 GFLOP (multiply-adds) forward per 32x32 image; two views,
     # forward + backward (~3x) and 2 FLOPs per multiply-add: ~6.7 GFLOP per image of the batch.
-    assert 4e9 < row["step_flops"] / 32 < 10e9
+    assert 4e9 < row["step_flops"] / 8 < 10e9
     assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert throughput.peak_flops("NVIDIA H100 PCIe") == 756e12 and throughput.peak_flops("cpu") is None
-    assert "| 32 | fp32 |" in throughput.report_gpu(result, ".")
+    assert "| 8 | fp32 |" in throughput.report_gpu(result, ".")
 
 
 @pytest.mark.slow
@@ -262,7 +262,7 @@ def test_cluster_benchmark_through_the_harness(tmp_path):
 
 # A search on the bundled data small enough to take seconds: what the smoke runs below override.
 SMOKE = ["training.epochs=1", "search.num_samples=2", "backbone.width=4", "evaluation.linear_probe=false",
-         "training.batch_size=512"]
+         "training.batch_size=512", "data.subset=0.2"]
 
 
 def test_every_benchmark_has_a_smoke_run_in_the_suite():
@@ -276,62 +276,104 @@ def test_every_benchmark_has_a_smoke_run_in_the_suite():
     assert set(harness.BENCHMARKS) - through_harness - called == set()
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_the_search_benchmarks_run_at_a_smoke_size(tmp_path):
-    """search-overhead, knn-bank and label-free each run a real search; efficiency-table then noise train a grid."""
+def _smoke_dirs(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     results, report = tmp_path / "results", tmp_path / "benchmarks.md"
-    common = ["--results", str(results), "--report", str(report)]
-    twist = str(Path(ROOT) / "search_spaces" / "twist.yaml")
+    return results, report, ["--results", str(results), "--report", str(report)]
+
+
+def _sections_rendered(report: Path, *names: str) -> None:
+    text = report.read_text()
+    for name in names:
+        assert f"Not measured yet. Command: `python -m benchmarks {name}`" not in text, name
+        assert f"--report {report} {name} " in text, name  # with the command that measured it
+
+
+def _small_twist(tmp_path: Path) -> Path:
     small = tmp_path / "small.yaml"
-    spec = yaml.safe_load(Path(twist).read_text())
+    spec = yaml.safe_load((Path(ROOT) / "search_spaces" / "twist.yaml").read_text())
     spec["backbone"]["width"], spec["training"]["batch_size"] = 4, 512
     small.write_text(yaml.safe_dump(spec))
+    return small
+
+
+# The search benchmarks, one test each (so that they can run side by side under pytest-xdist).
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_search_overhead_benchmark_runs_at_a_smoke_size(tmp_path):
+    """search-overhead runs a real search in-process, against the same trials as bare trainer calls."""
+    results, report, common = _smoke_dirs(tmp_path)
     # In its own process: it runs a search in-process (Ray, and the console's redirection of the output)
-    in_process = subprocess.run([sys.executable, "-m", "benchmarks", *common, "search-overhead", "--spec", str(small),
-                                 "--trials", "1", "--epochs", "1", "--workers", "1"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=600)
+    in_process = subprocess.run([sys.executable, "-m", "benchmarks", *common, "search-overhead", "--spec",
+                                 str(_small_twist(tmp_path)), "--trials", "1", "--epochs", "1", "--workers", "1"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert in_process.returncode == 0, in_process.stdout[-2000:] + in_process.stderr[-2000:]
     overhead = json.loads((results / "search-overhead.json").read_text())
     assert overhead["rows"][0]["trials"] == 1 and overhead["rows"][0]["ratio"] > 0
+    _sections_rendered(report, "search-overhead")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_knn_bank_benchmark_runs_at_a_smoke_size(tmp_path):
+    results, report, common = _smoke_dirs(tmp_path)
     harness.main([*common, "knn-bank", "--banks", "50", *[x for o in SMOKE for x in ("--set", o)]])
     bank = json.loads((results / "knn-bank.json").read_text())
     assert set(bank["banks"]) == {"50"}
+    _sections_rendered(report, "knn-bank")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_label_free_benchmark_runs_at_a_smoke_size(tmp_path):
+    results, report, common = _smoke_dirs(tmp_path)
     harness.main([*common, "label-free", "--methods", "twist", *[x for o in SMOKE for x in ("--set", o)]])
     assert json.loads((results / "label-free.json").read_text())["methods"]["twist"]["trials"] == 2
-    harness.main([*common, "efficiency-table", "--spec", str(small), "--points", "2", "--processes", "2",
-                  "--set", "training.epochs=1", "--set", "method.lam1=0.0", "--set", "method.lam2=1.0"])
+    _sections_rendered(report, "label-free")
+
+
+@pytest.mark.slow
+def test_the_efficiency_table_and_noise_benchmarks_run_at_a_smoke_size(tmp_path):
+    """efficiency-table trains a grid; noise then trains a subgrid of it on fresh seeds."""
+    results, report, common = _smoke_dirs(tmp_path)
+    harness.main([*common, "efficiency-table", "--spec", str(_small_twist(tmp_path)), "--points", "2", "--processes",
+                  "2", "--set", "training.epochs=1", "--set", "method.lam1=0.0", "--set", "method.lam2=1.0"])
     table = json.loads((results / "efficiency-table.json").read_text())
     assert len(table["points"]) == 4 and table["epochs"] == 1
     harness.main([*common, "noise", "--every", "1", "--seeds", "2", "--processes", "2"])
     # the subgrid starts at each axis's second value: 1 point of the 2 x 2 grid, on 2 fresh seeds
     assert len(json.loads((results / "noise-runs.json").read_text())["runs"]) == 2
     assert json.loads((results / "noise.json").read_text())["seeds"] == 2
-    text = report.read_text()
-    for name in ("search-overhead", "knn-bank", "label-free", "efficiency-table", "noise"):  # each section rendered
-        assert f"Not measured yet. Command: `python -m benchmarks {name}`" not in text, name
-        assert f"--report {report} {name} " in text, name  # with the command that measured it
+    _sections_rendered(report, "efficiency-table", "noise")
+
+
+# proxy: two pipelines of 2 two-epoch trials and 2 confirmation trials; warm-start: two searches of 2 trials.
+PIPELINE_SMOKE = ["search.num_samples=2", "backbone.width=4", "evaluation.linear_probe=false", "training.batch_size=512",
+                  "training.epochs=2", "data.subset=0.5"]
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_proxy_and_warm_start_benchmarks_run_at_a_smoke_size(tmp_path):
-    """proxy: two pipelines of 2 two-epoch trials and 2 confirmation trials; warm-start: two searches of 2 trials."""
-    results, report = tmp_path / "results", tmp_path / "benchmarks.md"
-    common = ["--results", str(results), "--report", str(report)]
-    small = ["search.num_samples=2", "backbone.width=4", "evaluation.linear_probe=false", "training.batch_size=512",
-             "training.epochs=2", "search.confirm.top_k=1", "search.confirm.seeds=2", "search.confirm.default=false"]
-    sets = [x for o in small for x in ("--set", o)]
-    harness.main([*common, "proxy", *sets, "--proxy", "data.subset=0.5", "--proxy", "training.epochs=1"])
+def test_the_proxy_benchmark_runs_at_a_smoke_size(tmp_path):
+    results, report, common = _smoke_dirs(tmp_path)
+    small = [*PIPELINE_SMOKE, "search.confirm.top_k=1", "search.confirm.seeds=2", "search.confirm.default=false"]
+    harness.main([*common, "proxy", *[x for o in small for x in ("--set", o)], "--proxy", "data.subset=0.25",
+                  "--proxy", "training.epochs=1"])
     proxy = json.loads((results / "proxy.json").read_text())
-    assert proxy["confirm"] == "search.confirm.overrides={training.epochs: 2, data.subset: null}"
-    # the proxy's search: 2 trials of 1 epoch on half the images, against 2 of 2 epochs on all of them
+    assert proxy["confirm"] == "search.confirm.overrides={training.epochs: 2, data.subset: 0.5}"
+    # the proxy's search: 2 trials of 1 epoch on a quarter of the images, against 2 of 2 epochs on half of them
     assert proxy["search_compute_ratio"] == pytest.approx(0.25)
-    assert proxy["full"]["confirmation_image_epochs"] == proxy["proxy_pipeline"]["confirmation_image_epochs"] == 4 * 10000
+    assert proxy["full"]["confirmation_image_epochs"] == proxy["proxy_pipeline"]["confirmation_image_epochs"] == 4 * 5000
     assert proxy["winner_gap"]["seeds"] == 2 and 0 < proxy["compute_ratio"] < 1
-    harness.main([*common, "warm-start", *sets[:-6]])  # (no confirmation stage: the benchmark turns it off)
+    _sections_rendered(report, "proxy")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_warm_start_benchmark_runs_at_a_smoke_size(tmp_path):
+    results, report, common = _smoke_dirs(tmp_path)
+    harness.main([*common, "warm-start", *[x for o in PIPELINE_SMOKE for x in ("--set", o)]])  # (no confirmation)
     warm = json.loads((results / "warm-start.json").read_text())
     assert warm["observations"] == 2 and warm["epochs"]["cold"] >= 2 and warm["ratio"] >= 0
-    text = report.read_text()
-    for name in ("proxy", "warm-start"):
-        assert f"Not measured yet. Command: `python -m benchmarks {name}`" not in text, name
+    _sections_rendered(report, "warm-start")

@@ -47,10 +47,9 @@ def test_one_name_for_a_search_argument_across_commands():
         assert (positional.dest, positional.metavar) == ("experiment_or_run", "EXPERIMENT_OR_RUN"), name
 
 
-def test_validate_prints_what_a_search_would_do_without_starting_one(tmp_path, twist_spec_path):
-    proc = run_cli(["validate", twist_spec_path, "--set", "search.num_samples=6"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+def test_validate_prints_what_a_search_would_do_without_starting_one(tmp_path, twist_spec_path, cli_here):
+    status, out, err = cli_here("validate", twist_spec_path, "--set", "search.num_samples=6")
+    assert status == 0, err
     for path in ("optimizer.lr", "method.lam1", "method.lam2", "method.tau"):
         assert f"  {path}" in out
     assert "method.tau    loguniform 0.25 to 2; default 1.0" in out
@@ -61,20 +60,20 @@ def test_validate_prints_what_a_search_would_do_without_starting_one(tmp_path, t
     fits = os.cpu_count()
     assert f"fits {fits} trial(s) at once; {min(fits, 6)} will run at once" in out
     start = shlex.split(out.splitlines()[-1].removeprefix("start it with:"))
-    assert start[1:] == ["run", twist_spec_path, "--set=search.num_samples=6"]
+    assert start[-3:] == ["run", twist_spec_path, "--set=search.num_samples=6"]  # after the program, as it was started
     assert not list(tmp_path.iterdir())  # no store, no Ray directory: nothing was started
 
 
-def test_validate_refuses_a_bad_spec_a_spec_without_ranges_and_one_the_cluster_cannot_fit(tmp_path, twist_spec_path):
-    proc = run_cli(["validate", twist_spec_path, "--set", "training.epoch=3"], cwd=tmp_path)
-    assert proc.returncode == 2 and "training.epoch: unknown field" in proc.stderr
+def test_validate_refuses_a_bad_spec_a_spec_without_ranges_and_one_the_cluster_cannot_fit(tmp_path, twist_spec_path, cli_here):
+    status, _, err = cli_here("validate", twist_spec_path, "--set", "training.epoch=3")
+    assert status == 2 and "training.epoch: unknown field" in err
     resolved = write_spec(tmp_path, {"name": "one", "method": {"name": "twist"}})
-    proc = run_cli(["validate", str(resolved)], cwd=tmp_path)
-    assert proc.returncode == 2 and "no search ranges" in proc.stderr and "ssl-tune train" in proc.stderr
+    status, _, err = cli_here("validate", str(resolved))
+    assert status == 2 and "no search ranges" in err and "ssl-tune train" in err
     too_big = os.cpu_count() + 1
-    proc = run_cli(["validate", twist_spec_path, "--set", f"resources.cpus_per_worker={too_big}"], cwd=tmp_path)
-    assert proc.returncode == 2 and "does not fit on this machine" in proc.stderr
-    assert f"1 worker(s) x ({too_big} CPU, 0 GPU)" in proc.stderr
+    status, _, err = cli_here("validate", twist_spec_path, "--set", f"resources.cpus_per_worker={too_big}")
+    assert status == 2 and "does not fit on this machine" in err
+    assert f"1 worker(s) x ({too_big} CPU, 0 GPU)" in err
 
 
 def test_yaml_errors_name_the_file_line_and_column(tmp_path, capsys):
@@ -126,9 +125,9 @@ def test_a_hint_from_in_venv_runs_as_printed(twist_spec_path):
     assert pasted.returncode == 0 and "a valid spec" in pasted.stdout, pasted.stderr
 
 
-def test_ui_refuses_a_store_that_does_not_exist(tmp_path):
-    proc = run_cli(["ui"], cwd=tmp_path)
-    assert proc.returncode == 2 and f"no MLflow tracking store at sqlite:///{tmp_path}/mlflow.db" in proc.stderr
+def test_ui_refuses_a_store_that_does_not_exist(tmp_path, cli_here):
+    status, _, err = cli_here("ui")
+    assert status == 2 and f"no MLflow tracking store at sqlite:///{tmp_path}/mlflow.db" in err
     assert not list(tmp_path.iterdir())
 
 

@@ -69,7 +69,7 @@ def test_confirm_fields_are_validated_with_the_field_named():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_path):
+def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_path, cli_here):
     """A search on RankMe whose confirmation stage is interrupted (Ctrl-C) and resumed, then read back."""
     raw = search_spec(confirm={"top_k": 1, "seeds": 2}, max_concurrent=2)
     raw["search"].update(metric="rankme", mode="max")
@@ -131,9 +131,9 @@ def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_pat
     found = ssl_tune.open_search("c1", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # the Python API agrees
     assert found.best.confirmed and found.best.run_id == winner["run_id"]
     assert list(found.confirmation["mean"]) == [r["mean"] for r in table] and found.verdict == confirmation.verdict(table)
-    results = run_cli(["results", "c1"], cwd=tmp_path)
-    assert results.returncode == 0 and "ci95_low" in results.stdout and "search #1" in results.stdout
-    listed = run_cli(["list"], cwd=tmp_path).stdout.splitlines()
+    status, results, _ = cli_here("results", "c1")
+    assert status == 0 and "ci95_low" in results and "search #1" in results
+    listed = cli_here("list")[1].splitlines()
     header, row = listed[1].split(), listed[2].split()
     assert row[header.index("confirmed") + 1] == f"{winner['mean']:.4g}"  # +1: "started" is a date and a time
 
@@ -141,8 +141,8 @@ def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_pat
     winner_runs = [c for c in confirmations if c.data.tags[tracking.TAG_CONFIRMS] == winner["confirms"]]
     best_seed = max(winner_runs, key=lambda c: c.data.metrics["rankme"])
     assert parent.data.tags[tracking.TAG_BEST_TRIAL_RUN] == best_seed.info.run_id == winner["run_id"]
-    out = run_cli(["export", "c1", "--out", "best"], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    status, _, err = cli_here("export", "c1", "--out", "best")
+    assert status == 0, err
     info = json.loads((tmp_path / "best" / "metrics.json").read_text())
     assert info["run_id"] == best_seed.info.run_id
     assert info["metrics"]["rankme"] == best_seed.data.metrics["rankme"] == parent.data.metrics["best_rankme"]

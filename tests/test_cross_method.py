@@ -50,7 +50,7 @@ def test_cli_train_on_the_cross_method_spec(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_search_across_methods_end_to_end(tmp_path):
+def test_search_across_methods_end_to_end(tmp_path, cli_here):
     raw = search_spec(num_samples=4, max_concurrent=2, metric="knn_top1", mode="max", points_to_evaluate=[
         {"method.name": "isd", "method.t_teacher": 0.02}, {"method.name": "corinfomax", "method.eps": 1.0e-8}])
     raw["method"] = {"name": {"type": "choice", "values": ["isd", "corinfomax"], "branches": {
@@ -79,8 +79,8 @@ def test_search_across_methods_end_to_end(tmp_path):
     assert "best_per_method.txt" in artifacts
     assert "figures/methods.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     # export records the winning method; load_backbone builds that method's network
-    out = run_cli(["export", "x", "--out", "best"], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    status, _, err = cli_here("export", "x", "--out", "best")
+    assert status == 0, err
     winner = client.get_run(json.loads((tmp_path / "best" / "metrics.json").read_text())["run_id"])
     exported = yaml.safe_load((tmp_path / "best" / "spec.yaml").read_text())
     assert exported["method"]["name"] == winner.data.tags[tracking.TAG_METHOD] == rows[0]["method.name"]

@@ -17,7 +17,7 @@ from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.search_folder import trusted_experiment_dir
-from tests.conftest import image_folder, run_cli, runs_of, search_spec, tiny_spec_dict
+from tests.conftest import image_folder, run_cli, search_spec, tiny_spec_dict
 
 
 class RunsAShellCommand:
@@ -179,23 +179,3 @@ def test_searches_are_found_by_name_and_ambiguous_names_list_the_candidates(tmp_
     assert find(client, "isd", unfinished=True).info.run_id in twins  # its only unfinished search
     with pytest.raises(LookupError, match="no MLflow experiment, search name or run id 'nope'"):
         find(client, "nope")
-
-
-# --- a search in which every trial fails -------------------------------------------------------
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_search_whose_every_trial_failed_exits_3_with_the_parent_failed(tmp_path):
-    raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[])
-    raw["training"]["epochs"] = 1
-    raw["optimizer"] = {"name": "sgd", "lr": 1.0e30, "warmup_epochs": 0}  # NaN in the first epoch, whatever is sampled
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
-    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=600)
-    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "error: every trial failed" in proc.stderr
-    assert proc.stdout.count("failed: diverged: non-finite loss in epoch 1") == 2
-    _, (parent,), children = runs_of(tmp_path)
-    assert parent.info.status == "FAILED"
-    assert [c.info.status for c in children] == ["FAILED", "FAILED"]
-    assert all(c.data.tags[tracking.TAG_ERROR].startswith("diverged: non-finite loss") for c in children)

@@ -112,14 +112,14 @@ def test_a_bad_override_is_one_line_naming_the_file_and_the_field(override, mess
     assert str(caught.value).startswith(f"invalid spec {TWIST}") and len(str(caught.value).splitlines()) == 2
 
 
-def test_validate_prints_the_search_and_the_confirmation_budgets(tmp_path):
-    proc = run_cli(["validate", TWIST, "--set", "data.subset=0.25", "--set", "training.epochs=4",
-                    "--set", "search.confirm.overrides={training.epochs: 8, data.subset: null}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+def test_validate_prints_the_search_and_the_confirmation_budgets(cli_here):
+    status, out, err = cli_here("validate", TWIST, "--set", "data.subset=0.25", "--set", "training.epochs=4",
+                                "--set", "search.confirm.overrides={training.epochs: 8, data.subset: null}")
+    assert status == 0, err
     assert "search budget: about 43 epochs expected with ASHA (at epochs 2 only the best 1 in 3 goes on), at most 64; " \
-        "4 epochs a trial, 0.25 of the training images, backbone small_cnn" in proc.stdout
+        "4 epochs a trial, 0.25 of the training images, backbone small_cnn" in out
     assert "confirmation budget: 9 x 8 = 72 epochs; 8 epochs a trial, all training images, backbone small_cnn " \
-        "(search.confirm.overrides)" in proc.stdout
+        "(search.confirm.overrides)" in out
 
 
 # --- ASHA's first rung ---------------------------------------------------------------------------
@@ -217,32 +217,17 @@ def test_the_setting_is_every_fixed_field_but_where_and_how_trials_run():
     assert warm_start.setting_differences(spec, _twist("training.epochs=4")) == ["training.epochs 8 here, 4 there"]
 
 
-def test_a_warm_start_from_an_unknown_search_is_exit_2_naming_the_store(tmp_path):
+def test_a_warm_start_from_an_unknown_search_is_exit_2_naming_the_store(tmp_path, cli_here):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(search_spec(warm_start=["no-such-search"])))
-    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    status, out, err = cli_here("run", "spec.yaml")
+    assert status == 2, err[-2000:]
     assert "search.warm_start: no MLflow experiment, search name or run id 'no-such-search' in the tracking store " \
-        f"sqlite:///{tmp_path}/mlflow.db" in proc.stderr
-    assert "cluster" not in proc.stdout  # before Ray started
+        f"sqlite:///{tmp_path}/mlflow.db" in err
+    assert "cluster" not in out  # before Ray started
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
 # --- a proxy search end to end -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def proxy_search(tmp_path_factory):
-    """3 trials of 1 epoch on half the images; the 3 best re-trained at the full setting (all images, 2 epochs)
-    on 2 seeds; then a search of another setting warm-started from it."""
-    work = tmp_path_factory.mktemp("proxy")
-    raw = search_spec(num_samples=3, points_to_evaluate=[],
-                      confirm={"top_k": 3, "seeds": 2, "default": False,
-                               "overrides": {"training.epochs": 2, "data.subset": None}})
-    raw["training"]["epochs"], raw["data"] = 1, {"subset": 0.5}
-    (work / "proxy.yaml").write_text(yaml.safe_dump(raw))
-    proc = run_cli(["run", "proxy.yaml", "--name", "proxy"], cwd=work)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
-    return work, client, proc, raw
 
 
 @pytest.mark.ray
@@ -262,7 +247,7 @@ def test_overrides_reach_only_the_confirmation_trials_and_their_mlflow_params(pr
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_rank_transfer_reaches_the_console_results_the_parent_and_its_figure(proxy_search):
+def test_rank_transfer_reaches_the_console_results_the_parent_and_its_figure(proxy_search, cli_here):
     work, client, proc, _ = proxy_search
     parent = tracking.find_parent_run(client, "proxy")
     rho = parent.data.metrics["confirm_rank_spearman"]
@@ -272,8 +257,8 @@ def test_rank_transfer_reaches_the_console_results_the_parent_and_its_figure(pro
     assert "figures/rank_transfer.png" in artifacts
     table = tracking.confirmation_table(client, parent)
     assert all(not math.isnan(r["search_objective"]) for r in table)  # each one's single run in the search
-    results = run_cli(["results", "proxy"], cwd=work)
-    assert results.returncode == 0 and f"rank transfer: Spearman {rho:+.2f} over 3 configurations" in results.stdout
+    status, results, _ = cli_here("results", "proxy", cwd=work)
+    assert status == 0 and f"rank transfer: Spearman {rho:+.2f} over 3 configurations" in results
 
 
 @pytest.mark.ray
@@ -311,7 +296,7 @@ def test_warm_start_from_a_finished_search_as_observations_and_as_configurations
 def test_each_new_sampler_runs_a_tiny_search(tmp_path):
     """gp, cmaes and qmc, each a search of 3 one-epoch trials (one random start-up trial, then the sampler)."""
     raw = search_spec(num_samples=3, points_to_evaluate=[], startup_trials=1)
-    raw["training"]["epochs"] = 1
+    raw["training"]["epochs"], raw["data"] = 1, {"subset": 0.2}  # what is tested is the proposals
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     script = ("import ssl_tune\n"
               "for sampler in ('gp', 'cmaes', 'qmc'):\n"

@@ -27,17 +27,7 @@ def python_blocks(page: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (Path(ROOT) / page).read_text(), flags=re.S)
 
 EPOCHS = SEARCH_EPOCHS
-
-
-@pytest.fixture(scope="module")
-def finished_search(tmp_path_factory):
-    work = tmp_path_factory.mktemp("search")
-    (work / "spec.yaml").write_text(yaml.safe_dump(search_spec()))
-    # MLflow's system metrics every second (10 s by default): these trials take a few seconds
-    proc = run_cli(["run", "spec.yaml", "--name", "s1"], cwd=work, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
-    return work, client, proc
+SMALL_SUBSET = 0.2  # 2,000 of the bundled training images: where a test needs epochs, not their size
 
 
 @pytest.mark.ray
@@ -101,13 +91,13 @@ def test_console_shows_the_trial_table_and_no_ray_output(finished_search):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_results_leaderboard_and_parquet(finished_search):
+def test_results_leaderboard_and_parquet(finished_search, cli_here):
     import pyarrow.parquet as pq
 
     work, _, proc = finished_search
     assert "search finished: 3 trials" in proc.stdout
-    out = run_cli(["results", "search-test", "--out", "trials.parquet"], cwd=work)
-    assert out.returncode == 0, out.stderr
+    status, _, err = cli_here("results", "search-test", "--out", "trials.parquet", cwd=work)
+    assert status == 0, err
     table = pq.read_table(work / "trials.parquet").to_pylist()
     assert [row["rank"] for row in table] == [1, 2, 3]
     objectives = [row["objective"] for row in table]
@@ -118,7 +108,7 @@ def test_results_leaderboard_and_parquet(finished_search):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logged_knn(finished_search):
+def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logged_knn(finished_search, cli_here):
     work, client, proc = finished_search
     # the search's last lines: commands that run as printed
     assert printed_command(proc.stdout, "export the best backbone:") == ["export", "s1"]  # its name, unique
@@ -130,8 +120,8 @@ def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logge
                             text=True, env=cli_env())
     assert pasted.returncode == 0 and (work / "pasted" / "backbone.pt").is_file(), pasted.stderr
 
-    out = run_cli(["export", "search-test", "--out", "exported", "--register", "test-backbone"], cwd=work)
-    assert out.returncode == 0, out.stderr
+    status, _, err = cli_here("export", "search-test", "--out", "exported", "--register", "test-backbone", cwd=work)
+    assert status == 0, err
     exported = work / "exported"
     assert set(p.name for p in exported.iterdir()) >= {"backbone.pt", "head.pt", "spec.yaml", "input.json", "metrics.json"}
     torch.load(exported / "backbone.pt", weights_only=True)
@@ -157,6 +147,12 @@ def test_export_reloads_the_backbone_with_its_preprocessing_and_reproduces_logge
                        registered.backbone.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert preprocess.contract == from_run.preprocess.contract == registered.preprocess.contract
+    # Registering and loading a registered model point MLflow's fluent API at the store for that call only: the
+    # caller's tracking URI, which every process it starts inherits, is left as it was (unset here).
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    import mlflow
+
+    assert not mlflow.is_tracking_uri_set()
 
     # the README's and the docs' examples, as written, next to this export (as `ssl-tune export NAME` writes it)
     (work / "docs" / "images").mkdir(parents=True)
@@ -190,7 +186,7 @@ def test_knn_bank_benchmark_scores_every_trial_checkpoint_with_each_bank(finishe
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_one_definition_of_best_console_leaderboard_parent_optuna_and_export_agree(finished_search):
+def test_one_definition_of_best_console_leaderboard_parent_optuna_and_export_agree(finished_search, cli_here):
     """A trial's objective is its last evaluated epoch's value (ssl_tune.space): every view of the
     best trial shows that one number, and export writes the checkpoint it was measured on."""
     import pickle
@@ -212,15 +208,15 @@ def test_one_definition_of_best_console_leaderboard_parent_optuna_and_export_agr
     assert sorted(t.value for t in study.trials) == sorted(r["objective"] for r in rows)
     assert study.best_value == best["objective"]
     # export: the same run, its last evaluated epoch, the same number
-    out = run_cli(["export", "s1", "--out", "exported-best"], cwd=work)
-    assert out.returncode == 0, out.stderr
+    status, _, err = cli_here("export", "s1", "--out", "exported-best", cwd=work)
+    assert status == 0, err
     info = json.loads((work / "exported-best" / "metrics.json").read_text())
     assert (info["run_id"], info["epoch"], info["metrics"]["loss"]) == (best["run_id"], last_epoch, best["objective"])
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_search, tmp_path):
+def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_search, tmp_path, cli_here):
     """Every trial that came through has its best checkpoint among its run's artifacts, so the winner
     is exported from anywhere that reaches the tracking store, without Ray's storage."""
     work, client, _ = finished_search
@@ -239,8 +235,8 @@ def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_s
     local = load_backbone("search-test", tracking_uri=uri).backbone  # from Ray's storage
     (work / "ssl_tune_runs").rename(work / "ssl_tune_runs.moved")
     try:
-        proc = run_cli(["export", "search-test", "--tracking-uri", uri, "--out", str(tmp_path / "out")], cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
+        status, _, err = cli_here("export", "search-test", "--tracking-uri", uri, "--out", str(tmp_path / "out"))
+        assert status == 0, err
         assert not (tmp_path / "mlflow.db").exists()
         exported = load_backbone(tmp_path / "out").backbone
         from_artifacts = load_backbone("search-test", tracking_uri=uri).backbone
@@ -250,20 +246,20 @@ def test_export_and_load_from_mlflow_alone_after_rays_storage_is_gone(finished_s
         (work / "ssl_tune_runs.moved").rename(work / "ssl_tune_runs")
 
 
-def test_read_only_commands_name_the_store_and_never_create_one(tmp_path):
+def test_read_only_commands_name_the_store_and_never_create_one(tmp_path, cli_here):
     for args in (["results", "search-test"], ["export", "search-test"], ["list"]):
-        proc = run_cli(args, cwd=tmp_path)
-        assert proc.returncode == 2 and f"no MLflow tracking store at sqlite:///{tmp_path}/mlflow.db" in proc.stderr
+        status, _, err = cli_here(*args)
+        assert status == 2 and f"no MLflow tracking store at sqlite:///{tmp_path}/mlflow.db" in err, args
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_list_shows_the_search(finished_search):
+def test_list_shows_the_search(finished_search, cli_here):
     work, _, _ = finished_search
-    proc = run_cli(["list"], cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    header, row = proc.stdout.splitlines()[1:3]
+    status, out, err = cli_here("list", cwd=work)
+    assert status == 0, err
+    header, row = out.splitlines()[1:3]
     assert header.split()[:5] == ["search", "experiment", "started", "method", "trials"]
     assert row.split()[0] == "s1" and row.split()[4] == "twist" and row.split()[5] == "3" and "FINISHED" in row
 
@@ -272,7 +268,7 @@ def test_list_shows_the_search(finished_search):
 @pytest.mark.slow
 def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-    raw["training"]["epochs"] = 4
+    raw["training"]["epochs"], raw["data"] = 4, {"subset": SMALL_SUBSET}
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.5}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
@@ -286,16 +282,15 @@ def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     assert checkpoint.is_relative_to(tmp_path / "ssl_tune_runs")  # in the storage path, not Ray's session directory
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_infeasible_trial_resources_fail_fast(tmp_path):
+def test_infeasible_trial_resources_fail_fast(tmp_path, cli_here):
     raw = search_spec()
     raw["resources"] = {"num_workers": 64, "cpus_per_worker": 1}
     raw["training"]["batch_size"] = 512  # divisible by the workers: the resources are what is wrong
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
-    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2
-    assert "resources" in proc.stderr and "64 worker(s)" in proc.stderr and "Traceback" not in proc.stderr
+    status, _, err = cli_here("run", "spec.yaml")
+    assert status == 2
+    assert "resources" in err and "64 worker(s)" in err and "Traceback" not in err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
 
 
 @pytest.mark.ray
@@ -305,7 +300,7 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_pat
     raw = search_spec(num_samples=2, scheduler="none", metric="knn_top1", mode="max",
                       points_to_evaluate=[{"optimizer.lr": 1e12}, {"optimizer.lr": 0.3}])
     raw["optimizer"] = {"name": "sgd", "lr": {"type": "choice", "values": [1e12, 0.3]}, "momentum": 0.0, "warmup_epochs": 0}
-    raw["training"]["epochs"], raw["evaluation"]["eval_every"] = 3, 2
+    raw["training"]["epochs"], raw["evaluation"]["eval_every"], raw["data"] = 3, 2, {"subset": SMALL_SUBSET}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -314,6 +309,7 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_pat
     diverged, healthy = children["1000000000000.0"], children["0.3"]
     assert diverged.info.status == "FAILED" and tracking.TAG_RESTARTS not in diverged.data.tags  # not retried
     assert diverged.data.tags[tracking.TAG_ERROR].startswith("diverged: non-finite loss in epoch 1")
+    assert proc.stdout.count("failed: diverged: non-finite loss in epoch 1") == 1  # on the console too
     assert healthy.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(healthy.info.run_id, "knn_top1")] == [2, 3]
     assert [m.step for m in client.get_metric_history(healthy.info.run_id, "loss")] == [1, 2, 3]
@@ -328,28 +324,28 @@ def test_trial_out_of_device_memory_fails_once_naming_the_stage_without_restarts
     from trainers.loop import TEST_OOM_ENV
 
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=2)
-    raw["resources"] = {"num_workers": workers, "cpus_per_worker": 1 / workers}
+    raw["resources"], raw["data"] = {"num_workers": workers, "cpus_per_worker": 1 / workers}, {"subset": SMALL_SUBSET}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.run([SSL_TUNE, "run", "spec.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**cli_env(), TEST_OOM_ENV: stage})
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]  # its only trial failed
-    assert f"failed: out of device memory during the {stage}" in proc.stdout
+    assert f"failed: out of device memory during the {stage}" in proc.stdout and "error: every trial failed" in proc.stderr
     _, (parent,), (child,) = runs_of(tmp_path)
+    assert parent.info.status == "FAILED"
     assert child.info.status == "FAILED" and tracking.TAG_RESTARTS not in child.data.tags  # not retried
     assert child.data.tags[tracking.TAG_ERROR].startswith(
         f"out of device memory during the {stage} on cpu (training.batch_size 500, {500 // workers} per worker")
     assert advice in child.data.tags[tracking.TAG_ERROR]
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path):
+def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path, cli_here):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
     raw["training"]["batch_size"] = 20000  # more than the bundled data
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
-    proc = run_cli(["run", "spec.yaml"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "training.batch_size (20000) is larger than data set" in proc.stderr and "Traceback" not in proc.stderr
+    status, out, err = cli_here("run", "spec.yaml")
+    assert status == 2, out[-3000:] + err[-3000:]
+    assert "training.batch_size (20000) is larger than data set" in err and "Traceback" not in err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
     assert not list(tmp_path.glob("ssl_tune_runs/**/run_trial_*"))  # no trial started
 
 

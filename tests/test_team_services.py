@@ -103,11 +103,12 @@ def s3_endpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_storage_on_s3_holds_the_checkpoints_and_an_unwritable_bucket_is_refused(s3_endpoint, tmp_path, monkeypatch):
+def test_ray_storage_on_s3_holds_the_checkpoints_resumes_after_ctrl_c_and_an_unwritable_bucket_is_refused(
+        s3_endpoint, tmp_path, monkeypatch):
     for key, value in {**s3_endpoint["env"], "AWS_ENDPOINT_URL": s3_endpoint["endpoint"]}.items():
         monkeypatch.setenv(key, value)  # what every node's environment holds for the object store
-    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-    raw["training"]["epochs"] = 1
+    raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[])
+    raw["training"] = {"epochs": 3, "batch_size": 250, "seed": 0}
     raw["storage_path"] = "s3://no-such-bucket/runs"
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     refused = run_cli(["run", "spec.yaml", "--name", "nobucket"], cwd=tmp_path)
@@ -115,19 +116,31 @@ def test_ray_storage_on_s3_holds_the_checkpoints_and_an_unwritable_bucket_is_ref
     assert "storage_path: s3://no-such-bucket/runs cannot be written from the driver" in refused.stderr
     assert "started" not in refused.stdout  # no trial ran
 
-    raw["storage_path"] = f"s3://{s3_endpoint['bucket']}/runs"
+    storage = f"s3://{s3_endpoint['bucket']}/runs"
+    raw["storage_path"] = storage
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
-    proc = run_cli(["run", "spec.yaml", "--name", "on-s3"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not [p for p in tmp_path.glob("ssl_tune_runs/on-s3-*") if p.is_dir()]  # (only the driver's log is local)
+    proc = start_cli(["run", "spec.yaml", "--name", "r"], cwd=tmp_path)
+    wait_for(lambda: re.search(r"^\S+\s+running\s.*\s1/3\s", output(proc), re.M), 300, "an epoch", proc)
+    os.kill(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    out = output(proc)
+    assert proc.returncode == 130, out[-3000:]
+    assert f"--storage-path {storage}" in out  # the resume hint names where the Tune state is
+    resumed = run_cli(["resume", "r", "--storage-path", storage], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "search finished: 2 trials" in resumed.stdout
+    assert not list(tmp_path.glob("s3:*"))  # nothing of the URI became a local directory
+    assert not [p for p in tmp_path.glob("ssl_tune_runs/r-*") if p.is_dir()]  # (only the driver's log is local)
     client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
-    (trial,) = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
-                                  filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
-    assert trial.data.tags[tracking.TAG_CHECKPOINT].startswith(f"s3://{s3_endpoint['bucket']}/runs/on-s3-")
-    assert trial.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "export"  # the trial uploaded its export
+    trials = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
+                                filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
+    assert len(trials) == 2 and {t.info.status for t in trials} == {"FINISHED"}
+    for trial in trials:
+        assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch")] == [1, 2, 3]
+        assert trial.data.tags[tracking.TAG_CHECKPOINT].startswith(f"{storage}/r-")
+        assert trial.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "export"  # the trial uploaded its export
     from ssl_tune import load_backbone
-
-    load_backbone("on-s3", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # reads the checkpoint from S3
+    load_backbone("r", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # reads the checkpoint from S3
 
 
 @pytest.mark.slow
@@ -153,31 +166,3 @@ def test_a_server_with_authentication_takes_a_search_with_credentials_and_refuse
         assert "authed" in listed.stdout and "FINISHED" in listed.stdout
     finally:
         subprocess.run([*SERVICES, "mlflow", "stop", "--dir", str(tmp_path / "mlflow")], timeout=60)
-
-
-@pytest.mark.slow
-def test_a_search_with_its_storage_on_s3_resumes_after_ctrl_c(s3_endpoint, tmp_path, monkeypatch):
-    for key, value in {**s3_endpoint["env"], "AWS_ENDPOINT_URL": s3_endpoint["endpoint"]}.items():
-        monkeypatch.setenv(key, value)
-    storage = f"s3://{s3_endpoint['bucket']}/runs"
-    raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[])
-    raw["training"] = {"epochs": 3, "batch_size": 250, "seed": 0}
-    raw["storage_path"] = storage
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
-    proc = start_cli(["run", "spec.yaml", "--name", "r"], cwd=tmp_path)
-    wait_for(lambda: re.search(r"^\S+\s+running\s.*\s1/3\s", output(proc), re.M), 300, "an epoch", proc)
-    os.kill(proc.pid, signal.SIGINT)
-    proc.wait(timeout=120)
-    out = output(proc)
-    assert proc.returncode == 130, out[-3000:]
-    assert f"--storage-path {storage}" in out  # the resume hint names where the Tune state is
-    resumed = run_cli(["resume", "r", "--storage-path", storage], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "search finished: 2 trials" in resumed.stdout
-    assert not list(tmp_path.glob("s3:*"))  # nothing of the URI became a local directory
-    client = tracking.client_for(f"sqlite:///{tmp_path}/mlflow.db")
-    trials = client.search_runs([client.get_experiment_by_name("search-test").experiment_id],
-                                filter_string=f"tags.`{tracking.TAG_KIND}` = 'trial'")
-    assert len(trials) == 2 and {t.info.status for t in trials} == {"FINISHED"}
-    for trial in trials:
-        assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch")] == [1, 2, 3]

@@ -19,7 +19,7 @@ def test_a_hung_test_fails_on_its_time_limit_with_its_stack(tmp_path, request):
     (tmp_path / "test_hangs.py").write_text(HANGS)
     # The suite's own settings (pyproject.toml), with the limit cut to 2 s for this demonstration.
     proc = subprocess.run([sys.executable, "-m", "pytest", "-c", f"{ROOT}/pyproject.toml", "--rootdir", str(tmp_path),
-                           "-p", "no:cacheprovider", "-o", "timeout=2", str(tmp_path / "test_hangs.py")],
+                           "-p", "no:cacheprovider", "-o", "timeout=2", "-n", "0", str(tmp_path / "test_hangs.py")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
