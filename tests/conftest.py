@@ -17,7 +17,9 @@ import yaml
 # by every process the tests start).
 os.environ["SSL_TUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ssl-tune-test-cache-")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The cores shared among pytest-xdist's workers: threads beyond them only contend (and spin) with the other
+# worker's tests.
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SSL_TUNE = str(Path(sys.executable).parent / "ssl-tune")
