@@ -147,7 +147,8 @@ def cli_here(tmp_path, monkeypatch, capsys):
     from ssl_tune.tracking.store import HTTP_RETRY_DEFAULTS
 
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # as `cli_env` gives a subprocess
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # (recorded: the test's end restores it, whatever the command set)
+        monkeypatch.delenv(key)
     for key, value in HTTP_RETRY_DEFAULTS.items():
         monkeypatch.setenv(key, os.environ.get(key, value))
 
