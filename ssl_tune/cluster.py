@@ -6,6 +6,7 @@ A failed check is the user's to fix: it raises `SpecError` (exit 2) naming the f
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -188,13 +189,18 @@ def _check_batch(spec: SpecBase, images: int) -> None:
                         f"{spec.data.name!r} ({kept} images{' in data.subset' if kept < images else ''})")
 
 
-def _check_bundled_batch(spec: SpecBase) -> bool:
-    """`_check_batch` for the bundled data set, which needs no cache (False for any other data set)."""
+@functools.cache
+def _bundled_training_images() -> int:
     from ssl_tune.data.datasets import load_bundled
 
+    return len(load_bundled().ssl_images)  # read once: a local search checks before Ray and again after
+
+
+def _check_bundled_batch(spec: SpecBase) -> bool:
+    """`_check_batch` for the bundled data set, which needs no cache (False for any other data set)."""
     if spec.data.name != "fashion_mnist_subset":
         return False
-    _check_batch(spec, len(load_bundled().ssl_images))
+    _check_batch(spec, _bundled_training_images())
     return True
 
 
