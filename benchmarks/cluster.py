@@ -1,6 +1,6 @@
 """One 2-worker DDP trial on two hosts against the same trial on one host.
 
-    python -m benchmarks cluster [--epochs 4] [--repeats 2]     # needs root (network namespaces)
+    python -m benchmarks cluster [--epochs 4] [--repeats 2] [--set FIELD=VALUE]    # needs root (network namespaces)
 
 The hosts are two network namespaces joined by a veth pair (`scripts/netns_cluster.py`), so the two
 workers' gradients and the global-batch gathers cross a real network link. One host: both workers on
@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="trials per layout, alternating the layouts")
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a spec override for both layouts' trial (as `ssl-tune run --set`)")
 
 
 def _spec(epochs: int, batch_size: int, spread: bool) -> dict[str, Any]:
@@ -62,8 +64,9 @@ def _one_trial(two_hosts: bool, args: argparse.Namespace, work: Path) -> dict[st
         (work / "spec.yaml").write_text(yaml.safe_dump(_spec(args.epochs, args.batch_size, two_hosts)))
         env = {**os.environ, **ray["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "RAY_ADDRESS": ""}
         ssl_tune = str(Path(sys.executable).parent / "ssl-tune")
+        overrides = [x for o in args.set for x in ("--set", o)]
         proc = subprocess.run(["ip", "netns", "exec", f"{PREFIX}-a", ssl_tune, "run", "spec.yaml", "--name", "t",
-                               "--address", ray["address"]], cwd=work, capture_output=True, text=True, env=env,
+                               "--address", ray["address"], *overrides], cwd=work, capture_output=True, text=True, env=env,
                               timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"the trial failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -88,8 +91,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {layout}: epoch {runs[layout][-1]['epoch_s']:.2f} s on {runs[layout][-1]['worker_nodes']:g} node(s)",
                   flush=True)
     one, two = (statistics.median(r["epoch_s"] for r in runs[k]) for k in ("one_host", "two_hosts"))
-    return {"epochs": args.epochs, "batch_size": args.batch_size, "repeats": args.repeats, "runs": runs,
-            "two_hosts_over_one_host": two / one}
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "repeats": args.repeats, "overrides": args.set,
+            "runs": runs, "two_hosts_over_one_host": two / one}
 
 
 def report(result: dict[str, Any], figures: str) -> str:
@@ -102,4 +105,5 @@ def report(result: dict[str, Any], figures: str) -> str:
         rows.append(f"| {name} | {', '.join(f'{n:g}' for n in nodes)} | {statistics.median(epochs):.3f} | "
                     f"{', '.join(f'{e:.3f}' for e in epochs)} |")
     return "\n".join(rows) + (f"\n\nTWIST, small CNN (width 16), global batch {result['batch_size']}, {result['epochs']} "
-                              f"epochs, {result['repeats']} trial(s) per layout, the layouts alternating.")
+                              f"epochs, {result['repeats']} trial(s) per layout, the layouts alternating"
+                              + (f", with {', '.join(result['overrides'])}." if result.get("overrides") else "."))

@@ -252,7 +252,7 @@ def test_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path):
 def test_cluster_benchmark_through_the_harness(tmp_path):
     require_system(namespaces_allowed(), "network namespaces", IPROUTE_INSTALL)
     harness.main(["--results", str(tmp_path), "--report", str(tmp_path / "b.md"), "cluster", "--epochs", "2",
-                  "--repeats", "1"])
+                  "--repeats", "1", "--set", "data.subset=0.2", "--set", "backbone.width=4"])
     result = json.loads((tmp_path / "cluster.json").read_text())
     assert [r["worker_nodes"] for r in result["runs"]["one_host"]] == [1.0]
     assert [r["worker_nodes"] for r in result["runs"]["two_hosts"]] == [2.0]
@@ -291,7 +291,7 @@ def _sections_rendered(report: Path, *names: str) -> None:
 def _small_twist(tmp_path: Path) -> Path:
     small = tmp_path / "small.yaml"
     spec = yaml.safe_load((Path(ROOT) / "search_spaces" / "twist.yaml").read_text())
-    spec["backbone"]["width"], spec["training"]["batch_size"] = 4, 512
+    spec["backbone"]["width"], spec["training"]["batch_size"], spec["data"] = 4, 512, {"subset": 0.2}
     small.write_text(yaml.safe_dump(spec))
     return small
 
@@ -350,7 +350,7 @@ def test_the_efficiency_table_and_noise_benchmarks_run_at_a_smoke_size(tmp_path)
 
 # proxy: two pipelines of 2 two-epoch trials and 2 confirmation trials; warm-start: two searches of 2 trials.
 PIPELINE_SMOKE = ["search.num_samples=2", "backbone.width=4", "evaluation.linear_probe=false", "training.batch_size=512",
-                  "training.epochs=2", "data.subset=0.5"]
+                  "training.epochs=2", "data.subset=0.2"]
 
 
 @pytest.mark.ray
@@ -358,13 +358,13 @@ PIPELINE_SMOKE = ["search.num_samples=2", "backbone.width=4", "evaluation.linear
 def test_the_proxy_benchmark_runs_at_a_smoke_size(tmp_path):
     results, report, common = _smoke_dirs(tmp_path)
     small = [*PIPELINE_SMOKE, "search.confirm.top_k=1", "search.confirm.seeds=2", "search.confirm.default=false"]
-    harness.main([*common, "proxy", *[x for o in small for x in ("--set", o)], "--proxy", "data.subset=0.25",
+    harness.main([*common, "proxy", *[x for o in small for x in ("--set", o)], "--proxy", "data.subset=0.1",
                   "--proxy", "training.epochs=1"])
     proxy = json.loads((results / "proxy.json").read_text())
-    assert proxy["confirm"] == "search.confirm.overrides={training.epochs: 2, data.subset: 0.5}"
-    # the proxy's search: 2 trials of 1 epoch on a quarter of the images, against 2 of 2 epochs on half of them
+    assert proxy["confirm"] == "search.confirm.overrides={training.epochs: 2, data.subset: 0.2}"
+    # the proxy's search: 2 trials of 1 epoch on a tenth of the images, against 2 of 2 epochs on a fifth of them
     assert proxy["search_compute_ratio"] == pytest.approx(0.25)
-    assert proxy["full"]["confirmation_image_epochs"] == proxy["proxy_pipeline"]["confirmation_image_epochs"] == 4 * 5000
+    assert proxy["full"]["confirmation_image_epochs"] == proxy["proxy_pipeline"]["confirmation_image_epochs"] == 4 * 2000
     assert proxy["winner_gap"]["seeds"] == 2 and 0 < proxy["compute_ratio"] < 1
     _sections_rendered(report, "proxy")
 

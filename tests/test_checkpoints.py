@@ -95,7 +95,7 @@ def test_restore_skips_a_damaged_latest_checkpoint_for_the_one_before_and_fails_
 @pytest.mark.slow
 def test_a_truncated_checkpoint_at_resume_is_named_and_the_trial_goes_on_from_the_one_before(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_concurrent=1)
-    raw["training"] = {"epochs": 6, "batch_size": 250, "seed": 0}
+    raw["training"], raw["data"] = {"epochs": 6, "batch_size": 250, "seed": 0}, {"subset": 0.5}  # epochs of ~1 s
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = start_cli(["run", "spec.yaml", "--name", "k"], cwd=tmp_path)
     wait_for(lambda: any(c.data.metrics.get("epoch", 0) >= 2 for c in runs_of(tmp_path)[2]), 300, "epoch 2", proc)
@@ -127,7 +127,7 @@ def test_a_storage_disk_that_fills_stops_the_search_in_one_line_and_resume_finis
     the path (no traceback, though Ray's own log lies on that disk too); once there is room, resume
     trains every epoch once."""
     raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[], max_concurrent=1)
-    raw["training"] = {"epochs": 5, "batch_size": 250, "seed": 0}
+    raw["training"], raw["data"] = {"epochs": 5, "batch_size": 250, "seed": 0}, {"subset": 0.5}  # epochs of ~1 s
     with small_disk(tmp_path / "disk", 20) as disk:
         raw["storage_path"] = str(disk)
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))

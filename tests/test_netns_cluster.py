@@ -101,7 +101,7 @@ def test_losing_the_second_host_mid_trial_is_survived_from_its_last_checkpoint(t
     and the epochs trained twice are counted."""
     epochs = 6
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-    raw["training"]["epochs"] = epochs
+    raw["training"]["epochs"], raw["data"] = epochs, {"subset": 0.5}  # epochs of seconds: the host dies mid-trial
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.9, "placement_strategy": "SPREAD"}
     raw["storage_path"] = f"s3://{two_hosts['bucket']}/runs"
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))

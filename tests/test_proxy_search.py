@@ -238,10 +238,10 @@ def test_overrides_reach_only_the_confirmation_trials_and_their_mlflow_params(pr
     trials = tracking.child_runs(client, parent, tracking.KIND_TRIAL)
     confirmations = tracking.child_runs(client, parent, tracking.KIND_CONFIRMATION)
     assert len(trials) == 3 and len(confirmations) == 6
-    assert {(t.data.params["data.subset"], t.data.params["training.epochs"]) for t in trials} == {("0.5", "1")}
-    assert {(c.data.params["data.subset"], c.data.params["training.epochs"]) for c in confirmations} == {("None", "2")}
+    assert {(t.data.params["data.subset"], t.data.params["training.epochs"]) for t in trials} == {("0.2", "1")}
+    assert {(c.data.params["data.subset"], c.data.params["training.epochs"]) for c in confirmations} == {("0.4", "2")}
     assert all(c.data.metrics["epoch"] == 2 for c in confirmations)
-    assert "(6 trials of 2 epochs, at data.subset None, training.epochs 2)" in proc.stdout  # (as YAML wrote them)
+    assert "(6 trials of 2 epochs, at data.subset 0.4, training.epochs 2)" in proc.stdout  # (as YAML wrote them)
     assert {t.data.tags[tracking.TAG_ORIGIN] for t in trials} == {ORIGIN_SAMPLER}
 
 
@@ -280,7 +280,7 @@ def test_warm_start_from_a_finished_search_as_observations_and_as_configurations
     (work / "other.yaml").write_text(yaml.safe_dump(other))
     proc = run_cli(["run", "other.yaml", "--name", "other"], cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "another setting (data.subset 0.25 here, 0.5 there), its best configuration tried first" in proc.stdout
+    assert "another setting (data.subset 0.25 here, 0.2 there), its best configuration tried first" in proc.stdout
     second = tracking.find_parent_run(client, "other")
     assert second.data.params["warm_start.configurations"] == "1" and second.data.params["warm_start.observations"] == "0"
     assert "proxy (" in second.data.tags[tracking.TAG_WARM_START]
@@ -296,7 +296,7 @@ def test_warm_start_from_a_finished_search_as_observations_and_as_configurations
 def test_each_new_sampler_runs_a_tiny_search(tmp_path):
     """gp, cmaes and qmc, each a search of 3 one-epoch trials (one random start-up trial, then the sampler)."""
     raw = search_spec(num_samples=3, points_to_evaluate=[], startup_trials=1)
-    raw["training"]["epochs"], raw["data"] = 1, {"subset": 0.2}  # what is tested is the proposals
+    raw["training"]["epochs"] = 1  # what is tested is the proposals
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     script = ("import ssl_tune\n"
               "for sampler in ('gp', 'cmaes', 'qmc'):\n"

@@ -27,7 +27,6 @@ def python_blocks(page: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (Path(ROOT) / page).read_text(), flags=re.S)
 
 EPOCHS = SEARCH_EPOCHS
-SMALL_SUBSET = 0.2  # 2,000 of the bundled training images: where a test needs epochs, not their size
 
 
 @pytest.mark.ray
@@ -268,7 +267,7 @@ def test_list_shows_the_search(finished_search, cli_here):
 @pytest.mark.slow
 def test_two_worker_trial_runs_ddp_through_ray_train(tmp_path):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-    raw["training"]["epochs"], raw["data"] = 4, {"subset": SMALL_SUBSET}
+    raw["training"]["epochs"] = 4
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.5}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
@@ -300,7 +299,7 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_pat
     raw = search_spec(num_samples=2, scheduler="none", metric="knn_top1", mode="max",
                       points_to_evaluate=[{"optimizer.lr": 1e12}, {"optimizer.lr": 0.3}])
     raw["optimizer"] = {"name": "sgd", "lr": {"type": "choice", "values": [1e12, 0.3]}, "momentum": 0.0, "warmup_epochs": 0}
-    raw["training"]["epochs"], raw["evaluation"]["eval_every"], raw["data"] = 3, 2, {"subset": SMALL_SUBSET}
+    raw["training"]["epochs"], raw["evaluation"]["eval_every"] = 3, 2
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli(["run", "spec.yaml"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -324,7 +323,7 @@ def test_trial_out_of_device_memory_fails_once_naming_the_stage_without_restarts
     from trainers.loop import TEST_OOM_ENV
 
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=2)
-    raw["resources"], raw["data"] = {"num_workers": workers, "cpus_per_worker": 1 / workers}, {"subset": SMALL_SUBSET}
+    raw["resources"] = {"num_workers": workers, "cpus_per_worker": 1 / workers}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.run([SSL_TUNE, "run", "spec.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**cli_env(), TEST_OOM_ENV: stage})

@@ -20,10 +20,10 @@ EPOCHS = 4
 
 
 def two_trial_spec() -> dict:
-    """2 trials of 4 epochs, one at a time, on the bundled images (batch 250): long enough (about 30 s a
+    """2 trials of 4 epochs, one at a time, on all the bundled images (batch 250): long enough (about 30 s a
     search) that the second search starts training while the first one does."""
     raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[], max_concurrent=1)
-    raw["training"] = {"epochs": EPOCHS, "batch_size": 250, "seed": 0}
+    raw["training"], raw["data"] = {"epochs": EPOCHS, "batch_size": 250, "seed": 0}, {}
     return raw
 
 

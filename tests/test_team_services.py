@@ -49,7 +49,7 @@ def team_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_on_postgres_and_s3_exports_from_anywhere_without_rays_storage(team_server, tmp_path):
+def test_search_on_postgres_and_s3_exports_from_anywhere_without_rays_storage(team_server, tmp_path, cli_here):
     url = team_server["mlflow"]["url"]
     raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[])
     raw["training"]["epochs"] = 1
@@ -77,10 +77,10 @@ def test_search_on_postgres_and_s3_exports_from_anywhere_without_rays_storage(te
     # From another directory, with Ray's storage gone: only the server is needed.
     shutil.rmtree(tmp_path / "work" / "ssl_tune_runs")
     (tmp_path / "elsewhere").mkdir()
-    listed = run_cli(["list", "--tracking-uri", url], cwd=tmp_path / "elsewhere")
-    assert listed.returncode == 0 and "team" in listed.stdout and "FINISHED" in listed.stdout, listed.stderr
-    exported = run_cli(["export", "team", "--tracking-uri", url, "--out", "best"], cwd=tmp_path / "elsewhere")
-    assert exported.returncode == 0, exported.stderr[-3000:]
+    status, listed, err = cli_here("list", "--tracking-uri", url, cwd=tmp_path / "elsewhere")
+    assert status == 0 and "team" in listed and "FINISHED" in listed, err
+    status, _, err = cli_here("export", "team", "--tracking-uri", url, "--out", "best", cwd=tmp_path / "elsewhere")
+    assert status == 0, err[-3000:]
     from ssl_tune import load_backbone
 
     backbone = load_backbone(tmp_path / "elsewhere" / "best").backbone
@@ -144,7 +144,8 @@ def test_ray_storage_on_s3_holds_the_checkpoints_resumes_after_ctrl_c_and_an_unw
 
 
 @pytest.mark.slow
-def test_a_server_with_authentication_takes_a_search_with_credentials_and_refuses_one_without(tmp_path, monkeypatch):
+def test_a_server_with_authentication_takes_a_search_with_credentials_and_refuses_one_without(tmp_path, monkeypatch,
+                                                                                              cli_here):
     server = json.loads(subprocess.run([*SERVICES, "mlflow", "start", "--dir", str(tmp_path / "mlflow"), "--auth"],
                                        capture_output=True, text=True, check=True, timeout=180).stdout)
     try:
@@ -153,16 +154,16 @@ def test_a_server_with_authentication_takes_a_search_with_credentials_and_refuse
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
-        refused = run_cli(["run", "spec.yaml", "--tracking-uri", server["url"]], cwd=tmp_path)
-        assert refused.returncode == 2
+        status, _, err = cli_here("run", "spec.yaml", "--tracking-uri", server["url"])  # (refused before Ray)
+        assert status == 2
         assert f"the MLflow tracking server at {server['url']} refused this client without credentials (HTTP 401" \
-            in refused.stderr and "MLFLOW_TRACKING_USERNAME" in refused.stderr
+            in err and "MLFLOW_TRACKING_USERNAME" in err
         assert not (tmp_path / "ssl_tune_runs").exists()  # before any trial
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", server["username"])
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", server["password"])
         proc = run_cli(["run", "spec.yaml", "--name", "authed", "--tracking-uri", server["url"]], cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        listed = run_cli(["list", "--tracking-uri", server["url"]], cwd=tmp_path)
-        assert "authed" in listed.stdout and "FINISHED" in listed.stdout
+        status, listed, _ = cli_here("list", "--tracking-uri", server["url"])
+        assert status == 0 and "authed" in listed and "FINISHED" in listed
     finally:
         subprocess.run([*SERVICES, "mlflow", "stop", "--dir", str(tmp_path / "mlflow")], timeout=60)
