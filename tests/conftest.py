@@ -245,7 +245,7 @@ def finished_search(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def proxy_search(tmp_path_factory):
-    """A proxy search, confirmed at the full setting: 3 trials of 1 epoch on a fifth of the images, then the 3
+    """A proxy search, confirmed at a larger setting: 3 trials of 1 epoch on a fifth of the images, then the 3
     best re-trained on twice as many for 2 epochs on 2 seeds; named proxy: (directory, client, process, its spec)."""
     from ssl_tune import tracking
 
