@@ -136,6 +136,17 @@ def search_spec(**search):
     return raw
 
 
+FAULT_SUBSET = 0.5  # half the bundled images: epochs of about a second, so a signal sent once one is reported lands mid-trial
+
+
+def slow_search_spec(num_samples, epochs, **search):
+    """Trials one at a time, of epochs long enough (`FAULT_SUBSET`) that a signal sent once an epoch is reported
+    lands inside the trial: the fault tests' search."""
+    raw = search_spec(num_samples=num_samples, scheduler="none", points_to_evaluate=[], max_concurrent=1, **search)
+    raw["training"], raw["data"] = {"epochs": epochs, "batch_size": 250, "seed": 0}, {"subset": FAULT_SUBSET}
+    return raw
+
+
 def cli_env():
     return {**os.environ, "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
 

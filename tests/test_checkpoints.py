@@ -13,7 +13,8 @@ import yaml
 from ssl_tune import checkpoints, tracking
 from ssl_tune.checkpoints import CHECKPOINT_FILE, RECORD_FILE, CheckpointError
 from ssl_tune.trial import CHECKPOINTS_KEPT, DAMAGED_CHECKPOINT_KEY, RayReporter, restore
-from tests.conftest import epoch_steps, image_folder, output, run_cli, runs_of, search_spec, small_disk, start_cli, wait_for
+from tests.conftest import (epoch_steps, image_folder, output, run_cli, runs_of, search_spec, slow_search_spec, small_disk,
+                            start_cli, wait_for)
 
 
 def state(epoch: int) -> dict:
@@ -94,8 +95,7 @@ def test_restore_skips_a_damaged_latest_checkpoint_for_the_one_before_and_fails_
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_truncated_checkpoint_at_resume_is_named_and_the_trial_goes_on_from_the_one_before(tmp_path):
-    raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_concurrent=1)
-    raw["training"], raw["data"] = {"epochs": 6, "batch_size": 250, "seed": 0}, {"subset": 0.5}  # epochs of ~1 s
+    raw = slow_search_spec(num_samples=1, epochs=6)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = start_cli(["run", "spec.yaml", "--name", "k"], cwd=tmp_path)
     wait_for(lambda: any(c.data.metrics.get("epoch", 0) >= 2 for c in runs_of(tmp_path)[2]), 300, "epoch 2", proc)
@@ -126,8 +126,7 @@ def test_a_storage_disk_that_fills_stops_the_search_in_one_line_and_resume_finis
     """The storage path on a 20 MB tmpfs, filled while the first trial trains: exit 5 with one line naming
     the path (no traceback, though Ray's own log lies on that disk too); once there is room, resume
     trains every epoch once."""
-    raw = search_spec(num_samples=2, scheduler="none", points_to_evaluate=[], max_concurrent=1)
-    raw["training"], raw["data"] = {"epochs": 5, "batch_size": 250, "seed": 0}, {"subset": 0.5}  # epochs of ~1 s
+    raw = slow_search_spec(num_samples=2, epochs=5)
     with small_disk(tmp_path / "disk", 20) as disk:
         raw["storage_path"] = str(disk)
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))

@@ -19,17 +19,9 @@ from ssl_tune.cluster import check_cluster_paths, check_resources
 from ssl_tune.spec import SpecError
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.trial import RESTORED_FROM_KEY, RESTORED_HISTORY_KEY
-from tests.conftest import (FakeTrial, epoch_steps, output, printed_command, run_cli, runs_of, search_spec, start_cli,
-                            tiny_spec_dict, wait_for)
+from tests.conftest import (FAULT_SUBSET, FakeTrial, epoch_steps, output, printed_command, run_cli, runs_of, search_spec,
+                            slow_search_spec, start_cli, tiny_spec_dict, wait_for)
 
-
-
-def slow_search_spec(num_samples, epochs, **search):
-    """Trials one at a time, of epochs long enough (about a second each) that a signal sent once an epoch is
-    reported lands inside the trial."""
-    raw = search_spec(num_samples=num_samples, scheduler="none", points_to_evaluate=[], max_concurrent=1, **search)
-    raw["training"], raw["data"] = {"epochs": epochs, "batch_size": 250, "seed": 0}, {"subset": 0.5}
-    return raw
 
 
 # --- before any trial -------------------------------------------------------------------------
@@ -384,8 +376,8 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
         epoch_results = results()
         shutil.rmtree(tmp_path / "ssl_tune_runs")
         (tmp_path / "elsewhere").mkdir()
-        exported = cli_here("export", "search-test", "--tracking-uri", started["url"], "--out", "best",
-                            cwd=tmp_path / "elsewhere")
+        export_status, _, export_err = cli_here("export", "search-test", "--tracking-uri", started["url"], "--out",
+                                                "best", cwd=tmp_path / "elsewhere")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -405,7 +397,7 @@ def test_tracking_server_killed_mid_search_never_stalls_training_and_loses_nothi
     (parent,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"]
     (child,) = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
     assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
-    assert exported[0] == 0, exported[2][-3000:]
+    assert export_status == 0, export_err[-3000:]
     assert (tmp_path / "elsewhere" / "best" / "backbone.pt").is_file()
     assert steps == list(range(1, epochs + 1))
 
@@ -508,7 +500,7 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     cluster.wait_for_nodes()
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=3)
     raw["training"] = {"epochs": 6, "batch_size": 100, "seed": 0}
-    raw["backbone"]["width"], raw["data"] = 8, {"subset": 0.5}  # seconds per epoch: the node dies mid-trial
+    raw["backbone"]["width"], raw["data"] = 8, {"subset": FAULT_SUBSET}  # seconds per epoch: the node dies mid-trial
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.9, "placement_strategy": "SPREAD"}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = start_cli(["run", "spec.yaml", "--name", "n", "--address", cluster.address], cwd=tmp_path)

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from ssl_tune import tracking
-from tests.conftest import IPROUTE_INSTALL, ROOT, SSL_TUNE, namespaces_allowed, output, require_system, search_spec, wait_for
+from tests.conftest import (FAULT_SUBSET, IPROUTE_INSTALL, ROOT, SSL_TUNE, namespaces_allowed, output, require_system,
+                            search_spec, wait_for)
 
 SCRIPTS = Path(ROOT) / "scripts"
 pytestmark = [pytest.mark.netns, pytest.mark.ray]
@@ -101,7 +102,7 @@ def test_losing_the_second_host_mid_trial_is_survived_from_its_last_checkpoint(t
     and the epochs trained twice are counted."""
     epochs = 6
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-    raw["training"]["epochs"], raw["data"] = epochs, {"subset": 0.5}  # epochs of seconds: the host dies mid-trial
+    raw["training"]["epochs"], raw["data"] = epochs, {"subset": FAULT_SUBSET}  # epochs of seconds: the host dies mid-trial
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.9, "placement_strategy": "SPREAD"}
     raw["storage_path"] = f"s3://{two_hosts['bucket']}/runs"
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
