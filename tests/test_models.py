@@ -79,3 +79,21 @@ def test_vit_position_embeddings_tokens_norms_and_biases_get_no_weight_decay():
         assert {"backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight"} <= names
         if optimizer == "lars":
             assert all(g["lars_exclude"] == (g["weight_decay"] == 0) for g in main.param_groups)
+
+
+@pytest.mark.parametrize("cpu_limit", [0, 30_000_000], ids=["meta device", "cpu"])
+def test_the_backbone_check_sees_the_same_shapes_on_the_meta_device_and_the_cpu(monkeypatch, cpu_limit):
+    """Small backbones are checked by a real forward pass (no import of torch's meta kernels), large ones
+    on the meta device: both give the feature size and parameters, and both refuse images a ViT cannot take."""
+    from ssl_tune.spec import SpecError
+    from ssl_tune.specfile import spec_from_dict
+    from tests.conftest import tiny_spec_dict
+    from trainers import loop
+
+    monkeypatch.setattr(loop, "CPU_CHECK_PARAMETERS", cpu_limit)
+    raw = tiny_spec_dict()
+    net = build_backbone("small_cnn", in_channels=1, width=raw["backbone"]["width"])
+    assert loop.check_backbone(spec_from_dict(raw)) == (net.output_dim, sum(p.numel() for p in net.parameters()))
+    raw["backbone"] = {"name": "timm:vit_tiny_patch16_224"}  # img_size 224, given 28 x 28 images
+    with pytest.raises(SpecError, match="does not take 1 x 28 x 28 images"):
+        loop.check_backbone(spec_from_dict(raw))

@@ -104,24 +104,36 @@ def build_method(spec: SpecBase, in_channels: int | None = None, device: torch.d
     return distributed.convert_batchnorm(method, device or torch.device("cpu"))
 
 
+# Backbones up to this many parameters (0.12 GB in float32) are checked by a real forward pass on the CPU:
+# milliseconds, where the meta device's first tensor operations import torch's reference kernels and sympy
+# (about 1.3 s of the driver's start, and of `validate`). Larger ones pass through the meta device, without memory.
+CPU_CHECK_PARAMETERS = 30_000_000
+
+
 def check_backbone(spec: SpecBase) -> tuple[int, int]:
-    """Before any trial: build the spec's model without memory (the meta device) and pass it a batch of the
-    data set's shape, so that a backbone that cannot take these images (a ViT's `img_size`, say) is a
-    SpecError naming the fields. Returns (feature dimension, parameters)."""
+    """Before any trial: build the spec's backbone without memory (the meta device) and pass it a batch of the
+    data set's shape (for real where it is small, `CPU_CHECK_PARAMETERS`), so that a backbone that cannot take
+    these images (a ViT's `img_size`, say) is a SpecError naming the fields. Returns (feature dimension,
+    parameters)."""
     channels, size = network_input(spec.data)
     spec = spec if spec.is_resolved else spec.resolve({})  # the backbone is never searched
     with torch.device("meta"):
-        method = build_method(spec, channels, torch.device("cpu"), size)
+        backbone = build_method(spec, channels, torch.device("cpu"), size).backbone
+    parameters = sum(p.numel() for p in backbone.parameters())
+    device = torch.device("cpu" if parameters <= CPU_CHECK_PARAMETERS else "meta")
+    if device.type == "cpu":  # built again for real: a small backbone's initialisation takes milliseconds
+        backbone = backbone_from_spec(spec.backbone, channels, size)
+    with device, torch.no_grad():
         try:
-            features = method.backbone(torch.empty(2, channels, size, size))
+            features = backbone(torch.zeros(2, channels, size, size))
         except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
             raise SpecError(f"backbone.name {spec.backbone.name!r} does not take {channels} x {size} x {size} images "
                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); for a ViT set "
                             f"backbone.kwargs (timm: {{img_size: {size}}}; torchvision: {{image_size: {size}}})") from None
-    if tuple(features.shape) != (2, method.backbone.output_dim):
+    if tuple(features.shape) != (2, backbone.output_dim):
         raise SpecError(f"backbone.name {spec.backbone.name!r} gives features of shape {tuple(features.shape[1:])} "
-                        f"where ssl-tune expects ({method.backbone.output_dim},): it needs pooled features")
-    return method.backbone.output_dim, sum(p.numel() for p in method.backbone.parameters())
+                        f"where ssl-tune expects ({backbone.output_dim},): it needs pooled features")
+    return backbone.output_dim, parameters
 
 
 def _gather(images: torch.Tensor, rows: torch.Tensor, device: torch.device, chunk: int = 4096) -> torch.Tensor:
