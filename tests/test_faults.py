@@ -265,6 +265,27 @@ def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_retu
     assert child.info.status == "FINISHED"
 
 
+def test_the_searchs_figures_are_drawn_as_a_trial_ends_at_most_once_a_minute(tmp_path):
+    """Trials of seconds would have the driver draw the search's figures again and again; the end of the
+    search (`close_search_run`) always draws them."""
+    from ssl_tune.tracking.trial_logger import SEARCH_FIGURES_EVERY_S
+
+    client, _, logger = trial_logger(tmp_path, epochs=1)
+
+    def trial_ends(trial_id):
+        trial = FakeTrial(trial_id, {})
+        logger.on_trial_start(0, [], trial)
+        logger.on_trial_result(0, [], trial, {"epoch": 1.0, "loss": 1.0})
+        logger.on_trial_complete(0, [], trial)
+        assert logger.writer.drain(timeout=30)
+        return {a.path for a in client.list_artifacts(logger.parent_run_id, "figures")}
+
+    assert trial_ends("t1") == set()  # the search started less than a minute ago
+    logger._search_figures_at -= SEARCH_FIGURES_EVERY_S  # a minute later
+    assert "figures/learning_curves.png" in trial_ends("t2")
+    assert logger._search_figures_at > time.monotonic() - 5  # drawn now: the next trial's end within a minute draws none
+
+
 def test_epochs_whose_results_died_with_their_node_are_logged_from_the_restored_checkpoint(tmp_path):
     """Ray Train persists epoch 3's checkpoint, then the node dies before epoch 3's metrics reach Tune:
     the restarted trial continues from epoch 3, and its first result carries the checkpoint's history.

@@ -30,6 +30,12 @@ NOT_METRICS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_id", "exp
                                        "should_checkpoint", "iterations_since_restore", "time_since_restore"}
 
 
+# While a search runs, its figures are drawn again as a trial ends, at most this often: drawing them costs the
+# driver about a second, which trials of seconds (a proxy search) would pay again and again. The search's end
+# always draws them.
+SEARCH_FIGURES_EVERY_S = 60.0
+
+
 def result_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The trainer's metrics in a Tune result: numbers that are not Tune's bookkeeping."""
     return {k: float(v) for k, v in result.items()
@@ -64,13 +70,14 @@ class MlflowTrialLogger(Callback):
         self.failed: dict[str, str] = {}  # trial id -> reason (diverged, bad data)
         self.last_checkpoint: dict[str, str] = {}  # trial id -> directory of its latest checkpoint
         self.evaluated_checkpoint: dict[str, str] = {}  # trial id -> checkpoint of its last evaluated epoch
+        self._search_figures_at = time.monotonic()  # when the search's figures were last drawn (or it started)
         self._writer: MlflowWriter | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into Tune's experiment state: a resumed search rebuilds the rest from MLflow.
         state = self.__dict__.copy()
         for key in ("runs", "last_epoch", "restarts", "epochs_lost", "failed", "last_checkpoint", "evaluated_checkpoint",
-                    "_writer"):
+                    "_search_figures_at", "_writer"):
             state.pop(key)
         return state
 
@@ -281,14 +288,17 @@ class MlflowTrialLogger(Callback):
         self.client.set_tag(run_id, TAG_EXPORT_EPOCH, str(state["epoch"]))
 
     def _submit_figures(self, trial) -> None:
-        """The trial's figures, then the search's, refreshed as each trial ends. Best effort: a
-        figure that cannot be drawn is reported and skipped, never held (the search's figures are
-        drawn again at the end); while the server is unreachable they wait like any update."""
+        """The trial's figures as it ends, then the search's if `SEARCH_FIGURES_EVERY_S` have passed since they
+        were last drawn. Best effort: a figure that cannot be drawn is reported and skipped, never held (the
+        search's figures are drawn again at the end); while the server is unreachable they wait like any update."""
         confirming = CONFIRMATION_KEY in trial.config  # the search's trials, and so its figures, are done
+        search_figures = not confirming and time.monotonic() - self._search_figures_at >= SEARCH_FIGURES_EVERY_S
+        if search_figures:
+            self._search_figures_at = time.monotonic()
 
         def update() -> None:
             log_trial_figures(self.client, self.runs[trial.trial_id], self.last_checkpoint.get(trial.trial_id))
-            if not confirming:
+            if search_figures:
                 log_search_figures(self.client, self.client.get_run(self.parent_run_id), self.spec)
 
         self.writer.submit(update, best_effort=f"figures after trial {trial.trial_id}")
