@@ -1,8 +1,10 @@
 """Shared fixtures and helpers: tiny specs and data, the method registry's test specs, and running
 the `ssl-tune` console script. Test modules import helpers from here, never from one another."""
 
+import atexit
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,8 +16,9 @@ import torch
 import yaml
 
 # Data caches the tests build go to a fresh directory, never to the user's ~/.cache/ssl-tune (inherited
-# by every process the tests start).
+# by every process the tests start), removed when this process ends.
 os.environ["SSL_TUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ssl-tune-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SSL_TUNE_CACHE_DIR"], ignore_errors=True)
 
 # The cores shared among pytest-xdist's workers: threads beyond them only contend (and spin) with the other
 # worker's tests.

@@ -10,7 +10,7 @@ import yaml
 from ssl_tune import load_backbone, tracking
 from ssl_tune.spec import SpecError
 from ssl_tune.specfile import load_spec, spec_from_dict
-from tests.conftest import ROOT, run_cli, runs_of, search_spec
+from tests.conftest import ROOT, SMALL_SUBSET, run_cli, runs_of, search_spec
 
 ANY_METHOD = Path(ROOT) / "search_spaces" / "any_method.yaml"
 
@@ -41,8 +41,9 @@ def test_bad_cross_method_specs_name_the_field(method, message):
 
 @pytest.mark.slow
 def test_cli_train_on_the_cross_method_spec(tmp_path):
-    proc = run_cli(["train", str(ANY_METHOD), "--out", "out", "--set", "training.epochs=1",
-                    "--set", "evaluation.linear_probe=false"], cwd=tmp_path)
+    proc = run_cli(["train", str(ANY_METHOD), "--out", "out", "--set", "training.epochs=1", "--set",
+                    "evaluation.linear_probe=false", "--set", f"data.subset={SMALL_SUBSET}", "--set", "backbone.width=4"],
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "training twist on fashion_mnist_subset" in proc.stdout
     assert yaml.safe_load((tmp_path / "out" / "spec.json").read_text())["method"]["name"] == "twist"

@@ -177,32 +177,6 @@ def test_sigterm_in_the_last_round_leaves_the_search_resumable_and_resume_contin
     assert resumed.data.metrics[RESTORED_FROM_KEY] >= 1  # continued from its checkpoint, not from scratch
 
 
-# --- a multi-node cluster ---------------------------------------------------------------------
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_two_worker_trial_spreads_over_two_nodes_of_a_cluster(tmp_path):
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=1)
-    address = cluster.address
-    try:
-        cluster.wait_for_nodes()
-        raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-        raw["training"]["epochs"] = 1
-        raw["resources"] = {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "SPREAD"}
-        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
-        proc = run_cli(["run", "spec.yaml", "--address", address], cwd=tmp_path, timeout=600)
-    finally:
-        cluster.shutdown()
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    _, (parent,), (child,) = runs_of(tmp_path)
-    assert child.info.status == "FINISHED" and child.data.metrics["worker_nodes"] == 2.0
-    assert parent.data.tags["ssl_tune.ray_address"] == address
-
-
 # --- tracking goes away mid-search ------------------------------------------------------------
 
 
@@ -436,7 +410,7 @@ def tune_results(storage: Path, name: str) -> dict[str, list[dict]]:
 @pytest.mark.ray
 @pytest.mark.services
 @pytest.mark.slow
-def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tunes_files(tmp_path, monkeypatch):
+def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tunes_files(tmp_path, monkeypatch, cli_here):
     """A real `mlflow server` stopped before the last trial's last epoch and started again after the
     search ended: the search exits 4 with no traceback and prints the command that completes the
     record; after it, MLflow holds exactly what Tune's result files hold."""
@@ -467,7 +441,7 @@ def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tun
         subprocess.run([*services, "start", "--dir", str(server_dir), "--port", str(started["port"])],
                        check=True, capture_output=True, timeout=180)
         completed = run_cli(command, cwd=tmp_path)
-        again = run_cli(command, cwd=tmp_path)
+        again = cli_here(*command)  # refused before Ray starts: in-process
         client = tracking.client_for(started["url"])
         parent = tracking.find_parent_run(client, "e")
         children = tracking.child_runs(client, parent)
@@ -479,7 +453,7 @@ def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tun
         subprocess.run([*services, "stop", "--dir", str(server_dir)], timeout=60)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "completed the MLflow record of 1 trial(s)" in completed.stdout and "search finished: 2 trials" in completed.stdout
-    assert again.returncode == 2 and "already ended" in again.stderr  # nothing left to do
+    assert again[0] == 2 and "already ended" in again[2]  # nothing left to do
     assert parent.info.status == "FINISHED" and parent.data.tags.get(tracking.TAG_BEST_TRIAL_RUN)
     files = tune_results(tmp_path / "ssl_tune_runs", "e")
     assert sorted(files) == sorted(c.data.tags[tracking.TAG_TRIAL_ID] for c in children)
@@ -524,7 +498,8 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     raw["backbone"]["width"], raw["data"] = 8, {"subset": FAULT_SUBSET}  # seconds per epoch: the node dies mid-trial
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.9, "placement_strategy": "SPREAD"}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
-    proc = start_cli(["run", "spec.yaml", "--name", "n", "--address", cluster.address], cwd=tmp_path)
+    address = cluster.address
+    proc = start_cli(["run", "spec.yaml", "--name", "n", "--address", address], cwd=tmp_path)
     try:
         def epochs_reported():
             files = list((tmp_path / "ssl_tune_runs").glob("n-*/run_trial_*/result.json"))
@@ -543,7 +518,7 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
         restart_s = time.time() - added_at
         # While the restarted trial trains, only its own reservations hold CPUs: the Tune trial's
         # (0.01) and its Train run's 2 x 0.9; nothing an earlier attempt left behind.
-        groups, available, total = placement_groups_and_cpus(cluster.address)
+        groups, available, total = placement_groups_and_cpus(address)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
@@ -571,6 +546,7 @@ def test_node_lost_under_a_two_worker_trial_restarts_it_from_its_checkpoint(tmp_
     assert int(child.data.tags[tracking.TAG_EPOCHS_LOST]) == max(0, reached - restored)
     print(f"node lost at epoch {reached:.0f}, restored from epoch {restored:.0f}")
     assert child.data.metrics["worker_nodes"] == 2.0  # the restarted trial spread over the head and the new node
+    assert parent.data.tags["ssl_tune.ray_address"] == address
     assert sorted(state for state in groups.values() if state != "REMOVED") == ["CREATED", "CREATED"], groups
     assert total - available == pytest.approx(0.01 + 2 * 0.9, abs=1e-6)
 

@@ -26,28 +26,30 @@ def netns_addresses() -> tuple[str, str]:
     return f"{SUBNET}.1", f"{SUBNET}.2"
 
 
-@pytest.fixture
-def two_hosts(tmp_path):
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    """One cluster for this module's tests (its start-up is most of a short test): its `node_local` directory is
+    a node-local disk of the second host's own (an empty tmpfs there)."""
     require_system(namespaces_allowed(), "network namespaces", IPROUTE_INSTALL)
     sys.path.insert(0, str(SCRIPTS))
     import netns_cluster
     import services
 
+    work = tmp_path_factory.mktemp("two-hosts")
     head_ip, _ = netns_cluster.addresses(SUBNET)
-    directory = tmp_path / "cluster"
+    directory, node_local = work / "cluster", work / "node-local"
     netns_cluster.up(PREFIX, SUBNET)
     try:
         s3 = json.loads(subprocess.run(["ip", "netns", "exec", f"{PREFIX}-a", sys.executable, str(SCRIPTS / "services.py"),
-                                        "s3", "start", "--dir", str(tmp_path / "s3"), "--host", head_ip],
+                                        "s3", "start", "--dir", str(work / "s3"), "--host", head_ip],
                                        capture_output=True, text=True, check=True, timeout=180).stdout)
         storage_env = {**services.S3_ENV, "AWS_ENDPOINT_URL": s3["endpoint"]}
-        ray = netns_cluster.start_ray(PREFIX, SUBNET, directory, cpus=1, env=storage_env,
-                                      worker_private_dir=tmp_path / "node-local")
+        ray = netns_cluster.start_ray(PREFIX, SUBNET, directory, cpus=1, env=storage_env, worker_private_dir=node_local)
         yield {"address": ray["address"], "env": {**ray["env"], **storage_env}, "bucket": s3["bucket"],
-               "directory": directory, "storage_env": storage_env, "cluster": netns_cluster}
+               "directory": directory, "storage_env": storage_env, "cluster": netns_cluster, "node_local": node_local}
     finally:
         netns_cluster.down(PREFIX, directory)
-        services.stop(tmp_path / "s3", "s3")
+        services.stop(work / "s3", "s3")
         sys.path.remove(str(SCRIPTS))
 
 
@@ -60,7 +62,7 @@ def test_a_two_worker_trial_spreads_over_two_hosts_with_storage_on_s3(two_hosts,
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
     raw["training"].update(epochs=2, batch_size=16)
     # The second host sees this directory as a private tmpfs of its own (a node-local disk).
-    raw["data"] = {"name": "imagefolder", "root": str(root), "image_size": 16, "cache_dir": str(tmp_path / "node-local")}
+    raw["data"] = {"name": "imagefolder", "root": str(root), "image_size": 16, "cache_dir": str(two_hosts["node_local"])}
     # Train's controller takes about 0.01 CPU: two 1-CPU nodes hold two 0.9-CPU workers.
     raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.9, "placement_strategy": "SPREAD"}
     raw["storage_path"] = f"s3://{two_hosts['bucket']}/runs"
@@ -81,7 +83,7 @@ def test_a_two_worker_trial_spreads_over_two_hosts_with_storage_on_s3(two_hosts,
     for host in netns_addresses():
         built = [i for i, line in enumerate(lines) if line.startswith(f"[{host}] data cache ") and "built in" in line]
         assert built and built[0] < next(i for i, line in enumerate(lines) if line.startswith("trial ")), proc.stdout
-    (manifest,) = (tmp_path / "node-local").glob("imagefolder-*/manifest.json")  # the first host's copy
+    (manifest,) = two_hosts["node_local"].glob("imagefolder-*/manifest.json")  # the first host's copy
     created = time.mktime(time.strptime(json.loads(manifest.read_text())["created"][:19], "%Y-%m-%dT%H:%M:%S"))
     assert created <= trial.info.start_time / 1000 + 1
     assert [m.step for m in client.get_metric_history(trial.info.run_id, "epoch")] == [1, 2]
@@ -127,7 +129,7 @@ def test_losing_the_second_host_mid_trial_is_survived_from_its_last_checkpoint(t
         two_hosts["cluster"].stop_node(two_hosts["directory"], "worker")  # the host is lost
         wait_for(lambda: "restarts from its latest checkpoint" in output(proc), 300, "the trial's restart", proc)
         two_hosts["cluster"].start_ray(PREFIX, SUBNET, two_hosts["directory"], cpus=1, env=two_hosts["storage_env"],
-                                       worker_only=True, worker_private_dir=tmp_path / "node-local")  # and comes back
+                                       worker_only=True, worker_private_dir=two_hosts["node_local"])  # and comes back
         proc.wait(timeout=700)
     finally:
         if proc.poll() is None:
@@ -148,12 +150,12 @@ def test_a_storage_path_on_the_drivers_disk_only_is_refused_before_any_trial(two
     """`node-local` is a directory on the first host's disk; the second host has its own (empty) one
     there: trials on it would write checkpoints the driver never sees."""
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
-    raw["storage_path"] = str(tmp_path / "node-local")
+    raw["storage_path"] = str(two_hosts["node_local"])
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, **two_hosts["env"], "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
     proc = subprocess.run(["ip", "netns", "exec", f"{PREFIX}-a", SSL_TUNE, "run", "spec.yaml", "--address",
                            two_hosts["address"]], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     second = SUBNET + ".2"
-    assert f"storage_path: {tmp_path / 'node-local'} is not visible from node(s) {second}" in proc.stderr
+    assert f"storage_path: {two_hosts['node_local']} is not visible from node(s) {second}" in proc.stderr
     assert "started" not in proc.stdout
