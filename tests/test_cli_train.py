@@ -8,11 +8,11 @@ import torch
 
 import ssl_tune
 from ssl_tune.figures import TRAINING_METRICS
-from tests.conftest import SSL_TUNE, method_names, method_spec_file
+from tests.conftest import SMALL_SUBSET, SSL_TUNE, method_names, method_spec_file
 
 FAST = ["--set", "backbone.width=4", "--set", "projector={hidden_dim: 32, output_dim: 16, num_layers: 2}",
         "--set", "training.batch_size=500", "--set", "evaluation.linear_probe_epochs=3",
-        "--set", "evaluation.label_fractions=[0.01, 0.1]"]
+        "--set", "evaluation.label_fractions=[0.01, 0.1]", "--set", f"data.subset={SMALL_SUBSET}"]
 
 
 def run(*args):
