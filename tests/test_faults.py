@@ -239,25 +239,28 @@ def test_metrics_logged_while_tracking_is_down_are_written_in_order_when_it_retu
     assert child.info.status == "FINISHED"
 
 
-def test_the_searchs_figures_are_drawn_as_a_trial_ends_at_most_once_a_minute(tmp_path):
+def test_the_searchs_figures_are_drawn_as_a_trial_ends_at_most_once_a_minute(tmp_path, monkeypatch):
     """Trials of seconds would have the driver draw the search's figures again and again; the end of the
     search (`close_search_run`) always draws them."""
-    from ssl_tune.tracking.trial_logger import SEARCH_FIGURES_EVERY_S
+    from ssl_tune.tracking import trial_logger as module
 
+    drawn, draw = [], module.log_search_figures
+    monkeypatch.setattr(module, "log_search_figures", lambda *args: drawn.append(draw(*args)))
     client, _, logger = trial_logger(tmp_path, epochs=1)
 
-    def trial_ends(trial_id):
+    def trial_ends(trial_id) -> int:
         trial = FakeTrial(trial_id, {})
         logger.on_trial_start(0, [], trial)
         logger.on_trial_result(0, [], trial, {"epoch": 1.0, "loss": 1.0})
         logger.on_trial_complete(0, [], trial)
         assert logger.writer.drain(timeout=30)
-        return {a.path for a in client.list_artifacts(logger.parent_run_id, "figures")}
+        return len(drawn)
 
-    assert trial_ends("t1") == set()  # the search started less than a minute ago
-    logger._search_figures_at -= SEARCH_FIGURES_EVERY_S  # a minute later
-    assert "figures/learning_curves.png" in trial_ends("t2")
-    assert logger._search_figures_at > time.monotonic() - 5  # drawn now: the next trial's end within a minute draws none
+    assert trial_ends("t1") == 0  # the search started less than a minute ago
+    logger._search_figures_at -= module.SEARCH_FIGURES_EVERY_S  # a minute later
+    assert trial_ends("t2") == 1
+    assert "figures/learning_curves.png" in {a.path for a in client.list_artifacts(logger.parent_run_id, "figures")}
+    assert trial_ends("t3") == 1  # within a minute of the last drawing
 
 
 def test_epochs_whose_results_died_with_their_node_are_logged_from_the_restored_checkpoint(tmp_path):
@@ -442,6 +445,7 @@ def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tun
                        check=True, capture_output=True, timeout=180)
         completed = run_cli(command, cwd=tmp_path)
         again = cli_here(*command)  # refused before Ray starts: in-process
+        assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
         client = tracking.client_for(started["url"])
         parent = tracking.find_parent_run(client, "e")
         children = tracking.child_runs(client, parent)
