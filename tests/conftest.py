@@ -150,6 +150,11 @@ def slow_search_spec(num_samples, epochs, **search):
     return raw
 
 
+def ray_started() -> bool:
+    """Whether this process has started (or joined) Ray: an in-process refusal must come before it."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def cli_env():
     return {**os.environ, "MLFLOW_TRACKING_URI": "", "RAY_ADDRESS": ""}
 

@@ -19,8 +19,8 @@ from ssl_tune.cluster import check_cluster_paths, check_resources
 from ssl_tune.spec import SpecError
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.trial import RESTORED_FROM_KEY, RESTORED_HISTORY_KEY
-from tests.conftest import (FAULT_SUBSET, FakeTrial, epoch_steps, output, printed_command, run_cli, runs_of, search_spec,
-                            slow_search_spec, start_cli, tiny_spec_dict, wait_for)
+from tests.conftest import (FAULT_SUBSET, FakeTrial, epoch_steps, output, printed_command, ray_started, run_cli,
+                            runs_of, search_spec, slow_search_spec, start_cli, tiny_spec_dict, wait_for)
 
 
 
@@ -445,7 +445,7 @@ def test_tracking_down_past_the_end_exits_4_and_resume_completes_mlflow_from_tun
                        check=True, capture_output=True, timeout=180)
         completed = run_cli(command, cwd=tmp_path)
         again = cli_here(*command)  # refused before Ray starts: in-process
-        assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+        assert not ray_started()
         client = tracking.client_for(started["url"])
         parent = tracking.find_parent_run(client, "e")
         children = tracking.child_runs(client, parent)

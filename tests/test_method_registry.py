@@ -108,8 +108,8 @@ SHARED_SUITES = {
 @pytest.mark.slow
 def test_the_toy_method_passes_every_shared_suite_with_no_other_edit(toy_dir):
     # In one process (-n 0): 8 short tests, where two pytest-xdist workers would each import and collect them again.
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k", "toy", *SHARED_SUITES],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k", "toy",
+                           *SHARED_SUITES], cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)

@@ -4,7 +4,6 @@ message naming the address, file or field; a search whose every trial fails exit
 import os
 import pickle
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.search_folder import trusted_experiment_dir
-from tests.conftest import image_folder, run_cli, search_spec, tiny_spec_dict
+from tests.conftest import image_folder, ray_started, run_cli, search_spec, tiny_spec_dict
 
 
 class RunsAShellCommand:
@@ -49,7 +48,7 @@ def test_dead_ray_address_exits_2_within_seconds(tmp_path, cli_here):
     assert time.time() - started < 30
     assert f"--address 127.0.0.1:{port}: no Ray cluster answers there" in err
     assert "ray start --head" in err and "Traceback" not in err
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not ray_started()
 
 
 # --- bad data ----------------------------------------------------------------------------------

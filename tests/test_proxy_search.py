@@ -18,7 +18,7 @@ from ssl_tune.data.loader import Normalizer, ViewLoader
 from ssl_tune.space import ORIGIN_SAMPLER, field_values
 from ssl_tune.spec import SpecError
 from ssl_tune.specfile import load_spec, spec_from_dict
-from tests.conftest import ROOT, cli_env, run_cli, search_spec, tiny_dataset, tiny_spec_dict
+from tests.conftest import ROOT, cli_env, ray_started, run_cli, search_spec, tiny_dataset, tiny_spec_dict
 
 TWIST = f"{ROOT}/search_spaces/twist.yaml"
 
@@ -224,7 +224,7 @@ def test_a_warm_start_from_an_unknown_search_is_exit_2_naming_the_store(tmp_path
     assert "search.warm_start: no MLflow experiment, search name or run id 'no-such-search' in the tracking store " \
         f"sqlite:///{tmp_path}/mlflow.db" in err
     assert "cluster" not in out  # before Ray started
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not ray_started()
 
 
 # --- a proxy search end to end -------------------------------------------------------------------

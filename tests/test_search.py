@@ -20,7 +20,7 @@ from ssl_tune.evaluation import extract_features, knn_accuracy
 from ssl_tune.trial import CHECKPOINTS_KEPT
 from ssl_tune.trial_record import TAG_EXPORT_EPOCH
 from tests.conftest import (CHROMIUM_INSTALL, ROOT, SEARCH_EPOCHS, SSL_TUNE, cli_env, output, printed_command,
-                            require_system, run_cli, runs_of, search_spec, start_cli, wait_for)
+                            ray_started, require_system, run_cli, runs_of, search_spec, start_cli, wait_for)
 
 
 def python_blocks(page: str) -> list[str]:
@@ -289,7 +289,7 @@ def test_infeasible_trial_resources_fail_fast(tmp_path, cli_here):
     status, _, err = cli_here("run", "spec.yaml")
     assert status == 2
     assert "resources" in err and "64 worker(s)" in err and "Traceback" not in err
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
+    assert not ray_started()  # refused before Ray started
 
 
 @pytest.mark.ray
@@ -344,7 +344,7 @@ def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path, cli_her
     status, out, err = cli_here("run", "spec.yaml")
     assert status == 2, out[-3000:] + err[-3000:]
     assert "training.batch_size (20000) is larger than data set" in err and "Traceback" not in err
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # refused before Ray started
+    assert not ray_started()  # refused before Ray started
     assert not list(tmp_path.glob("ssl_tune_runs/**/run_trial_*"))  # no trial started
 
 
