@@ -4,6 +4,7 @@ either; the tracking-outage test wraps a real client."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -94,87 +95,69 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_interrupted_and_killed_driver_then_resume_finishes_every_trial_once(tmp_path):
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(slow_search_spec(num_samples=3, epochs=3)))
+def test_interrupted_killed_and_terminated_driver_then_resume_finishes_every_trial_once(tmp_path):
+    """Ctrl-C, SIGKILL of the whole driver, then SIGTERM in the last round, each followed by a resume. In the
+    last round every trial has started: Tune marks the running one TERMINATED like a finished one, so counting
+    trials took the search for finished (exit 0, parent FINISHED, resume refused)."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(slow_search_spec(num_samples=3, epochs=4)))
 
-    def trials_running_with_epochs():
-        _, _, children = runs_of(tmp_path)
-        return children
+    def children():
+        return runs_of(tmp_path)[2]
+
+    def finished() -> int:
+        return sum(c.info.status == "FINISHED" for c in children())
+
+    def stopped_cleanly(proc, finished_trials: int):
+        """The driver stopped on a signal: exit 130, the parent and the stopped trial closed as KILLED, a resume hint."""
+        proc.wait(timeout=120)
+        out = output(proc)
+        assert proc.returncode == 130, out[-4000:]
+        assert f"search interrupted after {finished_trials} finished trial(s)" in out, out[-3000:]
+        _, (parent,), runs = runs_of(tmp_path)
+        assert parent.info.status == "KILLED"
+        assert "RUNNING" not in {c.info.status for c in runs}
+        (stopped,) = [c for c in runs if c.info.status == "KILLED"]
+        assert tracking.TAG_INTERRUPTED_AT in stopped.data.tags and tracking.TAG_STOPPED_AT not in stopped.data.tags
+        assert printed_command(out, "resume with:") == ["resume", parent.info.run_id]
+        return parent, stopped
 
     # 1. Ctrl-C (SIGINT) while the second trial runs: a clean stop, runs closed, a resume hint.
     proc = start_cli(["run", "spec.yaml", "--name", "d"], cwd=tmp_path)
-    wait_for(lambda: any(c.info.status == "FINISHED" for c in trials_running_with_epochs())
-             and any(c.info.status == "RUNNING" and c.data.metrics.get("epoch", 0) >= 1
-                     for c in trials_running_with_epochs()), 300, "one finished and one running trial", proc)
+    wait_for(lambda: finished() == 1 and any(c.info.status == "RUNNING" and c.data.metrics.get("epoch", 0) >= 1
+                                             for c in children()), 300, "one finished and one running trial", proc)
     os.kill(proc.pid, signal.SIGINT)
-    proc.wait(timeout=120)
-    out = output(proc)
-    assert proc.returncode == 130, out[-4000:]
-    client, (parent,), children = runs_of(tmp_path)
-    assert printed_command(out, "resume with:") == ["resume", parent.info.run_id]
-    assert parent.info.status == "KILLED"
-    assert "RUNNING" not in {c.info.status for c in children}
-    interrupted = [c for c in children if c.info.status == "KILLED"]
-    assert interrupted and all(tracking.TAG_INTERRUPTED_AT in c.data.tags for c in interrupted)
+    stopped_cleanly(proc, 1)
 
-    # 2. resume by the name given to `run`, then SIGKILL the whole driver (and its local Ray) mid-trial.
+    # 2. resume by the name given to `run`; SIGKILL the whole driver (and its local Ray) once the second trial
+    # has finished and the third and last is past its first epoch.
     proc = start_cli(["resume", "d"], cwd=tmp_path)
-    done_before = sum(c.info.status == "FINISHED" for c in children)
-    wait_for(lambda: sum(c.info.status == "FINISHED" for c in trials_running_with_epochs()) > done_before
-             and any(c.info.status == "RUNNING" and c.data.metrics.get("epoch", 0) >= 1
-                     for c in trials_running_with_epochs()), 300, "progress after resuming", proc)
+    wait_for(lambda: finished() == 2 and any(c.info.status == "RUNNING" and c.data.metrics.get("epoch", 0) >= 1
+                                             for c in children()), 300, "progress after resuming", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    _, (parent,), children = runs_of(tmp_path)
+    _, (parent,), _ = runs_of(tmp_path)
     assert parent.info.status == "RUNNING"  # nobody closed it: the driver died
 
-    # 3. resume again, by the experiment's name (its one unfinished search): everything finishes once.
-    proc = run_cli(["resume", "search-test"], cwd=tmp_path, timeout=600)
+    # 3. resume by the experiment's name (its one unfinished search); SIGTERM once the last trial has reported an
+    # epoch to this driver (from scratch or from its checkpoint: Tune's state may predate the kill): the last round.
+    proc = start_cli(["resume", "search-test"], cwd=tmp_path)
+    wait_for(lambda: re.search(r" running .* [1-3]/4 ", output(proc)), 300, "the last trial running again", proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    parent, stopped = stopped_cleanly(proc, 2)
+
+    # 4. resume by the printed run id: everything finishes, every epoch logged once.
+    proc = run_cli(["resume", parent.info.run_id], cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "search finished: 3 trials" in proc.stdout
-    client, (parent,), children = runs_of(tmp_path)
-    assert parent.info.status == "FINISHED" and parent.data.tags["ssl_tune.resumed"] == "2"
-    assert len(children) == 3 and len({c.data.tags[tracking.TAG_TRIAL_ID] for c in children}) == 3
-    assert {c.info.status for c in children} == {"FINISHED"}
-    for child in children:
-        assert epoch_steps(client, child) == [1, 2, 3], child.data.tags[tracking.TAG_TRIAL_ID]
-    sampled = {(c.data.params["method.lam2"], c.data.params["method.tau"]) for c in children}
+    client, (parent,), runs = runs_of(tmp_path)
+    assert parent.info.status == "FINISHED" and parent.data.tags["ssl_tune.resumed"] == "3"
+    assert len(runs) == 3 and len({c.data.tags[tracking.TAG_TRIAL_ID] for c in runs}) == 3
+    assert {c.info.status for c in runs} == {"FINISHED"}
+    for child in runs:
+        assert epoch_steps(client, child) == [1, 2, 3, 4], child.data.tags[tracking.TAG_TRIAL_ID]
+    sampled = {(c.data.params["method.lam2"], c.data.params["method.tau"]) for c in runs}
     assert len(sampled) == 3  # the Optuna study went on: no point repeated, none lost
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_sigterm_in_the_last_round_leaves_the_search_resumable_and_resume_continues_it(tmp_path):
-    """Every trial has started when SIGTERM comes: Tune marks the running one TERMINATED like a finished
-    one, so counting trials took the search for finished (exit 0, parent FINISHED, resume refused)."""
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(slow_search_spec(num_samples=2, epochs=4)))
-    proc = start_cli(["run", "spec.yaml", "--name", "t"], cwd=tmp_path)
-
-    def last_round():
-        _, _, children = runs_of(tmp_path)
-        return (sum(c.info.status == "FINISHED" for c in children) == 1
-                and any(c.info.status == "RUNNING" and c.data.metrics.get("epoch", 0) >= 1 for c in children))
-
-    wait_for(last_round, 300, "the second and last trial past its first epoch", proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=120)
-    out = output(proc)
-    assert proc.returncode == 130, out[-4000:]
-    assert "search interrupted after 1 finished trial(s)" in out, out[-3000:]
-    client, (parent,), children = runs_of(tmp_path)
-    assert parent.info.status == "KILLED"
-    (stopped,) = [c for c in children if c.info.status == "KILLED"]
-    assert tracking.TAG_INTERRUPTED_AT in stopped.data.tags and tracking.TAG_STOPPED_AT not in stopped.data.tags
-    assert printed_command(out, "resume with:") == ["resume", parent.info.run_id]
-
-    proc = run_cli(["resume", "t"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    client, (parent,), children = runs_of(tmp_path)
-    assert parent.info.status == "FINISHED" and {c.info.status for c in children} == {"FINISHED"}
-    for child in children:
-        assert epoch_steps(client, child) == [1, 2, 3, 4]  # every epoch logged once
-    resumed = client.get_run(stopped.info.run_id)
-    assert resumed.data.metrics[RESTORED_FROM_KEY] >= 1  # continued from its checkpoint, not from scratch
+    assert client.get_run(stopped.info.run_id).data.metrics[RESTORED_FROM_KEY] >= 1  # from its checkpoint
 
 
 # --- tracking goes away mid-search ------------------------------------------------------------
