@@ -33,7 +33,18 @@ from benchmarks import common
 
 SPEC = common.REPO / "search_spaces" / "twist.yaml"
 PROXY = ["data.subset=0.25", "training.epochs=4"]  # the full setting: all images, the spec's 8 epochs
-NOISE_FLOOR_SD = 0.71  # one run's seed SD of kNN top-1 on the bundled data (docs/benchmarks.md, noise)
+NOISE_RESULT = common.RESULTS / "noise.json"  # `python -m benchmarks noise`: one run's seed SD of kNN top-1 here
+
+
+def measured_noise_floor(path: Path = NOISE_RESULT) -> float:
+    """The noise floor the noise benchmark measured on the bundled data (its `noise_floor_sd`)."""
+    import json
+
+    try:
+        return float(json.loads(path.read_text())["noise_floor_sd"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"warm-start: no noise floor in {path} ({type(exc).__name__}: {exc}); run "
+                         "`python -m benchmarks noise` first, or give --noise-floor") from None
 
 
 @contextlib.contextmanager
@@ -143,6 +154,9 @@ def run_warm_start(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.search_efficiency import best_so_far, compute_to_reach
     from ssl_tune import tracking
 
+    if args.noise_floor is None:
+        args.noise_floor = measured_noise_floor()
+
     overrides = ["search.confirm.top_k=0", *(args.set or [])]
     with _work_dir("ssl-tune-warm-start-") as work:
         cold_s = _search(work, "cold", overrides)
@@ -171,8 +185,9 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
 def add_warm_start_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", help="change the shipped spec for both searches")
     parser.add_argument("--warm-seed", type=int, default=1, help="the warm-started search's sampler seed")
-    parser.add_argument("--noise-floor", type=float, default=NOISE_FLOOR_SD,
-                        help="how far below the first search's best counts as reaching it")
+    parser.add_argument("--noise-floor", type=float, default=None,
+                        help="how far below the first search's best counts as reaching it (default: the seed SD "
+                        f"the noise benchmark measured, {common.repo_relative(NOISE_RESULT)})")
 
 
 def run_proxy_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -141,6 +141,17 @@ def test_noise_floor_is_the_pooled_seed_sd_and_rankme_is_compared_by_rank():
     assert result["strategy_gaps"]["TPE + ASHA"] == {"gap_to_random": 0.5, "exceeds_noise": False}
 
 
+def test_warm_start_reads_its_noise_floor_from_the_noise_benchmarks_result(tmp_path):
+    from benchmarks import proxy_search
+
+    recorded = json.loads((Path(ROOT) / "docs" / "benchmarks" / "noise.json").read_text())["noise_floor_sd"]
+    assert proxy_search.measured_noise_floor() == recorded
+    (tmp_path / "noise.json").write_text(json.dumps({"noise_floor_sd": 1.25}))
+    assert proxy_search.measured_noise_floor(tmp_path / "noise.json") == 1.25
+    with pytest.raises(SystemExit, match=r"no noise floor in .*missing.json.*python -m benchmarks noise"):
+        proxy_search.measured_noise_floor(tmp_path / "missing.json")
+
+
 @pytest.mark.slow
 def test_efficiency_end_to_end_writes_json_figure_and_report(tmp_path):
     results, report = tmp_path / "results", tmp_path / "benchmarks.md"

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,12 @@ def test_the_docs_site_builds_in_strict_mode(tmp_path):
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "site" / "python-api" / "index.html").is_file()
+
+
+def test_the_commands_pages_example_error_is_what_the_command_prints(cli_here):
+    """docs/commands.md quotes a refused `--set` as the command prints it: the quote stays true."""
+    text = (Path(ROOT) / "docs" / "commands.md").read_text()
+    (block,) = [b for b in re.findall(r"```text\n(\$ ssl-tune .*?)```", text, flags=re.S) if "\nerror: " in b]
+    command, *printed = block.strip().splitlines()
+    status, _, err = cli_here(*shlex.split(command.removeprefix("$ ssl-tune ")), cwd=ROOT)
+    assert status == 2 and err.strip().splitlines() == printed
