@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ssl_tune.storage_path import StoragePath
+
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "checkpoint.json"  # {"file", "bytes", "sha256"} of the checkpoint beside it
 
@@ -178,9 +180,9 @@ class SpaceReserve:
         return (1 << 20) + (64 << 10) * num_samples
 
     @contextlib.contextmanager
-    def held(self, storage: str, nbytes: int) -> Iterator[None]:
-        if "://" not in storage:  # a local path, as `cluster.check_disk_space` measures it
-            path = Path(storage) / f"{self.NAME}-{os.getpid()}"
+    def held(self, storage: StoragePath, nbytes: int) -> Iterator[None]:
+        if storage.local is not None:  # a local path, as `cluster.check_disk_space` measures it
+            path = storage.local / f"{self.NAME}-{os.getpid()}"
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as f:

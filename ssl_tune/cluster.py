@@ -10,10 +10,10 @@ import functools
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ssl_tune.spec import SpecBase, SpecError
+from ssl_tune.storage_path import StoragePath
 
 # The Tune trial that drives a multi-worker Train run needs a little CPU of its own (0 is refused).
 TRAIN_DRIVER_CPU = 0.01
@@ -94,7 +94,7 @@ def check_resources(spec: SpecBase, nodes: list[dict[str, Any]]) -> int:
     return trials
 
 
-def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[dict[str, Any]]) -> None:
+def check_cluster_paths(storage: StoragePath, uri: str, ray_address: str, nodes: list[dict[str, Any]]) -> None:
     """On a cluster, trials write checkpoints from every node and the driver may not run here:
     the storage path must be visible on all nodes, and a file-based MLflow store only works
     when the driver runs on this machine (not through a ray:// client)."""
@@ -103,7 +103,7 @@ def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[di
             f"mlflow.tracking_uri: {uri} is a file on this machine, but with a Ray Client address ({ray_address}) "
             "the search's driver runs on the cluster's head node; run `mlflow server --backend-store-uri "
             "sqlite:///mlflow.db --host 0.0.0.0` where both can reach it and set mlflow.tracking_uri to its http:// URL")
-    if "://" in storage:
+    if storage.local is None:
         check_object_storage(storage, nodes, ray_address)
         return
     if ray_address == "local" and len(nodes) <= 1:
@@ -117,8 +117,8 @@ def check_cluster_paths(storage: str, uri: str, ray_address: str, nodes: list[di
     def exists(path: str) -> bool:
         return os.path.exists(path)
 
-    Path(storage).mkdir(parents=True, exist_ok=True)
-    marker = Path(storage) / f".ssl-tune-visible-{uuid.uuid4().hex}"
+    storage.local.mkdir(parents=True, exist_ok=True)
+    marker = storage.local / f".ssl-tune-visible-{uuid.uuid4().hex}"
     marker.write_text("written by the ssl-tune driver to check that every node sees this directory\n")
     try:
         seen = [(n, exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False))
@@ -316,7 +316,7 @@ class _ProgressBoard:
         return self.posted[start:]
 
 
-def prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None, verbose: bool) -> tuple[str, int, Any]:
+def prepare_cluster(spec: SpecBase, storage: StoragePath, uri: str, address: str | None, verbose: bool) -> tuple[str, int, Any]:
     """Connect to Ray and, before any trial, check that the trials fit and can write where they must,
     and build the data cache on every node that will run them (`prepare_data`). Returns the address,
     how many trials fit at once, and the cache's `CacheInfo`."""
@@ -337,14 +337,14 @@ def prepare_cluster(spec: SpecBase, storage: str, uri: str, address: str | None,
     return ray_address, fits, data
 
 
-def check_object_storage(storage: str, nodes: list[dict[str, Any]], ray_address: str) -> None:
+def check_object_storage(storage: StoragePath, nodes: list[dict[str, Any]], ray_address: str) -> None:
     """A storage URI (s3://, gs://, ...) must take a write from the driver and be read back from every
     node, through pyarrow's file systems as Ray uses them; else `SpecError` naming what failed."""
     import uuid
 
     import pyarrow.fs
 
-    marker = f"{storage.rstrip('/')}/.ssl-tune-visible-{uuid.uuid4().hex}"
+    marker = str(storage / f".ssl-tune-visible-{uuid.uuid4().hex}")
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(marker)
         filesystem.create_dir(path.rpartition("/")[0], recursive=True)
@@ -420,7 +420,7 @@ def checkpoint_bytes(spec: SpecBase) -> int:
     return biggest
 
 
-def check_disk_space(spec: SpecBase, storage: str, concurrent: int) -> int:
+def check_disk_space(spec: SpecBase, storage: StoragePath, concurrent: int) -> int:
     """Before any trial: the storage path must hold the checkpoints of the trials that run at once
     (`checkpoint_bytes` x the checkpoints kept, plus the one being written, x `concurrent`), else
     SpecError naming the path, its free space and the estimate. Returns the estimate (bytes).
@@ -431,9 +431,9 @@ def check_disk_space(spec: SpecBase, storage: str, concurrent: int) -> int:
 
     each = checkpoint_bytes(spec)
     needed = each * (CHECKPOINTS_KEPT + 1) * concurrent
-    if "://" in storage:
+    if storage.local is None:
         return needed
-    existing = Path(storage)
+    existing = storage.local
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     free = shutil.disk_usage(existing).free

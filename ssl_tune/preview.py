@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ssl_tune.shell import ssl_tune_command
 from ssl_tune.spec import SpecBase, SpecError
+from ssl_tune.storage_path import StoragePath
 
 
 def _describe_range(r) -> str:
@@ -129,7 +130,7 @@ def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], 
     print(f"cluster: {where} ({len(nodes)} node(s): {offered}) fits {fits} trial(s) at once; {at_once} will run at once"
           + (" (search.max_concurrent)" if s.max_concurrent and s.max_concurrent < fits else ""))
     try:
-        needed = cluster.check_disk_space(spec, spec.storage_path, at_once)
+        needed = cluster.check_disk_space(spec, StoragePath.of(spec.storage_path), at_once)
     except SpecError as exc:
         raise SpecError(f"{spec_path}: {exc}") from None
     print(f"checkpoints: {cluster.checkpoint_bytes(spec) / 2**20:,.1f} MiB each, about {needed / 2**30:,.2f} GiB on "

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ssl_tune.spec import SpecError
+from ssl_tune.storage_path import StoragePath
 
 if TYPE_CHECKING:  # the CLI imports this module for `TrackingIncomplete` alone: no Ray for `--help`
     from ssl_tune.tracking import MlflowTrialLogger
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the CLI imports this module for `TrackingIncomplete` alone:
 class TrackingIncomplete(RuntimeError):
     """The search (or stage) ended, but MLflow could not be given all of it; Tune's files hold the rest."""
 
-    def __init__(self, uri: str, parent_run_id: str, storage: str, reason: str) -> None:
+    def __init__(self, uri: str, parent_run_id: str, storage: StoragePath, reason: str) -> None:
         super().__init__(f"MLflow at {uri} did not take the end of the search ({reason})")
         self.uri, self.parent_run_id, self.storage, self.reason = uri, parent_run_id, storage, reason
 
@@ -38,7 +38,7 @@ class TrackingIncomplete(RuntimeError):
 class StorageFull(RuntimeError):
     """The disk of the search's storage path filled during the search; Tune stopped it."""
 
-    def __init__(self, storage: str, parent_run_id: str, uri: str, detail: str = "") -> None:
+    def __init__(self, storage: StoragePath, parent_run_id: str, uri: str, detail: str = "") -> None:
         super().__init__(f"the disk of the storage path {storage} is full" + (f" ({detail})" if detail else ""))
         self.storage, self.parent_run_id, self.uri = storage, parent_run_id, uri
 
@@ -69,13 +69,13 @@ def check_owned(client, parent, results, action: str) -> None:
                              f"not of {_named(client, parent_id)}; a search restores and replays its own trials only")
 
 
-def check_state_owned(client, parent, experiment_dir: str) -> None:
+def check_state_owned(client, parent, experiment_dir: StoragePath) -> None:
     """`check_owned` over the trials of the Tune state saved at `experiment_dir`, read without starting Ray. Like
     `Tuner.restore`, this unpickles parts of that state: call it only on a directory the user vouched for."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     try:
-        results = ResultGrid(ExperimentAnalysis(experiment_dir))
+        results = ResultGrid(ExperimentAnalysis(str(experiment_dir)))
     except (ValueError, OSError):  # no trial state to read (`Tuner.restore` then starts the search's trials afresh)
         return
     check_owned(client, parent, results, "resume")
@@ -142,7 +142,8 @@ def replay(results, logger: MlflowTrialLogger, *, timeout: float | None = None) 
         if trial_id in runs and _settled(runs[trial_id], last_epoch):
             continue
         replayed += 1
-        error_file = Path(result.path) / "error.txt" if "://" not in result.path else None
+        trial_dir = StoragePath.of(result.path).local
+        error_file = trial_dir / "error.txt" if trial_dir else None
         trial = SimpleNamespace(trial_id=trial_id, config=result.config or lines[-1].get("config", {}),
                                 error_file=str(error_file) if error_file and error_file.is_file() else None,
                                 last_result=lines[-1])

@@ -16,18 +16,12 @@ from pathlib import Path
 from ssl_tune import tracking
 from ssl_tune.shell import ssl_tune_command
 from ssl_tune.spec import SpecBase, SpecError
+from ssl_tune.storage_path import StoragePath
 
 
-def storage_root_and_name(experiment_dir: str) -> tuple[str, str]:
-    """A Tune experiment directory (a path or a URI such as s3://bucket/runs/NAME) -> (storage path, NAME)."""
-    root, _, name = experiment_dir.rstrip("/").rpartition("/")
-    return root, name
-
-
-def driver_log(storage: str, folder: str) -> Path:
+def driver_log(storage: StoragePath, folder: str) -> Path:
     """Where Ray's own output goes while the search's driver runs: beside its folder (here, for object storage)."""
-    base = Path(storage) if "://" not in storage else Path("ssl_tune_runs")
-    return base / f"{folder}.log"
+    return (storage.local or Path("ssl_tune_runs")) / f"{folder}.log"
 
 
 def new_folder(run_name: str) -> str:
@@ -42,21 +36,22 @@ def print_namesakes(run_name: str, parent_id: str, namesakes: list, uri: str) ->
     print(f"note: {len(namesakes) + 1} searches are now named {run_name!r}; this one (run id {parent_id}) has its own "
           "Ray storage folder, and the commands printed for it name its run id", file=sys.__stdout__, flush=True)
     for run in (r for r in namesakes if r.info.status not in tracking.ENDED):
-        root = storage_root_and_name(run.data.tags.get(tracking.TAG_STORAGE, ""))[0]
+        tagged = run.data.tags.get(tracking.TAG_STORAGE, "")
+        root = StoragePath.of(tagged).parent if tagged else None
         running = " (if its driver is gone)" if run.info.status == "RUNNING" else ""
         print(f"  the unfinished search {run.info.run_id} ({run.info.status}) goes on{running} with:  "
               f"{resume_command(run.info.run_id, uri, root)}", file=sys.__stdout__, flush=True)
 
 
-def resume_command(parent_run_id: str, tracking_uri: str, storage: str) -> str:
+def resume_command(parent_run_id: str, tracking_uri: str, storage: StoragePath | str | None) -> str:
     """`ssl-tune resume` for a search, naming the tracking store and the storage path where they are not the defaults."""
     uri = [] if tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", tracking_uri]
-    default_storage = str(Path(SpecBase.model_fields["storage_path"].default).resolve())
-    storage_arg = [] if storage in ("", default_storage) else ["--storage-path", storage]
+    default_storage = StoragePath.of(SpecBase.model_fields["storage_path"].default)
+    storage_arg = [] if not storage or StoragePath.of(storage) == default_storage else ["--storage-path", str(storage)]
     return ssl_tune_command("resume", parent_run_id, *uri, *storage_arg)
 
 
-def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) -> str:
+def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) -> StoragePath:
     """The Tune experiment directory a search's parent run names, if the user vouches for it.
 
     Resuming unpickles `tuner.pkl` from that directory, and anyone who can write tags on a shared
@@ -66,13 +61,10 @@ def trusted_experiment_dir(tagged: str, storage_path: str | None, run_ref: str) 
     root = storage_path or SpecBase.model_fields["storage_path"].default
     given = "--storage-path " + root if storage_path else f"the default storage path ./{root}"
 
-    def normal(path: str) -> str:
-        return path.rstrip("/") if "://" in path else str(Path(path).resolve())
-
-    parent = storage_root_and_name(tagged)[0] if tagged else ""
-    if not tagged or normal(parent) != normal(root):
+    parent = StoragePath.of(tagged).parent if tagged else None
+    if parent is None or parent != StoragePath.of(root):
         raise SpecError(
             f"resume: the search's MLflow run names its Tune state at {tagged or '(nothing)'}, which is not in {given}; "
             "resuming unpickles that state (tuner.pkl), so ssl-tune reads it only from a storage path you name. If you "
-            f"trust that directory: {ssl_tune_command('resume', run_ref, '--storage-path', parent or 'DIR')}")
-    return normal(tagged)
+            f"trust that directory: {ssl_tune_command('resume', run_ref, '--storage-path', str(parent or 'DIR'))}")
+    return StoragePath.of(tagged)

@@ -27,6 +27,7 @@ from ssl_tune.confirmation import confirmation_configs
 from ssl_tune.space import CONFIRMATION_KEY, SEARCH_RUN_KEY, field_values
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.stopping import StopSignals, StopWhenStorageFull, space_reserve, storage_full
+from ssl_tune.storage_path import StoragePath
 from ssl_tune.trial import FAILURE_KEY, checkpoint_config, run_trial
 from trainers import spec_model
 from trainers.loop import check_backbone
@@ -92,7 +93,7 @@ class _Stage:
     experiment_id: str
     experiment_name: str
     uri: str
-    storage: str
+    storage: StoragePath
     folder: str  # the search's own folder under `storage` (`search_folder`); its confirmation's is FOLDER-confirm
     verbose: bool
     max_concurrent: int
@@ -104,7 +105,7 @@ class _Stage:
 
     def outcome(self, rows: list[dict[str, Any]], best_run_id: str | None, **more: Any) -> SearchOutcome:
         return SearchOutcome(self.experiment_name, self.parent_id, self.uri, self.spec.search.metric,
-                             self.spec.search.mode, rows, best_run_id, storage=self.storage, **more)
+                             self.spec.search.mode, rows, best_run_id, storage=str(self.storage), **more)
 
     def tuner(self, name: str, tune_config, console, param_space: dict[str, Any] | None = None):
         """The Tuner of one stage (`name`: its directory under the storage path); `console` is the compact
@@ -117,7 +118,7 @@ class _Stage:
             tune_config=tune_config,
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=self.storage,
+                storage_path=str(self.storage),
                 callbacks=[self.trial_logger(), StopWhenStorageFull()] + ([] if self.verbose else [console]),
                 checkpoint_config=checkpoint_config(train=False),
                 # A trial whose worker died restarts from its latest checkpoint, in the same MLflow run.
@@ -140,13 +141,13 @@ def run_search(spec: SpecBase, *, spec_source: str, name: str | None = None, add
     uri = tracking.resolve_uri(tracking_uri or spec.mlflow.tracking_uri)
     tracking.check_reachable(uri)
     tracking.bound_http_retries()
-    storage = str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path
+    storage = StoragePath.of(spec.storage_path)
     folder = search_folder.new_folder(run_name)
     with _console(search_folder.driver_log(storage, folder), verbose):
         return _start_search(spec, spec_source, run_name, folder, uri, storage, address, verbose)
 
 
-def _start_search(spec: SpecBase, spec_source: str, run_name: str, folder: str, uri: str, storage: str,
+def _start_search(spec: SpecBase, spec_source: str, run_name: str, folder: str, uri: str, storage: StoragePath,
                   address: str | None, verbose: bool) -> SearchOutcome:
     from ray import tune
 
@@ -165,7 +166,7 @@ def _start_search(spec: SpecBase, spec_source: str, run_name: str, folder: str, 
     experiment = tracking.experiment_id(client, experiment_name)
     namesakes = tracking.searches_named(client, run_name)
     parent_id = tracking.open_search_run(client, experiment, run_name, spec, spec_source=spec_source,
-                                         ray_address=ray_address, experiment_dir=f"{storage.rstrip('/')}/{folder}",
+                                         ray_address=ray_address, experiment_dir=str(storage / folder),
                                          max_concurrent=max_concurrent, data=data)
     if namesakes:
         search_folder.print_namesakes(run_name, parent_id, namesakes, uri)
@@ -205,8 +206,8 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     tagged = parent.data.tags.get(tracking.TAG_STORAGE, "")
     storage = search_folder.trusted_experiment_dir(tagged, storage_path, experiment_or_run)
     confirming = parent.data.tags.get(tracking.TAG_STAGE) == tracking.KIND_CONFIRMATION
-    if not tune.Tuner.can_restore(storage):
-        raise SpecError(f"resume: no Tune experiment state at {storage!r} for search {parent.info.run_name!r}; "
+    if not tune.Tuner.can_restore(str(storage)):
+        raise SpecError(f"resume: no Tune experiment state at {str(storage)!r} for search {parent.info.run_name!r}; "
                         "it was removed, or the search stopped before its first trial started")
     replay.check_state_owned(client, parent, storage)  # before Ray starts: a folder two searches shared is refused
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,14 +215,14 @@ def resume_search(experiment_or_run: str, *, tracking_uri: str | None = None, ad
     search_spec = spec_model().model_validate(yaml.safe_load(spec_text))
     # The confirmation stage's trials train the spec with `search.confirm.overrides` (`_confirmation_stage`).
     spec = search_spec.confirmation_spec() if confirming else search_spec
-    root, name = search_folder.storage_root_and_name(storage)
+    root, name = storage.parent, storage.name
     with _console(search_folder.driver_log(root, name), verbose):
         _, fits, data = cluster.prepare_cluster(spec, root, uri, address, verbose)
         max_concurrent = min(spec.search.max_concurrent or fits, spec.search.num_samples)
         cluster.check_disk_space(spec, root, max_concurrent)
         tracking.reopen_search_run(client, parent)
         # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
-        tuner = tune.Tuner.restore(storage, trainable=_trainable(spec, data, uri, parent_id), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(storage), trainable=_trainable(spec, data, uri, parent_id), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         stage = _Stage(spec=spec, data=data, client=client, parent_id=parent_id,
                        experiment_id=parent.info.experiment_id,
@@ -318,7 +319,7 @@ def _confirm(configs: list[dict[str, Any]], stage: _Stage) -> SearchOutcome:
     print(f"\nconfirmation: the {confirm.top_k} best configuration(s){' and the default' if confirm.default else ''} "
           f"re-trained on {confirm.seeds} fresh seeds ({len(configs)} trials of {spec.training.epochs} epochs{at})",
           file=sys.__stdout__, flush=True)
-    stage.client.set_tag(stage.parent_id, tracking.TAG_STORAGE, f"{stage.storage.rstrip('/')}/{name}")
+    stage.client.set_tag(stage.parent_id, tracking.TAG_STORAGE, str(stage.storage / name))
     stage.client.set_tag(stage.parent_id, tracking.TAG_CONFIRMATION_TRIALS, str(len(configs)))
     tuner = stage.tuner(
         name,

@@ -12,6 +12,7 @@ import yaml
 
 from ssl_tune import checkpoints, tracking
 from ssl_tune.checkpoints import CHECKPOINT_FILE, RECORD_FILE, CheckpointError
+from ssl_tune.storage_path import StoragePath
 from ssl_tune.trial import CHECKPOINTS_KEPT, DAMAGED_CHECKPOINT_KEY, RayReporter, restore
 from tests.conftest import (epoch_steps, image_folder, output, run_cli, runs_of, search_spec, slow_search_spec, small_disk,
                             start_cli, wait_for)
@@ -199,14 +200,14 @@ def test_an_image_cache_that_does_not_fit_its_disk_is_refused_before_decoding(tm
 
 def test_the_space_reserve_holds_room_on_a_local_storage_path_until_released(tmp_path, capsys):
     reserve = checkpoints.SpaceReserve()
-    with reserve.held(str(tmp_path / "storage"), 4096):
+    with reserve.held(StoragePath.of(tmp_path / "storage"), 4096):
         (path,) = (tmp_path / "storage").glob(f"{reserve.NAME}*")
         assert path.stat().st_size == 4096
         reserve.release()  # what a trial that met the full disk does
         assert not path.exists()
-    with reserve.held("s3://bucket/searches", 4096):
+    with reserve.held(StoragePath.of("s3://bucket/searches"), 4096):
         assert reserve.path is None  # object storage writes whole objects
     with small_disk(tmp_path / "disk", 1) as disk:
-        with reserve.held(str(disk), 2 << 20):
+        with reserve.held(StoragePath.of(disk), 2 << 20):
             assert reserve.path is None and not list(disk.glob(f"{reserve.NAME}*"))
     assert "no room for 2.0 MiB kept free for Tune's state" in capsys.readouterr().err

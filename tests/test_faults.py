@@ -19,6 +19,7 @@ from ssl_tune import tracking
 from ssl_tune.cluster import check_cluster_paths, check_resources
 from ssl_tune.spec import SpecError
 from ssl_tune.specfile import spec_from_dict
+from ssl_tune.storage_path import StoragePath
 from ssl_tune.trial import RESTORED_FROM_KEY, RESTORED_HISTORY_KEY
 from tests.conftest import (FAULT_SUBSET, FakeTrial, epoch_steps, output, printed_command, ray_started, run_cli,
                             runs_of, search_spec, slow_search_spec, start_cli, tiny_spec_dict, wait_for)
@@ -57,8 +58,8 @@ def test_each_worker_must_fit_on_one_node():
 
 def test_a_file_tracking_store_is_refused_behind_a_ray_client(tmp_path):
     with pytest.raises(SpecError, match=r"mlflow.tracking_uri: sqlite:///x.db is a file on this machine.*ray://head:10001"):
-        check_cluster_paths(str(tmp_path), "sqlite:///x.db", "ray://head:10001", nodes(2))
-    check_cluster_paths(str(tmp_path), "http://mlflow:5000", "local", nodes(2))  # one local machine: fine
+        check_cluster_paths(StoragePath.of(tmp_path), "sqlite:///x.db", "ray://head:10001", nodes(2))
+    check_cluster_paths(StoragePath.of(tmp_path), "http://mlflow:5000", "local", nodes(2))  # one local machine: fine
 
 
 # --- a worker dies -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Layers, bottom up: the schema, data, models and evaluation; the methods and the 
 figures; the search; the command line."""
 
 import ast
+import re
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -108,3 +109,10 @@ def test_modules_stay_small_enough_to_own():
              if name.startswith("ssl_tune")}
     assert {name: n for name, n in sizes.items() if n > 450} == {}
     assert sizes["ssl_tune.tuning"] <= 400
+
+
+def test_whether_a_path_is_a_uri_is_decided_in_one_place():
+    """`ssl_tune.storage_path` alone tells an object-store URI from a local path (`StoragePath`, `is_uri`)."""
+    asked = {name for name, path in module_files().items()
+             if name != "ssl_tune.storage_path" and re.search(r"""["']://["']\s+(not\s+)?in\b""", path.read_text())}
+    assert asked == set()

@@ -17,6 +17,7 @@ from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
 from ssl_tune.specfile import spec_from_dict
 from ssl_tune.search_folder import trusted_experiment_dir
+from ssl_tune.storage_path import StoragePath
 from tests.conftest import image_folder, ray_started, run_cli, search_spec, tiny_spec_dict
 
 
@@ -143,9 +144,10 @@ def test_resume_refuses_tune_state_outside_the_storage_path_the_user_named(tmp_p
 
 def test_trusted_experiment_dir_takes_only_directories_in_the_named_storage_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert trusted_experiment_dir(str(tmp_path / "ssl_tune_runs" / "s1"), None, "s1") == str(tmp_path / "ssl_tune_runs" / "s1")
-    assert trusted_experiment_dir("/shared/runs/s1", "/shared/runs/", "s1") == "/shared/runs/s1"
-    assert trusted_experiment_dir("s3://bucket/runs/s1", "s3://bucket/runs", "s1") == "s3://bucket/runs/s1"
+    inside = str(tmp_path / "ssl_tune_runs" / "s1")
+    assert str(trusted_experiment_dir(inside, None, "s1")) == inside
+    assert str(trusted_experiment_dir("/shared/runs/s1", "/shared/runs/", "s1")) == "/shared/runs/s1"
+    assert str(trusted_experiment_dir("s3://bucket/runs/s1/", "s3://bucket/runs", "s1")) == "s3://bucket/runs/s1"
     for tagged, root in [("/shared/runs/s1", None), ("/shared/runs/../etc/s1", "/shared/runs"),
                          ("s3://other/runs/s1", "s3://bucket/runs"), ("", None), (str(tmp_path / "ssl_tune_runs"), None)]:
         with pytest.raises(Exception, match="resume: the search's MLflow run names its Tune state"):
@@ -179,3 +181,16 @@ def test_searches_are_found_by_name_and_ambiguous_names_list_the_candidates(tmp_
     assert find(client, "isd", unfinished=True).info.run_id in twins  # its only unfinished search
     with pytest.raises(LookupError, match="no MLflow experiment, search name or run id 'nope'"):
         find(client, "nope")
+
+
+def test_a_storage_path_is_an_absolute_directory_or_a_uri():
+    local = StoragePath.of("runs")
+    assert local.local == Path.cwd() / "runs" and not local.in_object_store and local.scheme == ""
+    assert StoragePath.of(local) is local and local == StoragePath.of(Path.cwd() / "runs" / ".." / "runs")
+    remote = StoragePath.of("s3://bucket/runs/")
+    assert str(remote) == "s3://bucket/runs" and remote.local is None and remote.scheme == "s3"
+    assert str(remote / "s1") == "s3://bucket/runs/s1" and (remote / "s1").parent == remote and (remote / "s1").name == "s1"
+    # Ray names a checkpoint in a bucket by its path inside it: the scheme comes back; anything else stays as it is.
+    assert remote.with_scheme("bucket/runs/s1/trial/checkpoint_000001") == "s3://bucket/runs/s1/trial/checkpoint_000001"
+    assert remote.with_scheme("/tmp/ray/staging/checkpoint_000001") == "/tmp/ray/staging/checkpoint_000001"
+    assert remote.with_scheme("gs://other/c") == "gs://other/c" and local.with_scheme("runs/c") == "runs/c"

@@ -11,6 +11,7 @@ from ssl_tune import figures
 from ssl_tune.evaluation import EVALUATION_FILE, load_arrays
 from ssl_tune.space import counts, param_value, study_from_trials
 from ssl_tune.spec import SpecBase
+from ssl_tune.storage_path import StoragePath
 from ssl_tune.tracking.lookup import child_runs
 from ssl_tune.tracking.store import log_metrics
 from ssl_tune.tracking.tags import TAG_CHECKPOINT, TAG_CHECKPOINT_ARTIFACT
@@ -20,8 +21,9 @@ from ssl_tune.tracking.tags import TAG_CHECKPOINT, TAG_CHECKPOINT_ARTIFACT
 def checkpoint_on_disk(path: str):
     """A checkpoint directory as a local path: itself, or for a URI (s3://, gs://, ...) a temporary
     copy made with pyarrow's file systems (which Ray's storage uses); None if it does not exist."""
-    if "://" not in path:
-        yield Path(path) if Path(path).is_dir() else None
+    local = StoragePath.of(path).local
+    if local is not None:
+        yield local if local.is_dir() else None
         return
     import tempfile
 

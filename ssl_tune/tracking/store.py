@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_tune.spec import SpecError
+from ssl_tune.storage_path import is_uri
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -52,7 +53,7 @@ def existing_store_client(uri: str):
     report "no experiment"; this raises LookupError naming the store instead."""
     if uri.startswith("sqlite:///"):
         local = uri.removeprefix("sqlite:///")
-    elif uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
+    elif uri.startswith("file:") or (not is_uri(uri) and not uri.startswith("databricks")):
         local = uri.removeprefix("file://").removeprefix("file:")  # a local directory store
     else:
         local = None  # a server (http, databricks, ...): it answers for itself

@@ -15,6 +15,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from ssl_tune.space import CONFIRMATION_KEY, field_values, origin, resolve_trial
 from ssl_tune.spec import SpecBase
+from ssl_tune.storage_path import StoragePath
 from ssl_tune.tracking.artifacts import checkpoint_on_disk, log_search_figures, log_trial_figures
 from ssl_tune.tracking.store import client_for, log_metrics, log_params
 from ssl_tune.tracking.tags import (KIND_CONFIRMATION, KIND_TRIAL, TAG_CHECKPOINT, TAG_CHECKPOINT_ARTIFACT,
@@ -202,9 +203,7 @@ class MlflowTrialLogger(Callback):
     def _with_scheme(self, path: str | None) -> str | None:
         """Ray names a checkpoint on object storage by its path inside the bucket; give it back its
         scheme (s3://, gs://) so the tag is a URI that export can open."""
-        scheme, sep, _ = self.spec.storage_path.partition("://")
-        # (Ray Train's results name a local staging copy on the driver: an absolute path, left as it is.)
-        return f"{scheme}://{path}" if path and sep and "://" not in path and not path.startswith("/") else path
+        return StoragePath.of(self.spec.storage_path).with_scheme(path) if path else path
 
     def _checkpoint(self, trial_id: str, path: str, value: float | None, epoch: int) -> None:
         """Tag the checkpoint of each evaluated epoch: the last one is the trial's objective's."""
