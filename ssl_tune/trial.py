@@ -24,14 +24,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ssl_tune.checkpoints import CheckpointError, write_error
 from ssl_tune.space import resolve_trial
 from ssl_tune.spec import SpecBase
 from ssl_tune.trial_record import TrialRecorder, reachable_here
 from trainers import spec_model
-from trainers.loop import Reporter
+from trainers.loop import DeviceOutOfMemory, Reporter
+
+E = TypeVar("E", bound=BaseException)
 
 # A result key (not a metric) that ends a trial as FAILED with its reason, without an exception:
 # divergence and bad data are deterministic, so restarting the trial (`search.max_failures`) would
@@ -182,7 +184,7 @@ def _train(spec: SpecBase, config: dict[str, Any], api, device, checkpoint, repo
     from ssl_tune import distributed
     from ssl_tune.data.cache import open_dataset
     from ssl_tune.data.datasets import DataError
-    from trainers.loop import DeviceOutOfMemory, Trainer
+    from trainers.loop import Trainer
 
     def fail(epoch: int, reason: str) -> None:
         # Deterministic failures end the trial without an exception, so Tune does not retry them. A NaN
@@ -303,13 +305,24 @@ def run_trial(config: dict[str, Any], base_spec: dict[str, Any], data_fingerprin
     try:
         _fit_train_run(spec, payload, name, run_dir, context.get_storage())
     except Exception as exc:
-        reason = re.search(r"out of device memory during [^\n]*", str(exc))
-        if reason is None:
+        out_of_memory = rank_failure(exc, DeviceOutOfMemory)
+        if out_of_memory is None:
             raise  # Tune restarts the trial (search.max_failures)
         # A worker ran out of device memory: deterministic, so the trial ends failed instead of restarting.
-        ray.tune.report({spec.search.metric: math.nan, FAILURE_KEY: reason.group(0)[:2000]})
+        ray.tune.report({spec.search.metric: math.nan, FAILURE_KEY: str(out_of_memory)[:2000]})
     finally:
         remove_leftover_placement_groups(run_dir)
+
+
+def rank_failure(exc: BaseException, kind: type[E]) -> E | None:
+    """The first rank's exception of type `kind` in a failed Ray Train run (`WorkerGroupError.worker_failures`:
+    each rank's exception travels back with it), or None: recognised by its type, not by its message."""
+    for failure in getattr(exc, "worker_failures", {}).values():
+        # Ray Train wraps a rank's exception with its traceback's text (UserExceptionWithTraceback) and keeps it.
+        cause = getattr(failure, "_base_exc", failure)
+        if isinstance(cause, kind):
+            return cause
+    return None
 
 
 def _fit_train_run(spec: SpecBase, payload: dict[str, Any], name: str, run_dir: Path, storage) -> None:

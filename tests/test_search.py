@@ -337,6 +337,26 @@ def test_trial_out_of_device_memory_fails_once_naming_the_stage_without_restarts
     assert advice in child.data.tags[tracking.TAG_ERROR]
 
 
+def test_a_ranks_out_of_memory_is_recognised_by_its_type_in_ray_trains_error():
+    """What `TorchTrainer.fit` raises when a rank fails: Ray Train's own error, each rank's exception wrapped
+    with its traceback. A message that merely mentions memory is not taken for it."""
+    import pickle
+
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from ssl_tune.trial import rank_failure
+    from trainers.loop import DeviceOutOfMemory
+
+    oom = DeviceOutOfMemory("out of device memory during the training step on cuda:0 (...): lower training.batch_size")
+    error = WorkerGroupError("training failed", {0: UserExceptionWithTraceback(ValueError("rank 0"), "tb0"),
+                                                 1: UserExceptionWithTraceback(oom, "tb1")})
+    found = rank_failure(pickle.loads(pickle.dumps(error)), DeviceOutOfMemory)  # it crossed from the workers
+    assert isinstance(found, DeviceOutOfMemory) and str(found) == str(oom)
+    quoted = WorkerGroupError(f"training failed: {oom}", {0: UserExceptionWithTraceback(RuntimeError(str(oom)), "tb")})
+    assert rank_failure(quoted, DeviceOutOfMemory) is None and rank_failure(ValueError(str(oom)), DeviceOutOfMemory) is None
+
+
 def test_batch_larger_than_the_data_is_exit_2_before_any_trial(tmp_path, cli_here):
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[])
     raw["training"]["batch_size"] = 20000  # more than the bundled data
