@@ -62,6 +62,30 @@ def test_a_file_tracking_store_is_refused_behind_a_ray_client(tmp_path):
     check_cluster_paths(StoragePath.of(tmp_path), "http://mlflow:5000", "local", nodes(2))  # one local machine: fine
 
 
+def _open_store_at_the_barrier(uri: str, barrier) -> None:
+    barrier.wait()
+    tracking.client_for(uri).search_experiments(max_results=1)
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_get_one_whole_store(tmp_path):
+    """MLflow builds a new sqlite store's tables in place: a second process opening it meanwhile (a test polling a
+    search that is starting, `ssl-tune results` beside `ssl-tune run`) built them again and one failed with "table
+    ... already exists". Two processes, released at once, both open a store that does not exist yet."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    context = multiprocessing.get_context("fork")  # mlflow already imported: both start within milliseconds
+    barrier = context.Barrier(2)
+    procs = [context.Process(target=_open_store_at_the_barrier, args=(uri, barrier)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert [e.name for e in tracking.client_for(uri).search_experiments()] == ["Default"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no scratch store left behind
+
+
 # --- a worker dies -----------------------------------------------------------------------------
 
 

@@ -27,7 +27,31 @@ def client_for(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if not path.exists() and path.parent.is_dir():
+            _create_sqlite_store(path, MlflowClient)
     return MlflowClient(tracking_uri=uri)
+
+
+def _create_sqlite_store(path: Path, client_class) -> None:
+    """Create a missing sqlite store whole. MLflow builds its tables in place over a second or two, and a second
+    process opening the file meanwhile (a search starting beside `ssl-tune results`, a test's poll, two searches in
+    one directory) builds them again: one of the two fails with "table ... already exists". The tables are built in
+    a private file and hard-linked into place, so an opener finds no store or a complete one."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.creating")
+    scratch_uri = f"sqlite:///{scratch}"
+    try:
+        client_class(tracking_uri=scratch_uri).search_experiments(max_results=1)  # tables and the Default experiment
+        engine = SqlAlchemyStore._engine_map.pop(scratch_uri, None)  # MLflow caches one engine per URI
+        if engine is not None:
+            engine.dispose()
+        with contextlib.suppress(FileExistsError):  # another process's store got there first: it stays
+            os.link(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
