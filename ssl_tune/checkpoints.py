@@ -166,38 +166,43 @@ class SpaceReserve:
     """Room held on the storage path's disk for Tune's own state. Tune rewrites its experiment state in place
     every few seconds; on a disk that fills between two rewrites, the newer and larger state is cut short at
     the old one's size, and a resume would not know the trials it lists. The reserve, a file of zeros, is
-    deleted the moment a trial meets the full disk (`search.StopWhenStorageFull`), so that Tune's last save,
+    deleted the moment a trial meets the full disk (`stopping.StopWhenStorageFull`), so that Tune's last save,
     as the search stops, has room. Object storage (s3://, gs://) writes whole objects and holds none."""
 
     NAME = ".ssl-tune-reserve"  # then the driver's pid: searches that share a storage path hold one each
-
-    def __init__(self) -> None:
-        self.path: Path | None = None
 
     @staticmethod
     def size(num_samples: int) -> int:
         """1 MiB plus 64 KiB a trial: the experiment state takes about 25 KB a trial, and the searcher's a few."""
         return (1 << 20) + (64 << 10) * num_samples
 
+    @staticmethod
+    def path(storage: StoragePath) -> Path | None:
+        """This driver's reserve on a local storage path (as `storage_checks.check_disk_space` measures it)."""
+        return storage.local / f"{SpaceReserve.NAME}-{os.getpid()}" if storage.local is not None else None
+
+    @staticmethod
     @contextlib.contextmanager
-    def held(self, storage: StoragePath, nbytes: int) -> Iterator[None]:
-        if storage.local is not None:  # a local path, as `cluster.check_disk_space` measures it
-            path = storage.local / f"{self.NAME}-{os.getpid()}"
+    def held(storage: StoragePath, nbytes: int) -> Iterator[Path | None]:
+        """The reserve while the block runs; yields its path (None: object storage, or no room for it)."""
+        path = SpaceReserve.path(storage)
+        if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as f:
                     f.write(b"\0" * nbytes)
-                self.path = path
             except OSError as exc:  # the preflight's estimate for the checkpoints still held
                 path.unlink(missing_ok=True)
                 print(f"warning: no room for {nbytes / 2**20:.1f} MiB kept free for Tune's state at {path.parent} ({exc});"
                       " if that disk fills, a resume may not know the trials of the last seconds", file=sys.stderr, flush=True)
+                path = None
         try:
-            yield
+            yield path
         finally:
-            self.release()
+            SpaceReserve.release(storage)
 
-    def release(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            self.path = None
+    @staticmethod
+    def release(storage: StoragePath) -> None:
+        path = SpaceReserve.path(storage)
+        if path is not None:
+            path.unlink(missing_ok=True)

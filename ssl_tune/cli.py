@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ssl_tune import __version__
+from ssl_tune import __version__, process_env
 from ssl_tune.shell import ssl_tune_command
 
 # Exit statuses (README, "Exit status"): 0 a search that completed with at least one trial through;
@@ -271,12 +271,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # MLflow 3's job runner (a consumer process per job queue, for GenAI jobs ssl-tune never submits) would start
-    # 8 more Python processes beside the UI's one.
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    process_env.set_defaults(process_env.UI_DEFAULTS)
     # MLflow's server imports a module Starlette deprecated: a warning per worker, not the user's to act on.
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), UI_QUIET_WARNING]))
+    process_env.append_warning_filter(UI_QUIET_WARNING)
     # One worker: a UI for one person starts faster and holds one process's memory, not four.
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
                       "--workers", "1"])

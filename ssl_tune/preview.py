@@ -69,7 +69,7 @@ def _setting(spec: SpecBase) -> str:
 def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], address: str | None) -> None:
     """Print what `ssl-tune run` would do with `spec`: ranges, trials, expected epochs, backbone, resources, fit,
     disk, tracking. Raises SpecError (exit 2) for a spec `run` would refuse."""
-    from ssl_tune import budget, cluster, tracking
+    from ssl_tune import budget, cluster, storage_checks, tracking
     from ssl_tune.algorithms import startup_trials
     from ssl_tune.space import direction
     t, s, r = spec.training, spec.search, spec.resources
@@ -126,14 +126,14 @@ def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], 
         fits = cluster.check_resources(spec, nodes)
     except SpecError as exc:
         raise SpecError(f"{spec_path}: does not fit on {where} ({offered}): {exc}") from None
-    at_once = min(s.max_concurrent or fits, s.num_samples)
+    at_once = cluster.trials_at_once(spec, fits)
     print(f"cluster: {where} ({len(nodes)} node(s): {offered}) fits {fits} trial(s) at once; {at_once} will run at once"
           + (" (search.max_concurrent)" if s.max_concurrent and s.max_concurrent < fits else ""))
     try:
-        needed = cluster.check_disk_space(spec, StoragePath.of(spec.storage_path), at_once)
+        needed = storage_checks.check_disk_space(spec, StoragePath.of(spec.storage_path), at_once)
     except SpecError as exc:
         raise SpecError(f"{spec_path}: {exc}") from None
-    print(f"checkpoints: {cluster.checkpoint_bytes(spec) / 2**20:,.1f} MiB each, about {needed / 2**30:,.2f} GiB on "
+    print(f"checkpoints: {storage_checks.checkpoint_bytes(spec) / 2**20:,.1f} MiB each, about {needed / 2**30:,.2f} GiB on "
           f"{spec.storage_path} while {at_once} trial(s) run")
     uri = tracking.resolve_uri(spec.mlflow.tracking_uri)
     print(f"tracking: {uri}, experiment {spec.mlflow.experiment_name or spec.name!r}; Ray storage: {spec.storage_path}")

@@ -9,26 +9,40 @@ import sys
 
 from ray.tune import Callback
 
-from ssl_tune import checkpoints
+from ssl_tune.checkpoints import SpaceReserve
+from ssl_tune.storage_path import StoragePath
 from ssl_tune.trial import STORAGE_FULL_KEY
 
 
 class StopWhenStorageFull(Callback):
     """A trial that cannot write its checkpoint to a full disk (`STORAGE_FULL_KEY`) stops the whole search
     the way Ctrl-C does (Tune's SIGUSR1): every trial would meet the same disk, and stopped trials stay
-    unfinished, so `ssl-tune resume` goes on once there is room. Trials failed for it would not."""
+    unfinished, so `ssl-tune resume` goes on once there is room. Trials failed for it would not. The driver
+    reads which trial met it from the results (`storage_full_message`); this callback, which Tune pickles with
+    the Tuner and a resume unpickles, holds only the storage path whose reserve it releases."""
+
+    def __init__(self, storage: StoragePath) -> None:
+        self.storage = storage
+        self.stopping = False
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        self.stopping = False  # (a resumed search's copy was pickled before or after a stop)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         import signal
 
-        if result.get(STORAGE_FULL_KEY) and not storage_full:
-            storage_full.append(str(result[STORAGE_FULL_KEY]))
-            space_reserve.release()  # room for Tune's last save of its state, as it stops
+        if result.get(STORAGE_FULL_KEY) and not self.stopping:
+            self.stopping = True
+            SpaceReserve.release(self.storage)  # room for Tune's last save of its state, as it stops
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-storage_full: list[str] = []  # what the first trial that met a full disk said, in this process
-space_reserve = checkpoints.SpaceReserve()  # held on the storage path's disk while a stage runs
+def storage_full_message(results, since: float) -> str | None:
+    """What the first trial that met a full disk since `since` (a time.time()) said, from a stage's results;
+    an earlier report (a search stopped for it, then resumed) is past."""
+    said = [(r.metrics["timestamp"], str(r.metrics[STORAGE_FULL_KEY])) for r in results
+            if r.metrics and r.metrics.get(STORAGE_FULL_KEY) and r.metrics.get("timestamp", 0) >= int(since)]
+    return min(said)[1] if said else None
 
 
 class StopSignals:
@@ -61,9 +75,7 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        # Tune then leaves SIGINT to us and listens for SIGUSR1 only (ray.tune.tune._setup_signal_catching).
-        saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        # Tune leaves SIGINT to this handler and listens for SIGUSR1 (`process_env.SEARCH_SETTINGS`).
         previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         previous_usr1 = signal.getsignal(signal.SIGUSR1)
         try:
@@ -72,7 +84,3 @@ class StopSignals:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             signal.signal(signal.SIGUSR1, previous_usr1)
-            if saved_env is None:
-                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-            else:
-                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env

@@ -26,6 +26,8 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get(
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SSL_TUNE = str(Path(sys.executable).parent / "ssl-tune")
+# Methods for the tests, found as a researcher's own are (`$SSL_TUNE_METHOD_PATH`): twist_oom.py
+TEST_METHODS = os.path.join(ROOT, "tests", "methods")
 
 
 @pytest.fixture
@@ -165,7 +167,7 @@ def cli_here(tmp_path, monkeypatch, capsys):
     stdout, stderr). For the checks that need no process boundary (a refusal before Ray starts, results, list,
     export); what the command sets in the environment (MLflow's HTTP retry bounds) is undone after the test."""
     from ssl_tune.cli import main
-    from ssl_tune.tracking.store import HTTP_RETRY_DEFAULTS
+    from ssl_tune.process_env import HTTP_RETRY_DEFAULTS
 
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # as `cli_env` gives a subprocess
         monkeypatch.setenv(key, "")  # (recorded: the test's end restores it, whatever the command set)

@@ -166,7 +166,7 @@ def test_a_storage_path_too_small_for_the_checkpoints_is_refused_before_any_tria
     """ResNet-50 checkpoints (about 190 MiB each, 3 per running trial) against a 64 MB disk: exit 2 naming the
     path, its free space and the estimate; `validate` shows the estimate when it fits."""
     from ssl_tune.cli import main
-    from ssl_tune.cluster import checkpoint_bytes
+    from ssl_tune.storage_checks import checkpoint_bytes
     from ssl_tune.specfile import load_spec
 
     raw = search_spec()
@@ -199,15 +199,15 @@ def test_an_image_cache_that_does_not_fit_its_disk_is_refused_before_decoding(tm
 
 
 def test_the_space_reserve_holds_room_on_a_local_storage_path_until_released(tmp_path, capsys):
-    reserve = checkpoints.SpaceReserve()
-    with reserve.held(StoragePath.of(tmp_path / "storage"), 4096):
-        (path,) = (tmp_path / "storage").glob(f"{reserve.NAME}*")
+    reserve, storage = checkpoints.SpaceReserve, StoragePath.of(tmp_path / "storage")
+    with reserve.held(storage, 4096) as path:
+        assert list((tmp_path / "storage").glob(f"{reserve.NAME}*")) == [path]
         assert path.stat().st_size == 4096
-        reserve.release()  # what a trial that met the full disk does
+        reserve.release(storage)  # what a trial that met the full disk has the driver do
         assert not path.exists()
-    with reserve.held(StoragePath.of("s3://bucket/searches"), 4096):
-        assert reserve.path is None  # object storage writes whole objects
+    with reserve.held(StoragePath.of("s3://bucket/searches"), 4096) as path:
+        assert path is None  # object storage writes whole objects
     with small_disk(tmp_path / "disk", 1) as disk:
-        with reserve.held(StoragePath.of(disk), 2 << 20):
-            assert reserve.path is None and not list(disk.glob(f"{reserve.NAME}*"))
+        with reserve.held(StoragePath.of(disk), 2 << 20) as path:
+            assert path is None and not list(disk.glob(f"{reserve.NAME}*"))
     assert "no room for 2.0 MiB kept free for Tune's state" in capsys.readouterr().err

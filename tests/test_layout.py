@@ -116,3 +116,54 @@ def test_whether_a_path_is_a_uri_is_decided_in_one_place():
     asked = {name for name, path in module_files().items()
              if name != "ssl_tune.storage_path" and re.search(r"""["']://["']\s+(not\s+)?in\b""", path.read_text())}
     assert asked == set()
+
+
+ENVIRONMENT_WRITE = re.compile(r"os\.environ(\[[^\]]+\]\s*=[^=]|\.(setdefault|update|pop|popitem|clear)\()"
+                               r"|os\.putenv|del os\.environ")
+
+
+def test_the_environment_is_written_in_one_place():
+    """`ssl_tune.process_env` alone sets this process's environment (at start-up: a command's, a search's, a
+    trial's); the rest read it."""
+    writers = {name for name, path in module_files().items()
+               if name != "ssl_tune.process_env" and ENVIRONMENT_WRITE.search(path.read_text())}
+    assert writers == set()
+    assert ENVIRONMENT_WRITE.search('os.environ["A"] = "1"') and ENVIRONMENT_WRITE.search("os.environ.pop('A', None)")
+    assert not ENVIRONMENT_WRITE.search('os.environ["A"] == "1" or os.environ.get("A")')
+
+
+def calls_between_functions(tree: ast.Module) -> dict[str, set[str]]:
+    """Which of a module's functions (methods included) each calls by name, itself included."""
+    functions = {node.name: node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return {name: {call.func.id if isinstance(call.func, ast.Name) else call.func.attr for call in ast.walk(node)
+                   if isinstance(call, ast.Call) and isinstance(call.func, (ast.Name, ast.Attribute))} & set(functions)
+            for name, node in functions.items()}
+
+
+def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        for callee in sorted(graph.get(node, ())):
+            found = visit(callee, path + [node])
+            if found:
+                return found
+        return None
+
+    return next((found for node in sorted(graph) if (found := visit(node, []))), None)
+
+
+def test_a_search_runs_its_stages_in_order_without_recursion_or_module_state():
+    """`ssl_tune.tuning` calls its stages one after the other (`_run_stages`): no function of the search's
+    modules reaches itself again, and they keep no state at module level (constants only)."""
+    files = module_files()
+    for name in ("ssl_tune.tuning", "ssl_tune.stage", "ssl_tune.stopping"):
+        tree = ast.parse(files[name].read_text())
+        assert cycle_in(calls_between_functions(tree)) is None, name
+        state = [target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                 for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                 if isinstance(target, ast.Name) and not target.id.isupper()]
+        assert state == [], name
+    # The finder finds the circle the stages once made: fit and record, confirm, fit and record again.
+    old = ast.parse("def fit_and_record():\n    record()\ndef record():\n    confirm()\ndef confirm():\n    fit_and_record()\n")
+    assert cycle_in(calls_between_functions(old)) == ["confirm", "fit_and_record", "record", "confirm"]

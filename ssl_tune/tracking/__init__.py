@@ -19,7 +19,7 @@ from ssl_tune.tracking.lookup import (best_per_method, best_trial_run_id, child_
                                       objective_of, search_reference, searches_named)
 from ssl_tune.tracking.record import (close_search_run, close_unfinished, open_search_run, record_confirmation,
                                       record_warm_start, reopen_search_run)
-from ssl_tune.tracking.store import (DEFAULT_TRACKING_URI, bound_http_retries, check_reachable, client_for,
+from ssl_tune.tracking.store import (DEFAULT_TRACKING_URI, check_reachable, client_for,
                                      existing_store_client, experiment_id, fluent_tracking_uri, log_metrics,
                                      log_params, resolve_uri)
 from ssl_tune.tracking.tags import (ENDED, FAILED, FINISHED, INTERRUPTED, KIND_CONFIRMATION, KIND_TRIAL, RUNNING,
@@ -41,7 +41,7 @@ __all__ = [
     "TAG_INTERRUPTED_AT", "TAG_KIND", "TAG_LAST_RESTART", "TAG_METHOD", "TAG_METRIC", "TAG_MODE", "TAG_ORIGIN",
     "TAG_RANK_TRANSFER", "TAG_RESTARTS",
     "TAG_SEARCHED", "TAG_SEED", "TAG_STAGE", "TAG_STOPPED_AT", "TAG_STORAGE", "TAG_TRIAL_ID", "TAG_VERDICT", "TAG_WARM_START",
-    "best_per_method", "best_trial_run_id", "bound_http_retries", "check_reachable", "checkpoint_of",
+    "best_per_method", "best_trial_run_id", "check_reachable", "checkpoint_of",
     "checkpoint_on_disk", "child_runs", "client_for", "close_search_run", "close_unfinished", "confirmation_columns",
     "confirmation_table", "existing_store_client", "experiment_id", "final_flush_s", "find_parent_run",
     "fluent_tracking_uri", "format_table", "leaderboard", "list_searches", "log_metrics", "log_params",

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ssl_tune import process_env
 from ssl_tune.spec import SpecError
 from ssl_tune.storage_path import is_uri
 
@@ -24,7 +25,7 @@ def resolve_uri(uri: str | None = None) -> str:
 
 
 def client_for(uri: str):
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    process_env.set_defaults(process_env.CLIENT_DEFAULTS)
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///"):
@@ -61,14 +62,12 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     import mlflow
 
     before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    before_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None unsets it, as it was
-        if before_env is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = before_env
+    with process_env.kept("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None unsets it, as it was
 
 
 def existing_store_client(uri: str):
@@ -92,10 +91,9 @@ def check_reachable(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     # One quick attempt instead of MLflow's default minutes of retries with back-off.
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
     try:
-        client_for(uri).search_experiments(max_results=1)
+        with process_env.overridden(process_env.HTTP_ONE_ATTEMPT):
+            client_for(uri).search_experiments(max_results=1)
     except Exception as exc:  # connection refused, DNS, HTTP errors: all mean "cannot log here"
         text = str(exc)
         if "error code 401" in text or "error code 403" in text:
@@ -109,24 +107,6 @@ def check_reachable(uri: str) -> None:
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
                         "start it (mlflow server --host ...) or point mlflow.tracking_uri / "
                         "MLFLOW_TRACKING_URI at a running one") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-# Each MLflow HTTP call of the driver gives up after about 20 s (MLflow's default is minutes of
-# retries); `MlflowWriter` retries held updates itself. Values set in the environment win.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-
-
-def bound_http_retries() -> None:
-    """Short timeouts and few retries for this process's MLflow HTTP calls, unless the user set them."""
-    for key, value in HTTP_RETRY_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
 
 def experiment_id(client, name: str) -> str:
