@@ -19,8 +19,9 @@ from ssl_tune.data.loader import Normalizer
 from ssl_tune.evaluation import extract_features, knn_accuracy
 from ssl_tune.trial import CHECKPOINTS_KEPT
 from ssl_tune.trial_record import TAG_EXPORT_EPOCH
-from tests.conftest import (CHROMIUM_INSTALL, ROOT, SEARCH_EPOCHS, SSL_TUNE, cli_env, output, printed_command,
+from tests.conftest import (CHROMIUM_INSTALL, ROOT, SEARCH_EPOCHS, SSL_TUNE, TEST_METHODS, cli_env, output, printed_command,
                             ray_started, require_system, run_cli, runs_of, search_spec, start_cli, wait_for)
+from trainers import METHOD_PATH_ENV
 
 
 def python_blocks(page: str) -> list[str]:
@@ -320,13 +321,13 @@ def test_diverged_trial_is_failed_with_its_reason_and_the_search_goes_on(tmp_pat
 @pytest.mark.parametrize("workers, stage, advice", [(1, "evaluation", "lower evaluation.batch_size"),
                                                     (2, "training step", "lower training.batch_size")])
 def test_trial_out_of_device_memory_fails_once_naming_the_stage_without_restarts(tmp_path, workers, stage, advice):
-    from trainers.loop import TEST_OOM_ENV
-
+    """The device's error raised by a method of the tests (`tests/methods/twist_oom.py`) in its Ray workers."""
     raw = search_spec(num_samples=1, scheduler="none", points_to_evaluate=[], max_failures=2)
+    raw["method"] = {**raw["method"], "name": "twist_oom", "oom_in": stage}
     raw["resources"] = {"num_workers": workers, "cpus_per_worker": 1 / workers}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.run([SSL_TUNE, "run", "spec.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**cli_env(), TEST_OOM_ENV: stage})
+                          env={**cli_env(), METHOD_PATH_ENV: TEST_METHODS})
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]  # its only trial failed
     assert f"failed: out of device memory during the {stage}" in proc.stdout and "error: every trial failed" in proc.stderr
     _, (parent,), (child,) = runs_of(tmp_path)

@@ -8,7 +8,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ssl_tune.evaluation import RANKME_SAMPLES, effective_rank, rankme
 from ssl_tune.specfile import spec_from_dict
 from tests.ranks import run_on_ranks
-from tests.conftest import method_names, method_spec_dict, tiny_dataset, tiny_spec_dict
+from tests.conftest import TEST_METHODS, method_names, method_spec_dict, tiny_dataset, tiny_spec_dict
+from trainers import METHOD_PATH_ENV
 from trainers.loop import CHECKPOINT_FILE, Reporter, Trainer, build_method
 
 
@@ -173,12 +174,22 @@ def test_rankme_objective_extracts_only_its_sample_before_the_last_epoch(monkeyp
                                           ("training step", "training.batch_size"),
                                           ("evaluation", "evaluation.batch_size")])
 def test_out_of_device_memory_names_the_stage_the_batch_and_the_field(tmp_path, monkeypatch, capsys, stage, field):
+    """The device's error in each stage: copying the resident subset to the device (`_gather`), or raised by a
+    method of the tests (`tests/methods/twist_oom.py`) in its forward pass or its backbone's evaluation."""
+    import trainers.loop
     from ssl_tune.cli import main
-    from trainers.loop import TEST_OOM_ENV
 
+    raw = tiny_spec_dict(training={"epochs": 1, "batch_size": 64}, data={"on_device": True, "subset": 0.5})
+    if stage == "resident data":
+        def gather(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        monkeypatch.setattr(trainers.loop, "_gather", gather)
+    else:
+        monkeypatch.setenv(METHOD_PATH_ENV, TEST_METHODS)
+        raw["method"] = {**raw["method"], "name": "twist_oom", "oom_in": stage}
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(tiny_spec_dict(training={"epochs": 1, "batch_size": 64}, data={"on_device": True})))
-    monkeypatch.setenv(TEST_OOM_ENV, stage)
+    spec.write_text(yaml.safe_dump(raw))
     assert main(["train", str(spec), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert f"error: out of device memory during the {stage} on cpu (training.batch_size 64, 64 per worker" in err

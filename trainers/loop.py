@@ -43,16 +43,6 @@ class DeviceOutOfMemory(RuntimeError):
     """The device ran out of memory in a named stage of training; the message says what to change."""
 
 
-# Tests raise the device's out-of-memory error in a named stage ("resident data", "training step",
-# "evaluation") by setting this variable; nothing else reads it.
-TEST_OOM_ENV = "SSL_TUNE_TEST_OUT_OF_MEMORY"
-
-
-def _test_hook(stage: str) -> None:
-    if os.environ.get(TEST_OOM_ENV) == stage:
-        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (raised by {TEST_OOM_ENV})")
-
-
 class Reporter:
     """Receives the loop's progress; subclasses print it or send it to Ray Train."""
 
@@ -176,7 +166,6 @@ class Trainer:
             self.model = DistributedDataParallel(self.method, device_ids=[self.device.index] if cuda else None)
         self.data_resident = self._data_on_device()
         with self.out_of_memory("resident data", "set data.on_device: false (stream the images)"):
-            _test_hook("resident data")
             # Resident: only the subset's rows go to the device; streamed: the loader draws the subset's rows.
             images, rows, aspects = d.ssl_images, self.subset, d.ssl_aspects
             if self.data_resident:
@@ -288,7 +277,6 @@ class Trainer:
     def _features(self, split: str, rows: torch.Tensor | None) -> torch.Tensor | None:
         d = self.dataset
         with self.out_of_memory("evaluation", "lower evaluation.batch_size"):
-            _test_hook("evaluation")
             return extract_features(self.method.backbone, getattr(d, f"{split}_images"), self.normalizer,
                                     device=self.device, rows=rows, batch_size=self.spec.evaluation.batch_size,
                                     dtype=self.autocast_dtype, to_all=False, aspects=getattr(d, f"{split}_aspects"),
@@ -405,7 +393,6 @@ class Trainer:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         optimizers = [self.optimizer] + ([self.auxiliary_optimizer] if self.auxiliary_optimizer else [])
         with self.out_of_memory("training step", "lower training.batch_size, or add resources.num_workers"):
-            _test_hook("training step")
             with self._autocast():
                 out = self.model(views)
             for optimizer in optimizers:
