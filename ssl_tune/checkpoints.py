@@ -37,6 +37,13 @@ class CheckpointError(RuntimeError):
         super().__init__(f"checkpoint {path}: {reason}")
         self.path, self.reason, self.disk_full = str(path), reason, disk_full
 
+    def __reduce__(self):  # pickled whole as it crosses a process boundary (a Ray worker's error), disk_full too
+        return _checkpoint_error, (self.path, self.reason, self.disk_full)
+
+
+def _checkpoint_error(path: str, reason: str, disk_full: bool) -> CheckpointError:
+    return CheckpointError(path, reason, disk_full=disk_full)
+
 
 def _digest(path: Path) -> tuple[int, str]:
     sha, size = hashlib.sha256(), 0
@@ -71,13 +78,14 @@ def save(state: dict[str, Any], directory: Path) -> Path:
 
 
 def disk_full(exc: BaseException) -> bool:
-    """Whether `exc`, or an exception it was raised from or during, is a full disk or quota (Ray passes
-    some errors on only as text)."""
+    """Whether `exc`, or an exception it was raised from or during, is a full disk or quota: by the OS's error
+    number (Python's and pyarrow's OSError carry it) or a checkpoint's `CheckpointError.disk_full`, which
+    keeps it across Ray's process boundary; never by the message's words."""
     seen: list[BaseException] = []
     while exc is not None and len(seen) < 10 and exc not in seen:
         seen.append(exc)
         exc = exc.__cause__ or exc.__context__
-    return any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+    return any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
                or (isinstance(e, CheckpointError) and e.disk_full) for e in seen)
 
 

@@ -54,6 +54,22 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_leaves_nothing_and_says_so(t
         assert checkpoints.load(disk / "c")["epoch"] == 1
 
 
+def test_a_full_disk_is_known_by_its_error_number_and_type_across_a_process_boundary_not_by_its_words():
+    import errno
+    import pickle
+
+    assert checkpoints.disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    wrapped = RuntimeError("basic_ios::clear: iostream error")  # torch.save over a Python file that hit a quota
+    wrapped.__context__ = OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert checkpoints.disk_full(wrapped)
+    # A trial's checkpoint error, as a Ray worker's exception reaches the driver: pickled, its disk_full kept.
+    error = pickle.loads(pickle.dumps(checkpoints.write_error("/storage/t/checkpoint.pt", wrapped)))
+    assert type(error) is CheckpointError and error.disk_full and checkpoints.disk_full(error)
+    assert str(error) == "checkpoint /storage/t/checkpoint.pt: cannot be written: the disk is full"
+    assert not checkpoints.disk_full(RuntimeError("the worker said: No space left on device"))  # words only
+    assert not pickle.loads(pickle.dumps(CheckpointError("/c", "is damaged"))).disk_full
+
+
 def test_train_resume_from_a_damaged_checkpoint_is_exit_2_naming_it(tmp_path, capsys):
     from ssl_tune.cli import main
     from tests.conftest import tiny_spec_dict, write_spec
