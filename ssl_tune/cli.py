@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from ssl_tune import __version__, process_env
-from ssl_tune.shell import ssl_tune_command
 
 # Exit statuses (README, "Exit status"): 0 a search that completed with at least one trial through;
 # 1 an unexpected error (a traceback); 2 bad input or a failed pre-flight check, before any trial;
@@ -125,7 +124,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _report_outcome(outcome) -> int:
-    from ssl_tune import tracking
+    from ssl_tune import summary, tracking
     from ssl_tune.search_folder import resume_command
 
     # The printed commands name the tracking store when it is not the one they would find by default.
@@ -140,56 +139,14 @@ def _report_outcome(outcome) -> int:
         print(f"resume with:  {resume_command(outcome.parent_run_id, outcome.tracking_uri, outcome.storage)}")
         return EXIT_INTERRUPTED
     print(f"\nsearch finished: {len(outcome.rows)} trials, objective {outcome.metric} ({outcome.mode})")
-    print(tracking.format_table(outcome.rows, _leaderboard_columns(outcome.rows)))
-    _print_best_per_method(outcome.rows, outcome.mode)
-    _print_confirmation(outcome.confirmation, outcome.verdict)
+    summary.print_trials(outcome.rows, outcome.mode, outcome.confirmation, outcome.verdict)
     print(f"\n{where}")
     if outcome.all_failed:
         print(f"error: every trial failed; the reasons are in the table above and in each trial run's "
               f"{tracking.TAG_ERROR} tag (the parent run is marked FAILED)", file=sys.stderr)
         return EXIT_ALL_TRIALS_FAILED
-    reference = _reference(outcome)
-    export_dir = Path("exports") / reference
-    print(f"browse the search:         {ssl_tune_command('ui', *uri)}")
-    print(f"export the best backbone:  {ssl_tune_command('export', reference, *uri)}")
-    print(f"then load it in Python:    backbone, preprocess = ssl_tune.load_backbone({str(export_dir)!r})")
+    summary.print_next_steps(outcome, uri)
     return 0
-
-
-def _reference(outcome) -> str:
-    """The search as the printed commands name it: its name while no other search has it, else its run id; the run
-    id too where the store cannot say (the search has ended: a printed hint never fails the command)."""
-    from ssl_tune import tracking
-    from ssl_tune.replay import tracking_errors
-
-    try:
-        return tracking.search_reference(tracking.client_for(outcome.tracking_uri), outcome.parent_run_id)
-    except tracking_errors():
-        return outcome.parent_run_id
-
-
-def _print_best_per_method(rows: list[dict], mode: str) -> None:
-    """A search across methods: each method's best trial."""
-    from ssl_tune import tracking
-
-    per_method = tracking.best_per_method(rows, mode)
-    if len(per_method) > 1:
-        print("\nbest trial per method:")
-        print(tracking.format_table(per_method, _leaderboard_columns(per_method)))
-
-
-def _print_confirmation(rows: list[dict], verdict: str) -> None:
-    """The confirmation stage's table (mean, SD, 95% interval, paired gain over the default) and verdict."""
-    from ssl_tune import tracking
-    from ssl_tune.confirmation import rank_transfer, rank_transfer_line
-
-    if rows or verdict:
-        print("\nconfirmed on fresh seeds (best mean first; export takes the first row's best seed):")
-        print(tracking.format_table(rows, tracking.confirmation_columns(rows)))
-        print(verdict)
-        transfer = rank_transfer_line(rank_transfer(rows))
-        if transfer:
-            print(transfer)
 
 
 def _naming_store(exc: Exception, uri: str) -> str:
@@ -197,12 +154,8 @@ def _naming_store(exc: Exception, uri: str) -> str:
     return str(exc) if uri in str(exc) else f"{exc} (tracking store {uri})"
 
 
-def _leaderboard_columns(rows: list[dict]) -> list[str]:
-    return [c for c in (rows[0] if rows else {}) if c not in ("run_id", "trial_id")]
-
-
 def cmd_results(args: argparse.Namespace) -> int:
-    from ssl_tune import api, tracking
+    from ssl_tune import api, summary
 
     try:
         found = api.open_search(args.experiment_or_run, args.tracking_uri)
@@ -210,9 +163,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     rows = found.trials()
-    print(tracking.format_table(rows, _leaderboard_columns(rows)))
-    _print_best_per_method(rows, found.mode)
-    _print_confirmation(found.confirmed(rows), found.verdict)
+    summary.print_trials(rows, found.mode, found.confirmed(rows), found.verdict)
     if args.out:
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -42,10 +42,10 @@ def _cluster_nodes(address: str | None) -> tuple[str, list[dict]]:
 
 def _describe_backbone(spec) -> str:
     """One line: the backbone, its feature size and parameters, and what `cifar_stem: auto` chose;
-    SpecError when it cannot take the data set's images (`trainers.loop.check_backbone`)."""
+    SpecError when it cannot take the data set's images (`trainers.build.check_backbone`)."""
     from ssl_tune.data.cache import network_input
     from ssl_tune.models import is_resnet, resolve_cifar_stem
-    from trainers.loop import check_backbone
+    from trainers.build import check_backbone
 
     b = spec.backbone
     dim, parameters = check_backbone(spec)
@@ -66,16 +66,12 @@ def _setting(spec: SpecBase) -> str:
     return f"{spec.training.epochs} epochs a trial, {images}{size}, backbone {spec.backbone.name}"
 
 
-def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], address: str | None) -> None:
-    """Print what `ssl-tune run` would do with `spec`: ranges, trials, expected epochs, backbone, resources, fit,
-    disk, tracking. Raises SpecError (exit 2) for a spec `run` would refuse."""
-    from ssl_tune import budget, cluster, storage_checks, tracking
+def _print_search(spec: SpecBase, spec_path: str | Path) -> None:
+    """The searched ranges, the trials of each stage and their budgets."""
+    from ssl_tune import budget
     from ssl_tune.algorithms import startup_trials
-    from ssl_tune.space import direction
-    t, s, r = spec.training, spec.search, spec.resources
-    print(f"{spec_path}: a valid spec")
-    print(f"  method {' or '.join(spec.method_names())} on {spec.data.name}; {t.epochs} epochs of batch {t.batch_size}; "
-          f"objective {direction(s.metric, s.mode)}")
+
+    t, s = spec.training, spec.search
     ranges = spec.search_ranges()
     if not ranges:
         raise SpecError(f"{spec_path} has no search ranges, so `ssl-tune run` refuses it; `ssl-tune train` trains its "
@@ -111,6 +107,13 @@ def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], 
               f"epochs; {_setting(confirm_spec)}{overridden}")
     if s.warm_start:
         print(f"warm start from: {', '.join(s.warm_start)} (read from the tracking store when the search starts)")
+
+
+def _print_resources(spec: SpecBase, spec_path: str | Path, address: str | None) -> None:
+    """The backbone, what a trial asks for, how many fit at once, and the disk their checkpoints take."""
+    from ssl_tune import cluster, storage_checks
+
+    s, r = spec.search, spec.resources
     try:
         print(_describe_backbone(spec))
     except SpecError as exc:
@@ -135,6 +138,20 @@ def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], 
         raise SpecError(f"{spec_path}: {exc}") from None
     print(f"checkpoints: {storage_checks.checkpoint_bytes(spec) / 2**20:,.1f} MiB each, about {needed / 2**30:,.2f} GiB on "
           f"{spec.storage_path} while {at_once} trial(s) run")
+
+
+def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], address: str | None) -> None:
+    """Print what `ssl-tune run` would do with `spec`: ranges, trials, expected epochs, backbone, resources, fit,
+    disk, tracking. Raises SpecError (exit 2) for a spec `run` would refuse."""
+    from ssl_tune import tracking
+    from ssl_tune.space import direction
+
+    t, s = spec.training, spec.search
+    print(f"{spec_path}: a valid spec")
+    print(f"  method {' or '.join(spec.method_names())} on {spec.data.name}; {t.epochs} epochs of batch {t.batch_size}; "
+          f"objective {direction(s.metric, s.mode)}")
+    _print_search(spec, spec_path)
+    _print_resources(spec, spec_path, address)
     uri = tracking.resolve_uri(spec.mlflow.tracking_uri)
     print(f"tracking: {uri}, experiment {spec.mlflow.experiment_name or spec.name!r}; Ray storage: {spec.storage_path}")
     print(f"start it with:  {ssl_tune_command('run', str(spec_path), *[f'--set={o}' for o in overrides])}")

@@ -70,7 +70,7 @@ def checkpoint_bytes(spec: SpecBase) -> int:
     import torch
 
     from ssl_tune.spec import Choice, range_default
-    from trainers.loop import build_method
+    from trainers.build import build_method
 
     ranges = spec.search_ranges()
     largest = {path: (r.high if hasattr(r, "high") else range_default(r)) for path, r in ranges.items()}

@@ -142,7 +142,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.tune
     import torch
 
-    from trainers.loop import default_device
+    from trainers.build import default_device
 
     spec = spec_model().model_validate(config["spec"])
     torch.set_num_threads(max(1, math.ceil(spec.resources.cpus_per_worker)))

@@ -31,7 +31,7 @@ from ssl_tune.stopping import StopSignals, storage_full_message
 from ssl_tune.storage_path import StoragePath
 from ssl_tune.trial import FAILURE_KEY
 from trainers import spec_model
-from trainers.loop import check_backbone
+from trainers.build import check_backbone
 
 
 @contextlib.contextmanager

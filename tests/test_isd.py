@@ -9,7 +9,7 @@ from ssl_tune.spec import SpecError
 from ssl_tune.specfile import spec_from_dict
 from tests.conftest import tiny_spec_dict
 from trainers.isd import isd_loss
-from trainers.loop import build_method
+from trainers.build import build_method
 
 
 def isd_spec_dict(**method):

@@ -63,7 +63,7 @@ def test_cifar_stem_auto_is_the_cifar_stem_up_to_64_px_for_resnets_only():
 def test_vit_position_embeddings_tokens_norms_and_biases_get_no_weight_decay():
     from ssl_tune.specfile import spec_from_dict
     from tests.conftest import tiny_spec_dict
-    from trainers.loop import build_method
+    from trainers.build import build_method
     from trainers.optim import build_optimizers
 
     for optimizer in ("adamw", "lars"):
@@ -88,12 +88,12 @@ def test_the_backbone_check_sees_the_same_shapes_on_the_meta_device_and_the_cpu(
     from ssl_tune.spec import SpecError
     from ssl_tune.specfile import spec_from_dict
     from tests.conftest import tiny_spec_dict
-    from trainers import loop
+    from trainers import build
 
-    monkeypatch.setattr(loop, "CPU_CHECK_PARAMETERS", cpu_limit)
+    monkeypatch.setattr(build, "CPU_CHECK_PARAMETERS", cpu_limit)
     raw = tiny_spec_dict()
     net = build_backbone("small_cnn", in_channels=1, width=raw["backbone"]["width"])
-    assert loop.check_backbone(spec_from_dict(raw)) == (net.output_dim, sum(p.numel() for p in net.parameters()))
+    assert build.check_backbone(spec_from_dict(raw)) == (net.output_dim, sum(p.numel() for p in net.parameters()))
     raw["backbone"] = {"name": "timm:vit_tiny_patch16_224"}  # img_size 224, given 28 x 28 images
     with pytest.raises(SpecError, match="does not take 1 x 28 x 28 images"):
-        loop.check_backbone(spec_from_dict(raw))
+        build.check_backbone(spec_from_dict(raw))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ssl_tune.specfile import spec_from_dict
 from tests.conftest import tiny_spec_dict
-from trainers.loop import build_method
+from trainers.build import build_method
 from trainers.ssl_hsic import bandwidth_objective, hsic_loss, imq_random_features
 
 

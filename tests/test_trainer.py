@@ -10,7 +10,8 @@ from ssl_tune.specfile import spec_from_dict
 from tests.ranks import run_on_ranks
 from tests.conftest import TEST_METHODS, method_names, method_spec_dict, tiny_dataset, tiny_spec_dict
 from trainers import METHOD_PATH_ENV
-from trainers.loop import CHECKPOINT_FILE, Reporter, Trainer, build_method
+from trainers.build import build_method
+from trainers.loop import CHECKPOINT_FILE, Reporter, Trainer
 
 
 class Recorder(Reporter):
@@ -174,7 +175,7 @@ def test_rankme_objective_extracts_only_its_sample_before_the_last_epoch(monkeyp
                                           ("training step", "training.batch_size"),
                                           ("evaluation", "evaluation.batch_size")])
 def test_out_of_device_memory_names_the_stage_the_batch_and_the_field(tmp_path, monkeypatch, capsys, stage, field):
-    """The device's error in each stage: copying the resident subset to the device (`_gather`), or raised by a
+    """The device's error in each stage: copying the resident subset to the device (`gather_rows`), or raised by a
     method of the tests (`tests/methods/twist_oom.py`) in its forward pass or its backbone's evaluation."""
     import trainers.loop
     from ssl_tune.cli import main
@@ -184,7 +185,7 @@ def test_out_of_device_memory_names_the_stage_the_batch_and_the_field(tmp_path, 
         def gather(*args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-        monkeypatch.setattr(trainers.loop, "_gather", gather)
+        monkeypatch.setattr(trainers.loop, "gather_rows", gather)
     else:
         monkeypatch.setenv(METHOD_PATH_ENV, TEST_METHODS)
         raw["method"] = {**raw["method"], "name": "twist_oom", "oom_in": stage}

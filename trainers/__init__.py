@@ -4,7 +4,7 @@ A method is one module that defines ``METHOD``, a `trainers.base.Method` subclas
 ``Config``; with a search-space YAML next to it (``search_spaces/NAME.yaml``) that is all a new
 method needs. Methods are found without being listed anywhere:
 
-* every module of this package other than the shared ones (``base``, ``loop``, ``optim``), and
+* every module of this package other than the shared ones (``base``, ``build``, ``loop``, ``optim``), and
 * every ``*.py`` file in the directories of ``$SSL_TUNE_METHOD_PATH`` (``os.pathsep``-separated):
   a researcher's own method, outside the installed package. The directories are put on
   ``sys.path`` so that Ray workers and spawned processes, which inherit the variable, import the
@@ -30,7 +30,7 @@ from ssl_tune.spec import Choice, MethodChoice, SpecBase, SpecError
 from trainers.base import Method
 
 METHOD_PATH_ENV = "SSL_TUNE_METHOD_PATH"
-SHARED_MODULES = frozenset({"base", "loop", "optim"})
+SHARED_MODULES = frozenset({"base", "build", "loop", "optim"})
 
 
 def method_path() -> tuple[Path, ...]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,17 +20,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssl_tune import budget, checkpoints, distributed
 from ssl_tune.checkpoints import CHECKPOINT_FILE  # noqa: F401  (re-exported)
-from ssl_tune.data.cache import network_input, open_dataset
+from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import ImageDataset, stratified_subset, subset_rows
-from ssl_tune.data.loader import Normalizer, ViewLoader
+from ssl_tune.data.loader import Normalizer, ViewLoader, gather_rows
 from ssl_tune.evaluation import (EVALUATION_FILE, bank_rows, confusion_counts, extract_features, knn_ranking,
                                  linear_probe, load_arrays, principal_components, ranking_accuracy, rankme, rankme_rows,
                                  save_arrays)
-from ssl_tune.models import backbone_from_spec
 from ssl_tune.preprocess import InputContract
 from ssl_tune.spec import RESIDENT_FRACTION, SpecBase, SpecError
-from trainers import methods
-from trainers.base import Diverged, Method
+from trainers.base import Diverged
+from trainers.build import build_method, default_device
 from trainers.optim import build_optimizers, warmup_cosine
 
 CHECKPOINT_FORMAT = 1
@@ -72,69 +70,6 @@ class TrainResult:
     message: str = ""
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def build_method(spec: SpecBase, in_channels: int | None = None, device: torch.device | None = None,
-                 image_size: int | None = None) -> Method:
-    """The method's model for a resolved spec, initialised from the spec's seed, with batch norm
-    over the global batch (`distributed.convert_batchnorm`) for `device`. The input's channels and size
-    default to the spec's data set's."""
-    channels, size = network_input(spec.data)
-    torch.manual_seed(spec.training.seed)
-    try:
-        backbone = backbone_from_spec(spec.backbone, in_channels or channels, image_size or size)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # the constructor's own words
-        raise SpecError(f"backbone.name {spec.backbone.name!r} with backbone.kwargs {spec.backbone.kwargs or {}} cannot "
-                        f"be built: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    method = methods()[spec.method.name](spec.method, backbone, spec.projector, spec.training.seed)
-    return distributed.convert_batchnorm(method, device or torch.device("cpu"))
-
-
-# Backbones up to this many parameters (0.12 GB in float32) are checked by a real forward pass on the CPU:
-# milliseconds, where the meta device's first tensor operations import torch's reference kernels and sympy
-# (about 1.3 s of the driver's start, and of `validate`). Larger ones pass through the meta device, without memory.
-CPU_CHECK_PARAMETERS = 30_000_000
-
-
-def check_backbone(spec: SpecBase) -> tuple[int, int]:
-    """Before any trial: build the spec's backbone without memory (the meta device) and pass it a batch of the
-    data set's shape (for real where it is small, `CPU_CHECK_PARAMETERS`), so that a backbone that cannot take
-    these images (a ViT's `img_size`, say) is a SpecError naming the fields. Returns (feature dimension,
-    parameters)."""
-    channels, size = network_input(spec.data)
-    spec = spec if spec.is_resolved else spec.resolve({})  # the backbone is never searched
-    with torch.device("meta"):
-        backbone = build_method(spec, channels, torch.device("cpu"), size).backbone
-    parameters = sum(p.numel() for p in backbone.parameters())
-    device = torch.device("cpu" if parameters <= CPU_CHECK_PARAMETERS else "meta")
-    if device.type == "cpu":  # built again for real: a small backbone's initialisation takes milliseconds
-        backbone = backbone_from_spec(spec.backbone, channels, size)
-    with device, torch.no_grad():
-        try:
-            features = backbone(torch.zeros(2, channels, size, size))
-        except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-            raise SpecError(f"backbone.name {spec.backbone.name!r} does not take {channels} x {size} x {size} images "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); for a ViT set "
-                            f"backbone.kwargs (timm: {{img_size: {size}}}; torchvision: {{image_size: {size}}})") from None
-    if tuple(features.shape) != (2, backbone.output_dim):
-        raise SpecError(f"backbone.name {spec.backbone.name!r} gives features of shape {tuple(features.shape[1:])} "
-                        f"where ssl-tune expects ({backbone.output_dim},): it needs pooled features")
-    return backbone.output_dim, parameters
-
-
-def _gather(images: torch.Tensor, rows: torch.Tensor, device: torch.device, chunk: int = 4096) -> torch.Tensor:
-    """`images[rows]` on `device`, copied a chunk at a time: the subset of a memory-mapped cache never sits
-    whole in host memory (a quarter of ImageNet-1k at 160 px is 25 GB, on each of a node's 8 ranks)."""
-    out = torch.empty((len(rows), *images.shape[1:]), dtype=images.dtype, device=device)
-    for start in range(0, len(rows), chunk):
-        out[start:start + chunk] = images[rows[start:start + chunk]].to(device)
-    return out
-
-
 class Trainer:
     """Trains one resolved spec. Call `fit`; `load_checkpoint` first to resume."""
 
@@ -165,28 +100,7 @@ class Trainer:
         if distributed.is_distributed():
             self.model = DistributedDataParallel(self.method, device_ids=[self.device.index] if cuda else None)
         self.data_resident = self._data_on_device()
-        with self.out_of_memory("resident data", "set data.on_device: false (stream the images)"):
-            # Resident: only the subset's rows go to the device; streamed: the loader draws the subset's rows.
-            images, rows, aspects = d.ssl_images, self.subset, d.ssl_aspects
-            if self.data_resident:
-                if rows is not None:
-                    images, aspects = _gather(images, rows, self.device), (aspects[rows] if aspects is not None else None)
-                    rows = None
-                images = images.to(self.device)
-        self.loader = ViewLoader(
-            images,
-            self.method.view_augmentations(spec.data.augmentation),
-            self.normalizer,
-            global_batch_size=t.batch_size,
-            seed=t.seed,
-            rank=distributed.rank(),
-            world_size=distributed.world_size(),
-            device=self.device,
-            stream=not self.data_resident,
-            aspects=aspects,
-            size=self.dataset.image_size,
-            rows=rows,
-        )
+        self.loader = self._view_loader()
         # The labelled training images evaluation uses (`evaluation.bank_size`), the same every epoch; with
         # `data.subset` of labelled images, drawn from the subset (the images the trial learnt from).
         if self.subset is not None and d.pretrain_images is None:
@@ -208,6 +122,22 @@ class Trainer:
         # After the last epoch: the arrays of the final evaluation, saved next to the final
         # checkpoint (`EVALUATION_FILE`) for the figures.
         self.final_outputs: dict[str, Any] | None = None  # tensors, and the class names
+
+    def _view_loader(self) -> ViewLoader:
+        """The training images' loader: resident on the device (only the subset's rows go there), or streamed
+        (the loader draws the subset's rows)."""
+        d, t = self.dataset, self.spec.training
+        with self.out_of_memory("resident data", "set data.on_device: false (stream the images)"):
+            images, rows, aspects = d.ssl_images, self.subset, d.ssl_aspects
+            if self.data_resident:
+                if rows is not None:
+                    images, aspects = gather_rows(images, rows, self.device), (aspects[rows] if aspects is not None else None)
+                    rows = None
+                images = images.to(self.device)
+        return ViewLoader(images, self.method.view_augmentations(self.spec.data.augmentation), self.normalizer,
+                          global_batch_size=t.batch_size, seed=t.seed, rank=distributed.rank(),
+                          world_size=distributed.world_size(), device=self.device, stream=not self.data_resident,
+                          aspects=aspects, size=d.image_size, rows=rows)
 
     # --- checkpoints ---------------------------------------------------------------------
 

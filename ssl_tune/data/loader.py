@@ -233,3 +233,12 @@ class _Prefetcher:
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def gather_rows(images: torch.Tensor, rows: torch.Tensor, device: torch.device, chunk: int = 4096) -> torch.Tensor:
+    """`images[rows]` on `device`, copied a chunk at a time: the subset of a memory-mapped cache never sits
+    whole in host memory (a quarter of ImageNet-1k at 160 px is 25 GB, on each of a node's 8 ranks)."""
+    out = torch.empty((len(rows), *images.shape[1:]), dtype=images.dtype, device=device)
+    for start in range(0, len(rows), chunk):
+        out[start:start + chunk] = images[rows[start:start + chunk]].to(device)
+    return out
