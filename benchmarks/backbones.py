@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train(method: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.throughput import first_images
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
     from trainers.loop import Trainer
 
     spec = load_spec(common.REPO / "search_spaces" / f"{method}.yaml",

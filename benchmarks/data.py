@@ -194,7 +194,7 @@ def resident_bytes(folder: Path, size: int, cache: Path, expected: str, *, priva
 
 
 def _twist_spec(batch_size: int, extra: list[str] | None = None):
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
 
     return load_spec(common.REPO / "search_spaces" / "twist.yaml", [f"training.batch_size={batch_size}",
                                                                    *(extra or [])]).resolve()

@@ -84,7 +84,7 @@ def measure(dataset, size: int, resident: bool, args: argparse.Namespace) -> dic
     import torch
 
     from benchmarks.data import train_steps
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
     from trainers.loop import Reporter, Trainer
 
     cuda = torch.cuda.is_available()
@@ -125,7 +125,7 @@ def method_steps(dataset, method: str, backbone: str, precision: str, args: argp
     """`--method-steps` steps of one method: images/s, peak device memory and the losses."""
     import torch
 
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
     from trainers.loop import Trainer
 
     cuda = torch.cuda.is_available()

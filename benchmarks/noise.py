@@ -40,7 +40,7 @@ def measure(table_path: Path, every: int, seeds: int, processes: int, out: Path)
     """Train every (point, seed) not yet in `out` and return the runs."""
     import multiprocessing
 
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
 
     table = json.loads(table_path.read_text())
     spec = load_spec(common.REPO / table["spec"], [*table["overrides"], "evaluation.linear_probe=false",

@@ -110,7 +110,7 @@ def run_proxy(args: argparse.Namespace) -> dict[str, Any]:
     from ssl_tune.confirmation import Interval
     from ssl_tune.data.datasets import load_bundled
 
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
 
     train_images = len(load_bundled().ssl_images)
     overrides = list(args.set or [])

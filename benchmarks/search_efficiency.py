@@ -101,7 +101,7 @@ def measure_table(spec_path: str, overrides: list[str], points: int, processes: 
     """Train every grid point (resuming a partial table at `out`) and return the table."""
     import multiprocessing
 
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
 
     spec = load_spec(spec_path, [*overrides, "evaluation.linear_probe=false", "evaluation.eval_every=1"])
     axes = grid_axes(spec, points)
@@ -258,7 +258,7 @@ def run_efficiency(table_path: Path, seeds: int, budget_trials: int) -> dict[str
 
     import optuna
 
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)  # NaN of a diverged trial

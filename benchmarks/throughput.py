@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks import common
-from ssl_tune.specfile import load_spec
+from ssl_tune.spec.files import load_spec
 from trainers.loop import Reporter, Trainer
 from trainers.optim import build_optimizers
 

@@ -146,7 +146,7 @@ class Search:
 def load(spec_or_path: SpecBase | str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SpecBase:
     """A spec from a file or a spec object, with `overrides` (`{"training.epochs": 3}`, or `--set` strings)."""
     from ssl_tune.spec import SpecBase
-    from ssl_tune.specfile import load_spec, spec_from_dict
+    from ssl_tune.spec.files import load_spec, spec_from_dict
 
     if isinstance(spec_or_path, SpecBase):
         return spec_from_dict(spec_or_path.model_dump(mode="json"), f"spec {spec_or_path.name!r}", overrides)

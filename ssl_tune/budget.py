@@ -25,7 +25,7 @@ def grace_period(spec: SpecBase) -> int:
     """Epochs before ASHA's first decision: `search.grace_period`, else the warm-up's epochs plus one (with a
     searched warm-up, its longest), so that no trial is cut while its learning rate still ramps up, on
     the noisiest signal of its run; at most `training.epochs`."""
-    from ssl_tune.ranges import Choice
+    from ssl_tune.spec.ranges import Choice
 
     epochs, given = spec.training.epochs, spec.search.grace_period
     if given is not None:

@@ -42,14 +42,14 @@ def _open_data(spec, spec_path: Path, *, refresh: bool = False):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from ssl_tune.preview import print_plan
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
 
     print_plan(load_spec(args.spec, args.set), args.spec, args.set, args.address)
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
 
     spec = load_spec(args.spec, args.set)
     if spec.data.name == "fashion_mnist_subset":
@@ -75,7 +75,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ssl_tune.checkpoints import CheckpointError
     from ssl_tune.spec import SpecError
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
     from ssl_tune.training import ConsoleReporter, summary, train
     from trainers.loop import DeviceOutOfMemory
 

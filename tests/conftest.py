@@ -108,7 +108,7 @@ def method_spec_file(name: str) -> Path:
 def method_spec_dict(name: str, **sections) -> dict:
     """A tiny resolved spec of method `name`: its YAML's method settings at their defaults, with the
     tiny shared sections of `tiny_spec_dict`."""
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
 
     method = load_spec(method_spec_file(name)).resolve().model_dump(mode="json")["method"]
     method.update(SUITE_METHOD_SETTINGS.get(name, {}))

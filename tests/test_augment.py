@@ -136,7 +136,7 @@ def test_augmentation_ranges_are_sampled_and_bad_values_name_the_field():
 
     from ssl_tune.space import SearchSpace, field_values
     from ssl_tune.spec import SpecError
-    from ssl_tune.specfile import spec_from_dict
+    from ssl_tune.spec.files import spec_from_dict
     from tests.conftest import tiny_spec_dict
 
     raw = tiny_spec_dict()
@@ -169,7 +169,7 @@ def test_augmentation_ranges_are_sampled_and_bad_values_name_the_field():
 
 def test_a_spec_saved_with_the_older_crop_scale_still_loads():
     """Checkpoints, exports and MLflow runs made before crop_min_scale/crop_max_scale hold `crop_scale`."""
-    from ssl_tune.specfile import spec_from_dict
+    from ssl_tune.spec.files import spec_from_dict
     from tests.conftest import tiny_spec_dict
 
     spec = spec_from_dict(tiny_spec_dict(data={"augmentation": {"preset": "byol", "crop_scale": [0.5, 0.9]}}))

@@ -19,7 +19,7 @@ from ssl_tune.cli import main
 from ssl_tune.data.cache import cache_path, open_dataset
 from ssl_tune.data.loader import channel_stats
 from ssl_tune.data.datasets import DataError
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import ROOT, tiny_spec_dict
 
 make_image_folder = image_folder_generator()  # scripts/make_image_folder.py
@@ -107,7 +107,7 @@ def test_two_processes_needing_the_cache_at_once_build_it_once(folder, tmp_path)
     code = f"""
 import sys, json
 from ssl_tune.data.cache import open_dataset
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import tiny_spec_dict
 data = spec_from_dict(tiny_spec_dict(data={{"name": "imagefolder", "root": {str(folder)!r}, "image_size": 16,
                                           "cache_dir": {str(cache)!r}}})).data

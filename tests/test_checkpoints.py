@@ -183,7 +183,7 @@ def test_a_storage_path_too_small_for_the_checkpoints_is_refused_before_any_tria
     path, its free space and the estimate; `validate` shows the estimate when it fits."""
     from ssl_tune.cli import main
     from ssl_tune.storage_checks import checkpoint_bytes
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
 
     raw = search_spec()
     raw["backbone"] = {"name": "resnet50"}

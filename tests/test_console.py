@@ -3,7 +3,7 @@ promotions and adds the stages after this one. In-process, on a clock the test s
 
 import pytest
 
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import FakeTrial, tiny_spec_dict
 
 

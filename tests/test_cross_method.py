@@ -9,7 +9,7 @@ import yaml
 
 from ssl_tune import load_backbone, tracking
 from ssl_tune.spec import SpecError
-from ssl_tune.specfile import load_spec, spec_from_dict
+from ssl_tune.spec.files import load_spec, spec_from_dict
 from tests.conftest import ROOT, SMALL_SUBSET, run_cli, runs_of, search_spec
 
 ANY_METHOD = Path(ROOT) / "search_spaces" / "any_method.yaml"

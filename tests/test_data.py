@@ -14,7 +14,7 @@ from ssl_tune.cli import main
 from ssl_tune.data.augment import ViewAugmentation, augment_batch, preset_views
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from tests.conftest import publish_release, tiny_spec_dict, write_spec
 

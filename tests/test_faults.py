@@ -18,7 +18,7 @@ import yaml
 from ssl_tune import tracking
 from ssl_tune.cluster import check_cluster_paths, check_resources
 from ssl_tune.spec import SpecError
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from ssl_tune.storage_path import StoragePath
 from ssl_tune.trial import RESTORED_FROM_KEY, RESTORED_HISTORY_KEY
 from tests.conftest import (FAULT_SUBSET, FakeTrial, epoch_steps, output, printed_command, ray_started, run_cli,

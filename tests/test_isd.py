@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssl_tune.spec import SpecError
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import tiny_spec_dict
 from trainers.isd import isd_loss
 from trainers.build import build_method

@@ -73,7 +73,7 @@ def toy_dir(tmp_path, monkeypatch):
 
 
 def test_a_method_directory_adds_its_methods_to_the_registry_and_the_spec(toy_dir):
-    from ssl_tune.specfile import load_spec
+    from ssl_tune.spec.files import load_spec
     from trainers import builtin_methods, methods
 
     assert "toy" in methods() and "toy" not in builtin_methods()

@@ -61,7 +61,7 @@ def test_cifar_stem_auto_is_the_cifar_stem_up_to_64_px_for_resnets_only():
 
 
 def test_vit_position_embeddings_tokens_norms_and_biases_get_no_weight_decay():
-    from ssl_tune.specfile import spec_from_dict
+    from ssl_tune.spec.files import spec_from_dict
     from tests.conftest import tiny_spec_dict
     from trainers.build import build_method
     from trainers.optim import build_optimizers
@@ -86,7 +86,7 @@ def test_the_backbone_check_sees_the_same_shapes_on_the_meta_device_and_the_cpu(
     """Small backbones are checked by a real forward pass (no import of torch's meta kernels), large ones
     on the meta device: both give the feature size and parameters, and both refuse images a ViT cannot take."""
     from ssl_tune.spec import SpecError
-    from ssl_tune.specfile import spec_from_dict
+    from ssl_tune.spec.files import spec_from_dict
     from tests.conftest import tiny_spec_dict
     from trainers import build
 

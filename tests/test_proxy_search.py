@@ -17,7 +17,7 @@ from ssl_tune.data.datasets import DataError, ImageDataset, load_bundled, subset
 from ssl_tune.data.loader import Normalizer, ViewLoader
 from ssl_tune.space import ORIGIN_SAMPLER, field_values
 from ssl_tune.spec import SpecError
-from ssl_tune.specfile import load_spec, spec_from_dict
+from ssl_tune.spec.files import load_spec, spec_from_dict
 from tests.conftest import ROOT, cli_env, ray_started, run_cli, search_spec, tiny_dataset, tiny_spec_dict
 
 TWIST = f"{ROOT}/search_spaces/twist.yaml"

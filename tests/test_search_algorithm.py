@@ -6,7 +6,7 @@ import pytest
 
 from ssl_tune.algorithms import build_scheduler, build_search_algorithm, startup_trials
 from ssl_tune.space import SearchSpace, field_values
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import tiny_spec_dict
 
 TRIALS = 40

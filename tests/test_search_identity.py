@@ -12,7 +12,7 @@ import yaml
 
 from ssl_tune import replay, tracking
 from ssl_tune.space import SEARCH_RUN_KEY, field_values
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import (epoch_steps, output, printed_command, run_cli, search_spec, start_cli, tiny_spec_dict,
                             wait_for)
 

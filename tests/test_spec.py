@@ -8,7 +8,7 @@ import pytest
 
 from ssl_tune.cli import main
 from ssl_tune.spec import Choice, LogUniform, SpecError
-from ssl_tune.specfile import load_spec
+from ssl_tune.spec.files import load_spec
 from tests.conftest import method_names, tiny_spec_dict, write_spec
 
 
@@ -152,15 +152,15 @@ def test_resolve_rejects_unknown_paths(twist_spec_path):
 
 
 def test_the_docs_spec_reference_is_the_generated_one():
-    from ssl_tune.spec_reference import PAGE, generated_section, reference_markdown
+    from ssl_tune.spec.reference import PAGE, generated_section, reference_markdown
 
     assert generated_section(PAGE.read_text()) == reference_markdown(), (
-        f"{PAGE}'s spec reference is stale: run python -m ssl_tune.spec_reference --write")
+        f"{PAGE}'s spec reference is stale: run python -m ssl_tune.spec.reference --write")
 
 
 @pytest.mark.parametrize("method", method_names())
 def test_spec_reference_documents_every_field_of_every_method(method):
-    from ssl_tune.spec_reference import reference_markdown
+    from ssl_tune.spec.reference import reference_markdown
     from trainers import methods
 
     reference = reference_markdown(methods())

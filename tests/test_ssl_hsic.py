@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import tiny_spec_dict
 from trainers.build import build_method
 from trainers.ssl_hsic import bandwidth_objective, hsic_loss, imq_random_features

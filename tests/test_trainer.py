@@ -6,7 +6,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_tune.evaluation import RANKME_SAMPLES, effective_rank, rankme
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from tests.ranks import run_on_ranks
 from tests.conftest import TEST_METHODS, method_names, method_spec_dict, tiny_dataset, tiny_spec_dict
 from trainers import METHOD_PATH_ENV

@@ -7,7 +7,7 @@ import torch
 
 from ssl_tune import tracking, trial_record
 from ssl_tune.checkpoints import EXPORT_FILES
-from ssl_tune.specfile import spec_from_dict
+from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import tiny_dataset, tiny_spec_dict, wait_for
 from trainers.loop import Trainer
 

@@ -1,4 +1,4 @@
-"""Spec files: a typed schema for what to train and which hyperparameters to search.
+"""The schema's sections and the whole spec (`SpecBase`): what to train and which hyperparameters to search.
 
 A spec is YAML. Any field typed ``Searchable[...]`` holds either a fixed value or a search
 range, written as a mapping with a ``type`` key::
@@ -12,7 +12,7 @@ range, written as a mapping with a ``type`` key::
 ``SpecBase.resolve`` turns a spec with ranges into one with fixed values, from a search's sample
 or the ranges' defaults. This module knows no method: each method's config subclasses
 `MethodConfig`, `trainers.spec_model` adds the ``method`` field over every method, and
-`ssl_tune.specfile.load_spec` reads and validates files.
+`ssl_tune.spec.files.load_spec` reads and validates files.
 """
 
 from __future__ import annotations
@@ -24,15 +24,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 
-# The ranges are part of the schema: `from ssl_tune.spec import Choice` is how the rest of the package names them.
-from ssl_tune.ranges import (RANGE_TYPES, Choice, IntRange, LogUniform, Searchable, SpecError,  # noqa: F401
-                             StrictModel, Uniform, range_default, set_path)
-# The data section: `from ssl_tune.spec import DataSpec` is how the rest of the package names it.
-from ssl_tune.data_spec import (MAX_CACHE_SIZE, MAX_IMAGE_SIZE, RESIDENT_FRACTION, AugmentationSpec,  # noqa: F401
-                                DataSpec, Probability, ViewStrengths)
-# The search section: `from ssl_tune.spec import OBJECTIVES` is how the rest of the package names it.
-from ssl_tune.search_spec import (OBJECTIVES, SAMPLERS, ConfirmSpec, SearchSpec,  # noqa: F401
-                                  check_confirm_overrides, confirmation_spec)
+from ssl_tune.spec.data import AugmentationSpec, DataSpec  # noqa: F401
+from ssl_tune.spec.ranges import (RANGE_TYPES, Choice, IntRange, LogUniform, Searchable, SpecError, StrictModel,  # noqa: F401
+                                  Uniform, range_default, set_path)
+from ssl_tune.spec.search import ConfirmSpec, SearchSpec, check_confirm_overrides, confirmation_spec  # noqa: F401
 
 # --- sections ------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from ssl_tune.data.datasets import DATASET_NAMES, NEEDS_ROOT
-from ssl_tune.ranges import Searchable, StrictModel
+from ssl_tune.spec.ranges import Searchable, StrictModel
 
 
 Probability = Annotated[float, Field(ge=0, le=1)]

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from ssl_tune.ranges import SpecError, StrictModel, set_path
+from ssl_tune.spec.ranges import SpecError, StrictModel, set_path
 
 # (The functions take a whole spec, `ssl_tune.spec.SpecBase`, which imports this module: typed Any here.)
 SpecBase = Any

@@ -1,7 +1,7 @@
 """The spec reference page of the docs (docs/spec.md), generated from the schema so that it cannot drift.
 
-    python -m ssl_tune.spec_reference            # print it
-    python -m ssl_tune.spec_reference --write    # replace the page's generated section
+    python -m ssl_tune.spec.reference            # print it
+    python -m ssl_tune.spec.reference --write    # replace the page's generated section
 
 `tests/test_spec.py` fails when the page's section differs from what this prints.
 """
@@ -18,8 +18,8 @@ from pydantic.fields import FieldInfo
 
 from ssl_tune.spec import SpecBase
 
-START, END = "<!-- spec-reference:start (generated: python -m ssl_tune.spec_reference --write) -->", "<!-- spec-reference:end -->"
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "spec.md"
+START, END = "<!-- spec-reference:start (generated: python -m ssl_tune.spec.reference --write) -->", "<!-- spec-reference:end -->"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
 CONSTRAINTS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
