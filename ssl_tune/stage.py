@@ -38,7 +38,7 @@ class SearchOutcome:
 
 def trainable(spec: SpecBase, data, uri: str, parent_run_id: str):
     """The Tune trainable; trials map the data cache whose source fingerprint the driver checked (`data`), and
-    write their system metrics and exports to their runs under the search's parent run (`ssl_tune.trial_record`)."""
+    write their system metrics and exports to their runs under the search's parent run (`ssl_tune.trial_uploads`)."""
     from ray import tune
 
     fingerprint = data.manifest["fingerprint"] if data is not None else None

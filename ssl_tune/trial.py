@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from ssl_tune.checkpoints import CheckpointError, write_error
 from ssl_tune.space import resolve_trial
 from ssl_tune.spec import SpecBase
-from ssl_tune.trial_record import TrialRecorder, reachable_here
+from ssl_tune.trial_uploads import TrialRecorder, reachable_here
 from trainers import spec_model
 from trainers.loop import DeviceOutOfMemory, Reporter
 
@@ -173,7 +173,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def _recorder(config: dict[str, Any], node_id: str | None) -> TrialRecorder | None:
-    """The trial's writer to its own MLflow run (`ssl_tune.trial_record`), where this node sees the store."""
+    """The trial's writer to its own MLflow run (`ssl_tune.trial_uploads`), where this node sees the store."""
     record = config.get("record")
     if not record or not reachable_here(record["uri"]):
         return None

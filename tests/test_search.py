@@ -18,7 +18,7 @@ from ssl_tune.data.datasets import load_dataset
 from ssl_tune.data.loader import Normalizer
 from ssl_tune.evaluation import extract_features, knn_accuracy
 from ssl_tune.trial import CHECKPOINTS_KEPT
-from ssl_tune.trial_record import TAG_EXPORT_EPOCH
+from ssl_tune.trial_uploads import TAG_EXPORT_EPOCH
 from tests.conftest import (CHROMIUM_INSTALL, ROOT, SEARCH_EPOCHS, SSL_TUNE, TEST_METHODS, cli_env, output, printed_command,
                             ray_started, require_system, run_cli, runs_of, search_spec, start_cli, wait_for)
 from trainers import METHOD_PATH_ENV

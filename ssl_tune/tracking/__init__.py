@@ -3,12 +3,12 @@
 The Tune driver writes the runs, their parameters, metrics and tags (`trial_logger`, a Tune callback,
 through `writer`'s background thread); metrics go in one `log_batch` call per epoch, and Tune's
 bookkeeping keys are never logged. Each trial adds its own system metrics and exports to its run from
-its own process (`ssl_tune.trial_record`). One module per concern:
+its own process (`ssl_tune.trial_uploads`). One module per concern:
 
 - `store`: the tracking URI, a client, the checks before a search, batched writes;
 - `tags`: what ssl-tune writes on its runs and reads back;
 - `writer`, `trial_logger`: the driver's record of each trial;
-- `record`: the search's parent run, its best trial and its confirmation stage;
+- `search_run`: the search's parent run, its best trial and its confirmation stage;
 - `artifacts`: checkpoints read back, figures logged;
 - `lookup`: a search found by name or id, its leaderboard and confirmation table.
 """
@@ -17,7 +17,7 @@ from ssl_tune.tracking.artifacts import checkpoint_of, checkpoint_on_disk, log_s
 from ssl_tune.tracking.lookup import (best_per_method, best_trial_run_id, child_runs, confirmation_columns,
                                       confirmation_table, find_parent_run, format_table, leaderboard, list_searches,
                                       objective_of, search_reference, searches_named)
-from ssl_tune.tracking.record import (close_search_run, close_unfinished, open_search_run, record_confirmation,
+from ssl_tune.tracking.search_run import (close_search_run, close_unfinished, open_search_run, record_confirmation,
                                       record_warm_start, reopen_search_run)
 from ssl_tune.tracking.store import (DEFAULT_TRACKING_URI, check_reachable, client_for,
                                      existing_store_client, experiment_id, fluent_tracking_uri, log_metrics,

@@ -42,7 +42,7 @@ def checkpoint_on_disk(path: str):
 def checkpoint_of(client, run):
     """The local directory of a trial run's checkpoint (of its last evaluated epoch): Ray's copy, with the whole
     training state, when this machine sees it; else the export the trial uploaded to its run's artifacts
-    (`ssl_tune.trial_record`; downloaded to a temporary directory), with what `load_backbone` needs."""
+    (`ssl_tune.trial_uploads`; downloaded to a temporary directory), with what `load_backbone` needs."""
     import tempfile
 
     tagged = run.data.tags.get(TAG_CHECKPOINT)

@@ -1,7 +1,7 @@
 """The tags ssl-tune writes on its MLflow runs (namespaced so they never clash with MLflow's own);
 `ssl-tune resume`, `results` and `export` read them back."""
 
-from ssl_tune.trial_record import TAG_CHECKPOINT_ARTIFACT, TAG_TRIAL_ID  # noqa: F401  (written by the trial itself)
+from ssl_tune.trial_uploads import TAG_CHECKPOINT_ARTIFACT, TAG_TRIAL_ID  # noqa: F401  (written by the trial itself)
 
 TAG_KIND = "ssl_tune.kind"  # "search" on parents; on children "trial", or "confirmation" (`ssl_tune.confirmation`)
 KIND_TRIAL, KIND_CONFIRMATION = "trial", "confirmation"

@@ -255,12 +255,12 @@ class MlflowTrialLogger(Callback):
         self._submit_figures(trial)
 
     def _upload_missing_export(self, trial_id: str) -> None:
-        """The trial uploads the export of each epoch it may end on (`ssl_tune.trial_record`). Where it could
+        """The trial uploads the export of each epoch it may end on (`ssl_tune.trial_uploads`). Where it could
         not (the server was away, or its node does not see the store), write that export here from the checkpoint
         in Ray's storage and upload it, so that export and `load_backbone` work from any machine that reaches
         the tracking server. Retried like every update while the server is away; Ray's copy is never touched."""
         from ssl_tune.checkpoints import load, write_export
-        from ssl_tune.trial_record import EXPORT_ARTIFACT_DIR, TAG_EXPORT_EPOCH
+        from ssl_tune.trial_uploads import EXPORT_ARTIFACT_DIR, TAG_EXPORT_EPOCH
 
         run_id, source = self.runs[trial_id], self.evaluated_checkpoint.get(trial_id)
         tags = self.client.get_run(run_id).data.tags

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from ssl_tune import tracking, trial_record
+from ssl_tune import tracking, trial_uploads
 from ssl_tune.checkpoints import EXPORT_FILES
 from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import tiny_dataset, tiny_spec_dict, wait_for
@@ -35,7 +35,7 @@ def trained_export(tmp_path):
 def test_the_trial_uploads_its_export_without_optimizer_state_and_logs_system_metrics(tmp_path, trial_run):
     uri, client, parent, child = trial_run
     trainer, export = trained_export(tmp_path)
-    recorder = trial_record.TrialRecorder(uri, parent, "t1")
+    recorder = trial_uploads.TrialRecorder(uri, parent, "t1")
     deadline = time.monotonic() + 30
     while recorder.run_id is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -47,7 +47,7 @@ def test_the_trial_uploads_its_export_without_optimizer_state_and_logs_system_me
 
     run = client.get_run(child)
     assert run.data.tags[tracking.TAG_CHECKPOINT_ARTIFACT] == "export"
-    assert run.data.tags[trial_record.TAG_EXPORT_EPOCH] == "1"
+    assert run.data.tags[trial_uploads.TAG_EXPORT_EPOCH] == "1"
     assert {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(child, "export")} == set(EXPORT_FILES)
     heads = torch.load(client.download_artifacts(child, "export/head.pt", str(tmp_path)), weights_only=True)
     assert not [k for k in heads if k.startswith("backbone.")] and heads  # the head's weights only, no optimizer
@@ -63,7 +63,7 @@ def test_the_trial_uploads_its_export_without_optimizer_state_and_logs_system_me
 def test_training_never_waits_on_a_tracking_server_that_is_away(tmp_path, trial_run, monkeypatch):
     uri, client, parent, child = trial_run
     _, export = trained_export(tmp_path)
-    recorder = trial_record.TrialRecorder(uri, parent, "t1", system_metrics=False)
+    recorder = trial_uploads.TrialRecorder(uri, parent, "t1", system_metrics=False)
     deadline = time.monotonic() + 30
     while recorder.run_id is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -81,6 +81,6 @@ def test_training_never_waits_on_a_tracking_server_that_is_away(tmp_path, trial_
 
 
 def test_a_node_that_does_not_see_a_file_store_writes_nothing_to_it(tmp_path):
-    assert trial_record.reachable_here(f"sqlite:///{tmp_path}")
-    assert not trial_record.reachable_here(f"sqlite:///{tmp_path}/elsewhere/mlflow.db")
-    assert trial_record.reachable_here("http://mlflow:5000") and trial_record.reachable_here("postgresql+psycopg2://db/x")
+    assert trial_uploads.reachable_here(f"sqlite:///{tmp_path}")
+    assert not trial_uploads.reachable_here(f"sqlite:///{tmp_path}/elsewhere/mlflow.db")
+    assert trial_uploads.reachable_here("http://mlflow:5000") and trial_uploads.reachable_here("postgresql+psycopg2://db/x")

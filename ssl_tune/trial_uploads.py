@@ -1,4 +1,4 @@
-"""What a trial writes to its own MLflow run from its own process; the driver's callback
+"""What a trial uploads to its own MLflow run from its own process; the driver's callback
 (`ssl_tune.tracking.MlflowTrialLogger`) writes everything else.
 
 * **System metrics**: MLflow's own monitor (CPU, memory, disk, network, and GPU utilisation and memory
