@@ -12,6 +12,10 @@ if TYPE_CHECKING:  # the package imports nothing heavy until a function is calle
     from ssl_tune.spec import SpecBase
     from trainers.loop import TrainResult
 
+from ssl_tune import moved_modules
+
+moved_modules.install()  # a search saved by an earlier version names classes by their old module paths
+
 try:
     __version__ = version("ssl-tune")
 except PackageNotFoundError:  # running from a source tree without installing

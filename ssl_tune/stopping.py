@@ -21,9 +21,13 @@ class StopWhenStorageFull(Callback):
     reads which trial met it from the results (`storage_full_message`); this callback, which Tune pickles with
     the Tuner and a resume unpickles, holds only the storage path whose reserve it releases."""
 
+    # Class defaults: an instance an earlier version pickled (a search resumed after an upgrade) has neither;
+    # it stops the search all the same, without releasing the reserve it cannot find.
+    storage: StoragePath | None = None
+    stopping = False
+
     def __init__(self, storage: StoragePath) -> None:
         self.storage = storage
-        self.stopping = False
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         self.stopping = False  # (a resumed search's copy was pickled before or after a stop)
@@ -33,7 +37,8 @@ class StopWhenStorageFull(Callback):
 
         if result.get(STORAGE_FULL_KEY) and not self.stopping:
             self.stopping = True
-            SpaceReserve.release(self.storage)  # room for Tune's last save of its state, as it stops
+            if self.storage is not None:
+                SpaceReserve.release(self.storage)  # room for Tune's last save of its state, as it stops
             os.kill(os.getpid(), signal.SIGUSR1)
 
 

@@ -24,6 +24,7 @@ import yaml
 from ssl_tune import budget, checkpoints, cluster, process_env, replay, search_folder, storage_checks, tracking, warm_start
 from ssl_tune.algorithms import build_scheduler, build_search_algorithm
 from ssl_tune.confirmation import confirmation_configs
+from ssl_tune.moved_modules import moved_attribute
 from ssl_tune.space import CONFIRMATION_KEY, field_values
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.stage import SearchOutcome, Stage, confirmation_dirname, search_dirname, trainable
@@ -317,3 +318,7 @@ def _record_confirmation(stage: Stage, interrupted: bool) -> SearchOutcome:
         return stage.outcome(rows, None, interrupted=True, in_confirmation=True, **common)
     table, verdict, winner = tracking.record_confirmation(client, parent_id, stage.spec)
     return stage.outcome(rows, winner, confirmation=table, verdict=verdict, **common)
+
+
+def __getattr__(name: str) -> Any:  # what an earlier version's saved Tune state names here (`moved_modules`)
+    return moved_attribute(__name__, name)

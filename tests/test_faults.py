@@ -86,6 +86,33 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_get_one_whole_store(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no scratch store left behind
 
 
+def test_a_search_saved_by_an_earlier_version_restores_its_tune_state():
+    """Tune pickles a search's callbacks, searcher and spec classes by module path (tuner.pkl, the searcher's
+    state). Those of a search saved at b86332d, before ssl_tune/spec/ and ssl_tune/stage.py, load: a search
+    interrupted before an upgrade resumes after it (`ssl_tune.moved_modules`)."""
+    import pickle
+
+    from ssl_tune import stage
+    from ssl_tune.console import ConsoleTable
+    from ssl_tune.space import SearchSpace
+    from ssl_tune.stopping import StopWhenStorageFull
+
+    saved = Path(__file__).parent / "data" / "saved_at_b86332d"
+    state = pickle.loads((saved / "tuner.pkl").read_bytes())
+    logger, stop, console = state["_run_config"].callbacks
+    assert (type(logger), type(stop), type(console)) == (tracking.MlflowTrialLogger, StopWhenStorageFull, ConsoleTable)
+    assert state["_tune_config"].trial_dirname_creator is stage.search_dirname
+    stop.setup()
+    stop.on_trial_result(0, [], None, {"epoch": 1.0})  # (an epoch, not a full disk: nothing to do)
+    assert stop.storage is None and not stop.stopping
+    searcher = pickle.loads((saved / "searcher-state.pkl").read_bytes())
+    assert isinstance(searcher["_space"], SearchSpace) and searcher["_ot_study"].trials
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        import ssl_tune.tuning
+
+        ssl_tune.tuning.no_such_name  # noqa: B018  (only the names that moved are found)
+
+
 # --- a worker dies -----------------------------------------------------------------------------
 
 

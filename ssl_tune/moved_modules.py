@@ -1,0 +1,57 @@
+"""Module paths of earlier versions, still importable. A search's saved Tune state (tuner.pkl, the searcher's
+state) names the classes and functions it pickled by their module path: a search interrupted before an upgrade
+of ssl-tune and resumed after it must find them where they now live. New code imports the new paths."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Any
+
+# old path -> where it lives now
+MOVED = {
+    "ssl_tune.ranges": "ssl_tune.spec.ranges",
+    "ssl_tune.search_spec": "ssl_tune.spec.search",
+    "ssl_tune.specfile": "ssl_tune.spec.files",
+    "ssl_tune.spec_reference": "ssl_tune.spec.reference",
+    "ssl_tune.trial_record": "ssl_tune.trial_uploads",
+    "ssl_tune.tracking.record": "ssl_tune.tracking.search_run",
+}
+
+# module -> {old name -> "new.module.name"}: functions that moved out of a module that stays
+MOVED_ATTRIBUTES = {
+    "ssl_tune.tuning": {"_search_dirname": "ssl_tune.stage.search_dirname",
+                        "_confirmation_dirname": "ssl_tune.stage.confirmation_dirname"},
+}
+
+
+def moved_attribute(module: str, name: str) -> Any:
+    """A module's `__getattr__` for the names that moved out of it (PEP 562); else AttributeError."""
+    target = MOVED_ATTRIBUTES.get(module, {}).get(name)
+    if target is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    where, _, attribute = target.rpartition(".")
+    return getattr(importlib.import_module(where), attribute)
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an old path as the module that now holds it (the same module object, not a copy)."""
+
+    def find_spec(self, fullname: str, path=None, target=None) -> importlib.machinery.ModuleSpec | None:
+        return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED else None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        return importlib.import_module(MOVED[spec.name])
+
+    def exec_module(self, module: ModuleType) -> None:
+        pass  # the module it stands for is already executed
+
+
+def install() -> None:
+    """Make the old paths importable in this process (once; `ssl_tune` does it on import)."""
+    if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+        sys.meta_path.append(_MovedModules())
