@@ -318,6 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         dataset, info = open_dataset(_data_section(folder, size, work / "cache"))
         prepare_s = time.perf_counter() - start
+        if info is None:  # (an image folder always has a cache)
+            raise SystemExit(f"data: no cache was built for {folder}")
         images = sum(s["shape"][0] for s in info.manifest["splits"].values())
         prepare_rate = images / prepare_s
         print(f"   {prepare_rate:,.0f} img/s; DataLoader pass again", flush=True)

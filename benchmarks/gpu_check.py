@@ -110,7 +110,8 @@ def measure(dataset, size: int, resident: bool, args: argparse.Namespace) -> dic
            "peak_device_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "eval_s": eval_s, "eval_ms_per_image": 1000 * eval_per_image,
            "eval_share_here": eval_s / (len(dataset.train_images) / rate),
-           "eval_share_imagenet": (spec.evaluation.bank_size + IMAGENET_VAL) * eval_per_image / (IMAGENET_TRAIN / rate)}
+           "eval_share_imagenet": ((spec.evaluation.bank_size or IMAGENET_TRAIN) + IMAGENET_VAL) * eval_per_image
+           / (IMAGENET_TRAIN / rate)}
     del trainer
     if cuda:
         torch.cuda.empty_cache()
@@ -211,8 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"here, {100 * row['eval_share_imagenet']:.1f} % on ImageNet-1k)", flush=True)
             del dataset
     for size in args.sizes:
-        streamed, resident = (next(r for r in rows if r["size"] == size and r["mode"] == m) for m in ("streamed", "resident"))
-        streamed["streamed_over_resident"] = streamed["images_per_s"] / resident["images_per_s"]
+        streamed_row, resident_row = (next(r for r in rows if r["size"] == size and r["mode"] == m)
+                                      for m in ("streamed", "resident"))
+        streamed_row["streamed_over_resident"] = streamed_row["images_per_s"] / resident_row["images_per_s"]
     method_rows = methods_rows(args)
     return {"device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "backbone": args.backbone, "batch_size": args.batch_size, "images": args.images,

@@ -49,6 +49,8 @@ def trial_accuracies(client, parent, banks: list[int]) -> list[dict[str, Any]]:
         trainer.method.load_state_dict(state["model"])
         d = trainer.dataset
         train, test = trainer._features("train", None), trainer._features("test", None)
+        if train is None or test is None:  # (one process: rank 0 holds the features)
+            raise SystemExit("knn-bank: no features extracted")
         row = {"run_id": run.info.run_id, "epoch": state["epoch"], "classes": d.num_classes,
                "logged_knn_top1": run.data.metrics.get("knn_top1")}
         for size in [len(train), *banks]:

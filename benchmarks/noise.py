@@ -45,7 +45,8 @@ def measure(table_path: Path, every: int, seeds: int, processes: int, out: Path)
     table = json.loads(table_path.read_text())
     spec = load_spec(common.REPO / table["spec"], [*table["overrides"], "evaluation.linear_probe=false",
                                                    "evaluation.eval_every=1"])
-    runs = json.loads(out.read_text()) if out.exists() else {"table": common.repo_relative(table_path), "runs": []}
+    runs: dict[str, Any] = (json.loads(out.read_text()) if out.exists()
+                            else {"table": common.repo_relative(table_path), "runs": []})
     done = {json.dumps([r["values"], r["seed"]], sort_keys=True) for r in runs["runs"]}
     seeds_to_run = [spec.training.seed + s for s in range(1, seeds + 1)]  # fresh: the grid was trained on the spec's seed
     todo = [(point, seed) for point in subgrid(table, every) for seed in seeds_to_run

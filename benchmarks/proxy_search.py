@@ -114,9 +114,9 @@ def run_proxy(args: argparse.Namespace) -> dict[str, Any]:
 
     train_images = len(load_bundled().ssl_images)
     overrides = list(args.set or [])
-    full = load_spec(SPEC, overrides)  # the setting the full pipeline searches and confirms at
-    confirm_full = (f"search.confirm.overrides={{training.epochs: {full.training.epochs}, "
-                    f"data.subset: {'null' if full.data.subset is None else full.data.subset}}}")
+    full_spec = load_spec(SPEC, overrides)  # the setting the full pipeline searches and confirms at
+    confirm_full = (f"search.confirm.overrides={{training.epochs: {full_spec.training.epochs}, "
+                    f"data.subset: {'null' if full_spec.data.subset is None else full_spec.data.subset}}}")
     with _work_dir("ssl-tune-proxy-") as work:
         full_s = _search(work, "full", overrides)
         proxy_s = _search(work, "proxy", [*overrides, *args.proxy, confirm_full])

@@ -56,7 +56,7 @@ def measure(spec_path: str, trials: int, epochs: int, workers: int) -> dict[str,
         ]
         spec = load_spec(spec_path, overrides)
         start = time.perf_counter()
-        outcome = run_search(spec, spec_source=spec_path, name="overhead", verbose=0)
+        outcome = run_search(spec, spec_source=spec_path, name="overhead", verbose=False)
         search_s = time.perf_counter() - start
 
         client = tracking.client_for(outcome.tracking_uri)

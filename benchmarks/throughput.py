@@ -30,6 +30,7 @@ import torch
 
 from benchmarks import common
 from ssl_tune.spec.files import load_spec
+from trainers.base import Method
 from trainers.loop import Reporter, Trainer
 from trainers.optim import build_optimizers
 
@@ -50,7 +51,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _bare_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], trainer: Trainer, views) -> None:
+def _bare_step(model: Method, optimizers: list[torch.optim.Optimizer], trainer: Trainer, views) -> None:
     if trainer.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     autocast = (torch.autocast(trainer.device.type, dtype=trainer.autocast_dtype) if trainer.autocast_dtype
@@ -65,7 +66,7 @@ def _bare_step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], 
     model.after_optimizer_step(0.5)  # the method's own per-step work (EMA teachers); a no-op for TWIST
 
 
-def bare_epoch(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], trainer: Trainer, epoch: int) -> float:
+def bare_epoch(model: Method, optimizers: list[torch.optim.Optimizer], trainer: Trainer, epoch: int) -> float:
     """One epoch of the simplest possible loop; returns images/s."""
     model.train()
     steps = 0

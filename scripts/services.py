@@ -32,6 +32,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -136,7 +137,7 @@ def start_postgres(directory: Path, port: int | None = None, timeout: float = 60
     state_file = directory / "postgres.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     as_nobody = os.geteuid() == 0
-    ids = {"user": 65534, "group": 65534} if as_nobody else {}
+    ids: dict[str, Any] = {"user": 65534, "group": 65534} if as_nobody else {}  # subprocess's user= and group=
     if "data" not in state:
         import tempfile
 

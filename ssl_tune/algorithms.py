@@ -118,7 +118,8 @@ class MethodwiseASHA(FIFOScheduler):
 
     def __init__(self, **asha: Any) -> None:
         super().__init__()
-        self.asha, self.by_method = asha, {}
+        self.asha = asha
+        self.by_method: dict[str, Any] = {}  # a method name -> its own ASHA scheduler
 
     def _for(self, trial):
         from ray.tune.schedulers import ASHAScheduler

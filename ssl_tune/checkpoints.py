@@ -82,9 +82,10 @@ def disk_full(exc: BaseException) -> bool:
     number (Python's and pyarrow's OSError carry it) or a checkpoint's `CheckpointError.disk_full`, which
     keeps it across Ray's process boundary; never by the message's words."""
     seen: list[BaseException] = []
-    while exc is not None and len(seen) < 10 and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    link: BaseException | None = exc
+    while link is not None and len(seen) < 10 and link not in seen:
+        seen.append(link)
+        link = link.__cause__ or link.__context__
     return any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
                or (isinstance(e, CheckpointError) and e.disk_full) for e in seen)
 
@@ -165,7 +166,7 @@ def write_export(out: Path, state: dict[str, Any], **about: Any) -> Path:
     (out / SPEC_FILE).write_text(yaml.safe_dump(state["spec"], sort_keys=False))
     (out / INPUT_FILE).write_text(json.dumps(state["input"], indent=2))
     epoch = state["epoch"]
-    metrics = next((h for h in state["history"] if int(h["epoch"]) == epoch), {})
+    metrics: dict[str, float] = next((h for h in state["history"] if int(h["epoch"]) == epoch), {})
     (out / METRICS_FILE).write_text(json.dumps({**about, "epoch": epoch, "metrics": metrics}, indent=2))
     return out
 

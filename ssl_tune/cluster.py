@@ -7,6 +7,7 @@ A failed check is the user's to fix: it raises `SpecError` (exit 2) naming the f
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import sys
@@ -24,6 +25,8 @@ def tune_trial_resources(spec: SpecBase) -> dict[str, float]:
     """What the Tune trial itself reserves: the whole work for one worker, else only the Train driver
     (Ray Train's workers reserve their own resources)."""
     r = spec.resources
+    if r.gpus_per_worker == "auto":  # (`resolve_gpus` sets it before any trial)
+        raise ValueError("resources.gpus_per_worker is still 'auto'")
     if r.num_workers == 1:
         return {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
     return {"CPU": TRAIN_DRIVER_CPU, "GPU": 0.0}
@@ -174,12 +177,12 @@ def init_ray(address: str | None, *, log_to_driver: bool = True) -> str:
         if address:
             check_address_answers(address)
             try:
-                ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
             except ConnectionError as exc:  # e.g. "auto" with no cluster on this machine
                 raise SpecError(f"--address {address}: {str(exc).splitlines()[0]}") from None
         else:
             # "local": a new instance even if a `ray start` cluster runs on this machine.
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=log_to_driver)
     return address or "local"
 
@@ -276,7 +279,7 @@ def prepare_data(spec: SpecBase, nodes: list[dict[str, Any]], *, refresh: bool =
     if _check_bundled_batch(spec):
         return None
     targets = trial_nodes(spec, nodes)
-    board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
+    board: Any = ray.remote(num_cpus=0)(_ProgressBoard).remote()  # an actor handle (Ray's stubs type it as the class)
     task = ray.remote(_build_cache_on_node)
     refs = {task.options(num_cpus=n["CPU"], scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False))
             .remote(spec.data, refresh, max(1, int(n["CPU"])), board): n for n in targets}

@@ -31,12 +31,20 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def _world() -> dist.ProcessGroup:
+    """The default process group (there is one once `is_distributed()`)."""
+    group = dist.group.WORLD
+    if group is None:
+        raise RuntimeError("torch.distributed has no default process group")
+    return group
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (equally many rank-local rows) from all ranks in rank order, keeping gradients:
     the backward pass sums every rank's gradient for this rank's rows (torch's autograd collectives)."""
     if not is_distributed():
         return x
-    return collectives.all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD)
+    return collectives.all_gather_tensor_autograd(x.contiguous(), 0, _world())
 
 
 @torch.no_grad()
@@ -116,18 +124,19 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, channels] + [1] * (x.dim() - 2)
         xf = x.float()
         local_count = torch.full((1,), x.numel() / channels, dtype=torch.float32, device=x.device)
-        sums = collectives.all_reduce(torch.cat([xf.sum(dims), local_count]), "sum", dist.group.WORLD)
+        sums = collectives.all_reduce(torch.cat([xf.sum(dims), local_count]), "sum", _world())
         count = sums[-1]
         mean = sums[:channels] / count
         centred = xf - mean.view(shape)
-        var = collectives.all_reduce((centred * centred).sum(dims), "sum", dist.group.WORLD) / count
-        if self.track_running_stats:
+        var = collectives.all_reduce((centred * centred).sum(dims), "sum", _world()) / count
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if tracked is not None and running_mean is not None and running_var is not None:  # track_running_stats
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                tracked.add_(1)
+                factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
+                running_mean.lerp_(mean.detach().to(running_mean.dtype), factor)
                 unbiased = var.detach() * count / (count - 1).clamp_min(1)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+                running_var.lerp_(unbiased.to(running_var.dtype), factor)
         y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)

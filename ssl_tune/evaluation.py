@@ -139,15 +139,17 @@ def knn_ranking(
     ranked = []
     for start in range(0, len(test), chunk_size):
         query = test[start : start + chunk_size]
-        best_sim = best_idx = None
+        best: tuple[torch.Tensor, torch.Tensor] | None = None  # the running top-k: similarities and bank rows
         for b in range(0, len(train), bank_chunk):
             sim, idx = (query @ train[b : b + bank_chunk].T).topk(min(k, len(train) - b), dim=1)
             idx += b
-            if best_sim is not None:
-                sim, idx = torch.cat([best_sim, sim], 1), torch.cat([best_idx, idx], 1)
+            if best is not None:
+                sim, idx = torch.cat([best[0], sim], 1), torch.cat([best[1], idx], 1)
                 sim, pick = sim.topk(k, dim=1)
                 idx = idx.gather(1, pick)
-            best_sim, best_idx = sim, idx
+            best = sim, idx
+        assert best is not None  # (a bank of at least one row)
+        best_sim, best_idx = best
         votes = torch.zeros(len(query), num_classes, device=train.device)
         votes.scatter_add_(1, train_labels[best_idx], (best_sim / temperature).exp())
         ranked.append(votes.argsort(dim=1, descending=True))
@@ -242,7 +244,8 @@ def save_arrays(path: Path, arrays: dict[str, Any]) -> None:
 
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **{k: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in arrays.items()})
+        named: dict[str, Any] = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in arrays.items()}
+        np.savez(f, **named)
     os.replace(tmp, path)
 
 

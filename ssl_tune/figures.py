@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -29,7 +30,7 @@ Figure = matplotlib.figure.Figure
 
 
 # How every figure is written, to a folder or to MLflow: the whole picture, labels and legends included.
-SAVE_KWARGS = {"dpi": 110, "bbox_inches": "tight"}
+SAVE_KWARGS: dict[str, Any] = {"dpi": 110, "bbox_inches": "tight"}
 
 
 def save_figure(fig: Figure, path: Path) -> None:
@@ -52,8 +53,8 @@ def embedding_figure(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[s
                         s=4, alpha=0.7)
     named = class_names is not None and len(class_names) <= NAMED_CLASSES
     # One entry per class when they are named; else matplotlib's few evenly spaced labels (1,000 classes).
-    handles, numbers = points.legend_elements(num=None if named else "auto")
-    if named:
+    handles, numbers = points.legend_elements(num=None if named else "auto")  # type: ignore[arg-type]  # None: every class
+    if named and class_names is not None:
         numbers = [class_names[int(c)] for c in sorted(set(labels.tolist()))][: len(handles)]
     fig.legend(handles, numbers, title="class", fontsize=7, loc="outside right upper", markerscale=0.8)
     ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
@@ -106,9 +107,10 @@ def loss_terms_figure(histories: Mapping[str, Sequence[tuple[int, float]]], titl
 
 
 # How each way a trial can end looks at the end of its curve.
-END_MARKERS = {"finished": dict(marker="o", markersize=7),  # reached the last epoch (filled)
-               "stopped": dict(marker="s", markersize=7, markerfacecolor="white", markeredgewidth=1.5),  # hollow square
-               "failed": dict(marker="X", markersize=10, color="red")}
+END_MARKERS: dict[str, dict[str, Any]] = {
+    "finished": dict(marker="o", markersize=7),  # reached the last epoch (filled)
+    "stopped": dict(marker="s", markersize=7, markerfacecolor="white", markeredgewidth=1.5),  # hollow square
+    "failed": dict(marker="X", markersize=10, color="red")}
 
 
 def learning_curves_figure(curves: Sequence[tuple[str, Sequence[tuple[int, float]], str]], metric: str, mode: str,

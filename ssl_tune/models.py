@@ -105,6 +105,12 @@ def backbone_from_spec(backbone: BackboneSettings, in_channels: int, image_size:
                           cifar_stem=resolve_cifar_stem(backbone, image_size), kwargs=backbone.kwargs)
 
 
+def feature_dim(backbone: nn.Module) -> int:
+    """A backbone's feature size: the `output_dim` every backbone carries (`build_backbone`). (Read from the
+    instance's own attributes: nn.Module types every other attribute as a tensor or a module.)"""
+    return int(vars(backbone)["output_dim"])
+
+
 def build_backbone(name: str, in_channels: int, *, width: int = 32, cifar_stem: bool = False,
                    kwargs: dict[str, Any] | None = None) -> nn.Module:
     """A backbone mapping images to pooled features; `.output_dim` is the feature size."""
@@ -139,20 +145,27 @@ def _replace_first_conv(net: nn.Module, in_channels: int) -> None:
     """Give the model's first convolution `in_channels` inputs (torchvision's take RGB)."""
     for name, conv in net.named_modules():
         if isinstance(conv, nn.Conv2d):
-            new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+            padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+            new = nn.Conv2d(in_channels, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride), padding,
+                            _pair(conv.dilation), conv.groups, conv.bias is not None, conv.padding_mode)
             net.set_submodule(name, new)
             return
+
+
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    return value[0], value[1]
 
 
 def _remove_classifier(net: nn.Module, name: str) -> int:
     """Replace the last Linear layer of torchvision's classification head with Identity; returns its input size."""
     for attribute in CLASSIFIER_ATTRIBUTES:
         head = getattr(net, attribute, None)
+        if head is None:
+            continue
         if isinstance(head, nn.Linear):
             setattr(net, attribute, nn.Identity())
             return head.in_features
-        linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)] if head is not None else []
+        linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
         if linears:
             inner, last = linears[-1]
             head.set_submodule(inner, nn.Identity())

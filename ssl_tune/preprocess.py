@@ -55,6 +55,9 @@ class Preprocess(nn.Module):
     centre cropped, as the data cache did with the training images.
     """
 
+    mean: torch.Tensor  # buffers: the channel statistics, on the device the transform is moved to
+    std: torch.Tensor
+
     def __init__(self, contract: InputContract) -> None:
         super().__init__()
         self.contract = contract

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ssl_tune.spec import Choice, IntRange, LogUniform, SpecBase, Uniform, range_default
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # (pydantic's dependency; Python 3.13 has it in typing)
 
 # Optuna names a branch's sub-range "field.path|value", so each branch has its own distribution.
 BRANCH_SEPARATOR = "|"
@@ -154,7 +157,7 @@ def param_value(text: str | None, r: Uniform | LogUniform | IntRange | Choice | 
 # and ASHA receive from Tune, what a researcher would train to, and what `ssl-tune train` reports.
 
 
-def counts(value: float | None) -> bool:
+def counts(value: float | None) -> TypeIs[float]:
     """Whether an objective value can be compared (a number, not NaN)."""
     return value is not None and not math.isnan(value)
 

@@ -61,7 +61,7 @@ class RayReporter(Reporter):
                  storage: str = "", recorder: TrialRecorder | None = None) -> None:
         self.report, self.checkpoint_class, self.extra = report, checkpoint_class, extra or {}
         self.storage = storage  # where Ray keeps this trial's checkpoints (for error messages; "": Tune's trial directory)
-        self.once: dict[str, float] = {}  # sent with the next result only
+        self.once: dict[str, float | str] = {}  # sent with the next result only
         self.recorder, self.trainer = recorder, None
 
     def on_start(self, trainer) -> None:
@@ -152,7 +152,8 @@ def train_worker(config: dict[str, Any]) -> None:
         import ray.train.torch
         import torch.distributed as dist
 
-        api, device = ray.train, ray.train.torch.get_device()
+        api: Any = ray.train  # (or ray.tune below: both give get_checkpoint, report and Checkpoint)
+        device = ray.train.torch.get_device()
         nodes: list[str] = [""] * dist.get_world_size()
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
         extra["worker_nodes"] = float(len(set(nodes)))  # how many Ray nodes this trial's workers sit on
@@ -331,25 +332,27 @@ def _fit_train_run(spec: SpecBase, payload: dict[str, Any], name: str, run_dir: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     r = spec.resources
+    gpus = r.gpus_per_worker
+    if gpus == "auto":  # (the driver resolves it before any trial: `cluster.resolve_gpus`)
+        raise ValueError("resources.gpus_per_worker is still 'auto' in a trial")
     TorchTrainer(
         train_worker,
         train_loop_config={**payload, "via": "train", "run_dir": str(run_dir),
                            "checkpoints_in": f"{storage.experiment_fs_path}/{name}"},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0, placement_strategy=r.placement_strategy,
-            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})},
+            num_workers=r.num_workers, use_gpu=gpus > 0, placement_strategy=r.placement_strategy,
+            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
         ),
         run_config=ray.train.RunConfig(
             name=name,  # fixed per trial: a retried or resumed trial finds its checkpoints
             storage_path=storage.experiment_fs_path, storage_filesystem=storage.storage_filesystem,
-            callbacks=[TuneReportCallback()],
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # Ray's own callback; its stubs name another base
             checkpoint_config=checkpoint_config(train=True),
             # A dead worker or node, or workers that cannot be placed within the worker-group start
             # timeout: the run fails at once and Tune restarts the trial (search.max_failures) from
             # the latest checkpoint, the same way as a single-worker trial. The restart is then
             # visible (console, MLflow), and leftover placement groups are removed in between.
-            # (Ray Train's own FailureConfig takes it; the type stubs describe Tune's)
-            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),  # type: ignore[call-arg]
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=0),  # type: ignore[call-arg]  # Train's own takes it; the stubs describe Tune's
         ),
     ).fit()
 

@@ -183,7 +183,7 @@ def _run_stages(stage: Stage, tuner, *, confirming: bool, resumed: bool) -> Sear
         results, interrupted = _fit(tuner, stage, resumed=resumed)
         with _tracking_complete(stage):
             outcome, configs = _record_search(results, stage, interrupted)
-            if not configs:
+            if outcome is not None:  # (no confirmation stage)
                 return outcome
             stage = _confirmation_stage(stage)
             tuner = _confirmation_tuner(stage, configs)
@@ -269,8 +269,8 @@ def _confirmation_tuner(stage: Stage, configs: list[dict[str, Any]]):
     from ssl_tune.console import ConsoleTable
 
     spec, name = stage.spec, f"{stage.folder}-confirm"
-    confirm = spec.search.confirm
-    at = f", at {_overrides_text(stage.search_spec)}" if stage.search_spec.search.confirm.overrides else ""
+    confirm, searched = spec.search.confirm, stage.search_spec or stage.spec
+    at = f", at {_overrides_text(searched)}" if searched.search.confirm.overrides else ""
     print(f"\nconfirmation: the {confirm.top_k} best configuration(s){' and the default' if confirm.default else ''} "
           f"re-trained on {confirm.seeds} fresh seeds ({len(configs)} trials of {spec.training.epochs} epochs{at})",
           file=sys.__stdout__, flush=True)

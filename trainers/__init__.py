@@ -93,7 +93,7 @@ def _spec_model(path: tuple[Path, ...]) -> type[SpecBase]:
         Union[tuple(Annotated[m.Config, Tag(name)] for name, m in found.items()) + (Annotated[MethodChoice, Tag(CHOICE)],)],
         Discriminator(_method_tag, custom_error_type="unknown_method",
                       custom_error_message=f"unknown method; allowed: {names}, or a choice over them")]
-    return create_model("Spec", __base__=SpecBase, method=(method_type, ...))
+    return create_model("Spec", __base__=SpecBase, method=(method_type, ...))  # type: ignore[arg-type]  # (the same)
 
 
 CHOICE = "choice"

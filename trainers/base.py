@@ -11,6 +11,7 @@ from torch import nn
 
 from ssl_tune.data.augment import ViewAugmentation, spec_views
 from ssl_tune.spec import AugmentationSpec, MethodConfig, ProjectorSpec
+from ssl_tune.models import feature_dim
 
 
 class Diverged(RuntimeError):
@@ -67,6 +68,7 @@ class Method(nn.Module, abc.ABC, Generic[ConfigT]):
         super().__init__()
         self.config: ConfigT = config
         self.backbone = backbone
+        self.feature_dim = feature_dim(backbone)  # the size of the backbone's features, what the heads take
         self.seed = seed
 
     def view_augmentations(self, augmentation: AugmentationSpec) -> list[ViewAugmentation]:

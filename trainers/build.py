@@ -9,7 +9,7 @@ import torch
 
 from ssl_tune import distributed
 from ssl_tune.data.cache import network_input
-from ssl_tune.models import backbone_from_spec
+from ssl_tune.models import backbone_from_spec, feature_dim
 from ssl_tune.spec import SpecBase, SpecError
 from trainers import methods
 from trainers.base import Method
@@ -34,7 +34,10 @@ def build_method(spec: SpecBase, in_channels: int | None = None, device: torch.d
         raise SpecError(f"backbone.name {spec.backbone.name!r} with backbone.kwargs {spec.backbone.kwargs or {}} cannot "
                         f"be built: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     method = methods()[spec.method.name](spec.method, backbone, spec.projector, spec.training.seed)
-    return distributed.convert_batchnorm(method, device or torch.device("cpu"))
+    converted = distributed.convert_batchnorm(method, device or torch.device("cpu"))
+    if not isinstance(converted, Method):  # (only a batch-norm layer itself is replaced, never its parent)
+        raise TypeError(f"converting {type(method).__name__}'s batch norm replaced the method itself")
+    return converted
 
 
 # Backbones up to this many parameters (0.12 GB in float32) are checked by a real forward pass on the CPU:
@@ -63,7 +66,8 @@ def check_backbone(spec: SpecBase) -> tuple[int, int]:
             raise SpecError(f"backbone.name {spec.backbone.name!r} does not take {channels} x {size} x {size} images "
                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); for a ViT set "
                             f"backbone.kwargs (timm: {{img_size: {size}}}; torchvision: {{image_size: {size}}})") from None
-    if tuple(features.shape) != (2, backbone.output_dim):
+    dim = feature_dim(backbone)
+    if tuple(features.shape) != (2, dim):
         raise SpecError(f"backbone.name {spec.backbone.name!r} gives features of shape {tuple(features.shape[1:])} "
-                        f"where ssl-tune expects ({backbone.output_dim},): it needs pooled features")
-    return backbone.output_dim, parameters
+                        f"where ssl-tune expects ({dim},): it needs pooled features")
+    return dim, parameters

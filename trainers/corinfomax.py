@@ -61,6 +61,11 @@ class CorInfoMaxLoss(nn.Module):
     positive definite raises `Diverged` with the reason instead of returning NaN.
     """
 
+    R1: torch.Tensor  # buffers (registered below): each view's running covariance and mean
+    R2: torch.Tensor
+    mu1: torch.Tensor
+    mu2: torch.Tensor
+
     def __init__(self, dim: int, *, alpha: float, eps: float, la_R: float, la_mu: float, R_ini: float = 1.0) -> None:
         super().__init__()
         self.dim, self.alpha, self.eps, self.la_R, self.la_mu = dim, alpha, eps, la_R, la_mu
@@ -106,7 +111,7 @@ class CorInfoMax(Method[CorInfoMaxConfig]):
     def __init__(self, config: CorInfoMaxConfig, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
         super().__init__(config, backbone, projector, seed)
         p, c = projector, self.config
-        self.projector = mlp(backbone.output_dim, p.hidden_dim, p.output_dim, p.num_layers,
+        self.projector = mlp(self.feature_dim, p.hidden_dim, p.output_dim, p.num_layers,
                              batch_norm=c.projector_batch_norm, last_bias=False)
         self.criterion = CorInfoMaxLoss(p.output_dim, alpha=c.alpha, eps=c.eps, la_R=c.la_R, la_mu=c.la_mu, R_ini=c.R_ini)
 

@@ -74,10 +74,13 @@ class ISD(Method[ISDConfig]):
     name = "isd"
     Config = ISDConfig
 
+    bank: torch.Tensor  # buffers (registered in __init__): the memory bank of teacher keys, and where it writes next
+    bank_ptr: torch.Tensor
+
     def __init__(self, config: ISDConfig, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
         super().__init__(config, backbone, projector, seed)
         p = projector
-        self.projector = mlp(backbone.output_dim, p.hidden_dim, p.output_dim, p.num_layers)
+        self.projector = mlp(self.feature_dim, p.hidden_dim, p.output_dim, p.num_layers)
         self.predictor = mlp(p.output_dim, p.hidden_dim, p.output_dim, 2)
         self.teacher = frozen_copy(self.backbone, self.projector)
         self.register_buffer("bank", F.normalize(torch.randn(self.config.bank_size, p.output_dim), dim=1))

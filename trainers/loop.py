@@ -34,7 +34,7 @@ from trainers.optim import build_optimizers, warmup_cosine
 
 CHECKPOINT_FORMAT = 1
 
-CheckpointWriter = Callable[[Path], None]
+CheckpointWriter = Callable[[Path], Path]  # writes a checkpoint into the directory; returns its file
 
 
 class DeviceOutOfMemory(RuntimeError):
@@ -103,6 +103,7 @@ class Trainer:
         self.loader = self._view_loader()
         # The labelled training images evaluation uses (`evaluation.bank_size`), the same every epoch; with
         # `data.subset` of labelled images, drawn from the subset (the images the trial learnt from).
+        self.bank: torch.Tensor | None  # the bank's rows; None: every training image
         if self.subset is not None and d.pretrain_images is None:
             within = bank_rows(d.train_labels[self.subset], spec.evaluation.bank_size)
             self.bank = self.subset if within is None else self.subset[within]
@@ -216,9 +217,10 @@ class Trainer:
         labels = self.dataset.train_labels
         return labels if self.bank is None else labels[self.bank]
 
-    def features(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The bank's and the test split's features, on rank 0 (None on the others)."""
-        return self._features("train", self.bank), self._features("test", None)
+    def features(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The bank's and the test split's features, on rank 0 (None on the others, which extract their shards)."""
+        train, test = self._features("train", self.bank), self._features("test", None)
+        return (train, test) if train is not None and test is not None else None
 
     def knn(self, train_features: torch.Tensor, test_features: torch.Tensor) -> torch.Tensor:
         """The kNN classifier's class ranking for every test image (N x C, best first), against the bank."""
@@ -257,8 +259,9 @@ class Trainer:
                 metrics["rankme"] = rankme(sample)
             return distributed.broadcast_from_first(metrics)
         reporter.on_phase(f"epoch {self.epoch}: features and kNN")
-        train_features, test_features = self.features()
-        if train_features is not None:  # rank 0
+        features = self.features()
+        if features is not None:  # rank 0
+            train_features, test_features = features
             with self.out_of_memory("evaluation", "lower evaluation.bank_size"):
                 ranked = self.knn(train_features, test_features)
                 metrics["knn_top1"], metrics["knn_top5"] = ranking_accuracy(ranked, d.test_labels)
@@ -362,9 +365,9 @@ class Trainer:
         if not self.baseline:
             # The same architecture at initialisation: the number any SSL run must beat.
             reporter.on_phase("kNN of the network at initialisation (the baseline)")
-            train_features, test_features = self.features()
-            if train_features is not None:
-                top1, top5 = ranking_accuracy(self.knn(train_features, test_features), self.dataset.test_labels)
+            features = self.features()
+            if features is not None:
+                top1, top5 = ranking_accuracy(self.knn(*features), self.dataset.test_labels)
                 self.baseline = {"knn_top1_random_init": top1, "knn_top5_random_init": top5}
             self.baseline = distributed.broadcast_from_first(self.baseline)
         reporter.on_start(self)

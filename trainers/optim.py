@@ -26,7 +26,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):  # type: ignore[override]  # torch's overloads; the closure is accepted, not called
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -66,7 +66,8 @@ def no_weight_decay(model: nn.Module) -> set[str]:
 def parameter_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
                      exclude: set[str]) -> list[dict]:
     """Weight decay (and LARS adaptation) on every trainable parameter but those named in `exclude`."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in named_params:
         if p.requires_grad:
             (no_decay if name in exclude else decay).append(p)

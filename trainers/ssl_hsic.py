@@ -152,10 +152,12 @@ class SSLHSIC(Method[SSLHSICConfig]):
     name = "ssl_hsic"
     Config = SSLHSICConfig
 
+    draws: torch.Tensor  # a buffer: the random-feature draws so far (a resumed run draws the next ones)
+
     def __init__(self, config: SSLHSICConfig, backbone: nn.Module, projector: ProjectorSpec, seed: int = 0) -> None:
         super().__init__(config, backbone, projector, seed)
         p, c = projector, self.config
-        self.projector = mlp(backbone.output_dim, p.hidden_dim, p.output_dim, p.num_layers)
+        self.projector = mlp(self.feature_dim, p.hidden_dim, p.output_dim, p.num_layers)
         self.predictor = mlp(p.output_dim, p.hidden_dim, p.output_dim, 2)
         self.target: nn.Module | None = None
         if c.target_network:

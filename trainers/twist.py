@@ -82,7 +82,7 @@ class Twist(Method[TwistConfig]):
         super().__init__(config, backbone, projector, seed)
         p = projector
         self.head = nn.Sequential(
-            mlp(backbone.output_dim, p.hidden_dim, p.output_dim, p.num_layers),
+            mlp(self.feature_dim, p.hidden_dim, p.output_dim, p.num_layers),
             nn.BatchNorm1d(p.output_dim, affine=False),
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ def spec_views(augmentation: AugmentationSpec, num_views: int = 2, *, weak: bool
     crop = (a.crop_min_scale, a.crop_max_scale)
     if weak:
         return preset_views("weak", crop, num_views)
-    common: dict[str, float | tuple[float, float]] = {}
+    common: dict[str, Any] = {}  # ViewAugmentation's fields by name: floats, and blur_sigma's pair
     if a.jitter_strength is not None:
         s = a.jitter_strength
         common.update(brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s, hue=min(0.1 * s, 0.5))
@@ -68,8 +68,8 @@ def spec_views(augmentation: AugmentationSpec, num_views: int = 2, *, weak: bool
     views = []
     for i, view in enumerate(preset_views(a.preset, crop, num_views)):
         own = a.view1 if i == 0 else a.view2
-        views.append(replace(view, **common, **{k: v for k, v in (("blur_p", own.blur_p), ("solarize_p", own.solarize_p))
-                                                if v is not None}))
+        per_view: dict[str, Any] = {k: v for k, v in (("blur_p", own.blur_p), ("solarize_p", own.solarize_p)) if v is not None}
+        views.append(replace(view, **common, **per_view))
     return views
 
 

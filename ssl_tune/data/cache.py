@@ -119,7 +119,7 @@ def cache_path(data) -> Path:
     base = cache_base(data)
     size = stored_size(data)
     root = source_root(data)
-    key = hashlib.sha256(json.dumps([FORMAT_VERSION, data.name, str(Path(root).resolve()), size,
+    key = hashlib.sha256(json.dumps([FORMAT_VERSION, data.name, str(Path(root).resolve()) if root else "", size,
                                      data.skip_corrupt]).encode()).hexdigest()[:12]
     return base / f"{data.name}-{size or 'native'}-{key}"
 
@@ -172,6 +172,12 @@ def _dataset(path: Path, manifest: dict[str, Any]) -> ImageDataset:
     def images(split: str) -> torch.Tensor | None:
         return _map(path / splits[split]["images"], splits[split]["shape"]) if split in splits else None
 
+    def required_images(split: str) -> torch.Tensor:
+        found = images(split)
+        if found is None:
+            raise DataError(f"the data cache at {path} has no {split} split; delete it to build it again")
+        return found
+
     def labels(split: str) -> torch.Tensor:
         return torch.from_numpy(np.load(path / splits[split]["labels"]))
 
@@ -180,8 +186,8 @@ def _dataset(path: Path, manifest: dict[str, Any]) -> ImageDataset:
         return torch.from_numpy(np.load(path / name)) if name else None
 
     return ImageDataset(
-        name=manifest["dataset"], train_images=images("train"), train_labels=labels("train"),
-        test_images=images("test"), test_labels=labels("test"), num_classes=manifest["num_classes"],
+        name=manifest["dataset"], train_images=required_images("train"), train_labels=labels("train"),
+        test_images=required_images("test"), test_labels=labels("test"), num_classes=manifest["num_classes"],
         pretrain_images=images("pretrain"), channel_stats=(manifest["mean"], manifest["std"]),
         input_size=manifest.get("input_size"), train_aspects=aspects("train"), test_aspects=aspects("test"),
         pretrain_aspects=aspects("pretrain"), class_names=tuple(manifest["classes"]),
@@ -301,6 +307,8 @@ def _build_imagefolder(data, root: Path, tmp: Path, stream, workers: int | None)
     from ssl_tune.data.imagefolder import Progress, decode_split, list_folder
 
     size = stored_size(data)
+    if size is None:
+        raise ValueError(f"data.name {data.name!r} is not an image folder")
     listing = list_folder(root)
     # The arrays are sparse files filled as images decode: a disk too small fails hours in, so check first.
     needed = (len(listing.train.files) + len(listing.test.files)) * 3 * size * size

@@ -142,7 +142,7 @@ def _decode_chunk(task: tuple[str, tuple[int, ...], int, int, list[str]]
     # One write per chunk: cheaper than faulting in the pages of a mapping one image at a time.
     fd = os.open(out_path, os.O_WRONLY)
     try:
-        view, offset = memoryview(rows).cast("B"), start * rows[0].nbytes
+        view, offset = memoryview(rows.data).cast("B"), start * rows[0].nbytes
         while view:
             written = os.pwrite(fd, view, offset)
             view, offset = view[written:], offset + written

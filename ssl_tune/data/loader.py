@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -65,7 +65,11 @@ class Normalizer:
 
     def __init__(self, images: torch.Tensor | None = None, *,
                  stats: tuple[list[float], list[float]] | None = None) -> None:
-        mean, std = stats if stats is not None else channel_stats(images)
+        if stats is None:
+            if images is None:
+                raise ValueError("Normalizer needs the training images or their statistics")
+            stats = channel_stats(images)
+        mean, std = stats
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).clamp_min(MIN_STD).view(1, -1, 1, 1)
 
@@ -148,7 +152,7 @@ class ViewLoader:
         return [order[step * self.global_batch_size + lo: step * self.global_batch_size + lo + self.local_batch_size]
                 for step in range(self.steps_per_epoch)]
 
-    def batches(self, indices: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def batches(self, indices: list[torch.Tensor]) -> Iterable[torch.Tensor]:
         """The uint8 rows of each of `indices`, on `device`."""
         if not self.stream:
             return (self.images[idx.to(self.device)] for idx in indices)
@@ -202,8 +206,9 @@ class _Prefetcher:
         try:
             for step, idx in enumerate(self.indices):
                 slot = step % len(self.buffers)
-                if self.copied[slot] is not None:
-                    self.copied[slot].synchronize()
+                copied = self.copied[slot]
+                if copied is not None:
+                    copied.synchronize()
                 # NumPy's take: one thread, GIL released. torch's index_select would start an OpenMP team
                 # of its own here, which competes for the cores with the training step's.
                 np.take(self.images.numpy(), idx.numpy(), axis=0, out=self.buffers[slot].numpy())

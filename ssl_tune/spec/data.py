@@ -85,7 +85,7 @@ MAX_CACHE_SIZE = 1280
 
 
 class DataSpec(StrictModel):
-    name: Literal[DATASET_NAMES] = "fashion_mnist_subset"  # type: ignore[valid-type]
+    name: Literal[DATASET_NAMES] = "fashion_mnist_subset"  # type: ignore[valid-type]  # a tuple's values
     root: Path | None = Field(None, description="data root; required for cifar10, cifar100, stl10, imagefolder")
     image_size: int | None = Field(None, ge=8, description="imagefolder only: images are resized to this size (64 if null), "
                                    f"at most {MAX_IMAGE_SIZE}")

@@ -152,7 +152,7 @@ def _validate(raw: Any, source: str) -> SpecBase:
 def _check_method_branches(spec: SpecBase, source: str) -> None:
     """A choice over methods: every value must be a method, and each branch may only set that method's fields."""
     choice = spec.search_ranges().get("method.name")
-    if choice is None:
+    if not isinstance(choice, Choice):  # (a range over method names is always a choice)
         return
     found, problems = methods(), []
     for value in choice.values:
@@ -190,7 +190,10 @@ def _check_range_bounds(spec: SpecBase, source: str) -> None:
                         problems.append(f"  {loc + ': ' if loc else ''}with {path}={short_repr(value)}: {msg}")
     flat = spec.flat()
     for (path, value), branch in spec.branch_ranges().items():
-        choice_value = next(v for v in ranges[path].values if str(v) == value)
+        choice = ranges[path]
+        if not isinstance(choice, Choice):  # (only choices have branches)
+            continue
+        choice_value = next(v for v in choice.values if str(v) == value)
         for sub_path, r in branch.items():
             # A choice over methods: its branches set fields of the chosen method, checked by resolving below.
             own_field = sub_path in flat or (path == "method.name" and sub_path.startswith("method."))

@@ -5,7 +5,7 @@ and the confirmation's default configuration use)."""
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
@@ -106,9 +106,15 @@ def _fixed_or_range(value: Any) -> str:
 
 # A field that holds a fixed value of type T or a search range over such values. The
 # discriminator validates only one branch, so an error speaks of what the user wrote.
-Searchable = Annotated[
-    Union[Annotated[T, Tag("fixed")], Annotated[Range, Tag("range")]], Discriminator(_fixed_or_range)
-]
+if TYPE_CHECKING:
+    # To the type checker a searchable field is its value: code reads fields of resolved specs only (a trial's,
+    # `SpecBase.resolve`'s; `Trainer` refuses any other), and the code that handles ranges (`search_ranges`,
+    # `resolve`, the search space) walks them as values of any type.
+    Searchable = Annotated[T, "searchable"]
+else:
+    Searchable = Annotated[
+        Union[Annotated[T, Tag("fixed")], Annotated[Range, Tag("range")]], Discriminator(_fixed_or_range)
+    ]
 
 
 def range_default(r: Uniform | LogUniform | IntRange | Choice) -> Any:

@@ -49,7 +49,7 @@ class MethodChoice(MethodConfig):
     own ranges (`method.FIELD`); its other fields take their defaults. `trainers.spec_model` accepts
     it wherever a method's config goes."""
 
-    name: Choice  # type: ignore[assignment]
+    name: Choice  # type: ignore[assignment]  # the one config whose name is a range: a choice over methods
 
 
 class BackboneSpec(StrictModel):
@@ -254,7 +254,7 @@ class SpecBase(StrictModel):
 
     def method_names(self) -> list[str]:
         """The methods this spec trains: its one method, or the values of a choice over methods."""
-        name = self.method.name  # type: ignore[attr-defined]
+        name = self.method.name  # type: ignore[attr-defined]  # the field `trainers.spec_model` adds
         return [str(v) for v in name.values] if isinstance(name, Choice) else [name]
 
     @property

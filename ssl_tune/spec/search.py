@@ -41,9 +41,9 @@ class SearchSpec(StrictModel):
     max_concurrent: Annotated[int, Field(ge=1)] | None = Field(
         None, description="trials at once; default: as many as the cluster's CPUs/GPUs fit"
     )
-    metric: Literal[OBJECTIVES] = Field("knn_top1", description="objective")  # type: ignore[valid-type]
+    metric: Literal[OBJECTIVES] = Field("knn_top1", description="objective")  # type: ignore[valid-type]  # a tuple's values
     mode: Literal["max", "min"] = "max"
-    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]  # (the same)
         "tpe", description="Optuna sampler: tpe (tree-structured Parzen), gp (Gaussian process, for small budgets), "
         "cmaes (CMA-ES; choices sampled at random), qmc (quasi-random Sobol points), or random (a baseline)")
     startup_trials: Annotated[int, Field(ge=1)] | None = Field(

@@ -81,6 +81,8 @@ def close_search_run(client, parent_id: str, *, interrupted: bool, spec: SpecBas
     if interrupted:
         client.set_terminated(parent_id, "KILLED")
         return (leaderboard(client, parent) if spec is not None else []), None
+    if spec is None:
+        raise ValueError("close_search_run: a finished stage is recorded with its spec")
     rows = leaderboard(client, parent)
     best = best_trial(rows, spec.search.mode)
     if best is not None and not confirming:  # else the confirmed winner is recorded (MLflow params are written once)

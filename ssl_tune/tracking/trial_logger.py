@@ -196,9 +196,9 @@ class MlflowTrialLogger(Callback):
 
     def checkpoint_reported(self, trial_id: str, path: str, value: float | None, epoch: int) -> None:
         """A one-worker trial's checkpoint at `path` (as Tune names it), written with the result of `epoch`."""
-        path = self._with_scheme(path)
-        self.last_checkpoint[trial_id] = path
-        self._submit(lambda: self._checkpoint(trial_id, path, value, epoch))
+        uri = self._with_scheme(path) or path
+        self.last_checkpoint[trial_id] = uri
+        self._submit(lambda: self._checkpoint(trial_id, uri, value, epoch))
 
     def _with_scheme(self, path: str | None) -> str | None:
         """Ray names a checkpoint on object storage by its path inside the bucket; give it back its
@@ -276,7 +276,7 @@ class MlflowTrialLogger(Callback):
                 directory, reason = None, f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
             else:
                 reason = "is gone"
-            if directory is None:
+            if directory is None or state is None:
                 print(f"warning: trial {trial_id}'s checkpoint {source} {reason}; its export is not in MLflow",
                       file=sys.__stderr__)
                 return
