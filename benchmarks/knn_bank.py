@@ -34,7 +34,8 @@ def trial_accuracies(client, parent, banks: list[int]) -> list[dict[str, Any]]:
     """kNN top-1 of each trial's last checkpoint against the whole training split and each bank."""
     import torch
 
-    from ssl_tune import checkpoints, tracking
+    from ssl_tune import tracking
+    from ssl_tune.trials import checkpoints
     from ssl_tune.evaluation import bank_rows, knn_accuracy
     from trainers import spec_model
     from trainers.loop import Trainer

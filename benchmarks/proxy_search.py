@@ -73,7 +73,7 @@ def _search(work: Path, name: str, overrides: list[str]) -> float:
 def _image_epochs(client, runs: list, train_images: int) -> float:
     """Epochs trained x the images an epoch of each run's setting draws (`data.subset`)."""
     from ssl_tune.data.datasets import subset_size
-    from ssl_tune.space import param_value
+    from ssl_tune.searching.space import param_value
 
     def subset(run) -> float | int | None:
         text = run.data.params.get("data.subset")
@@ -83,7 +83,8 @@ def _image_epochs(client, runs: list, train_images: int) -> float:
 
 
 def _pipeline(client, name: str, seconds: float, train_images: int) -> dict[str, Any]:
-    from ssl_tune import confirmation, tracking
+    from ssl_tune import tracking
+    from ssl_tune.searching import confirmation
 
     parent = tracking.find_parent_run(client, name)
     table = tracking.confirmation_table(client, parent)
@@ -107,7 +108,7 @@ def _pipeline(client, name: str, seconds: float, train_images: int) -> dict[str,
 
 def run_proxy(args: argparse.Namespace) -> dict[str, Any]:
     from ssl_tune import tracking
-    from ssl_tune.confirmation import Interval
+    from ssl_tune.searching.confirmation import Interval
     from ssl_tune.data.datasets import load_bundled
 
     from ssl_tune.spec.files import load_spec

@@ -159,8 +159,8 @@ def replay_search(table: dict[str, Any], spec, sampler: str, scheduler: str, see
 
     from ray.tune.schedulers import TrialScheduler
 
-    from ssl_tune.algorithms import build_scheduler, build_search_algorithm
-    from ssl_tune.space import field_values
+    from ssl_tune.searching.algorithms import build_scheduler, build_search_algorithm
+    from ssl_tune.searching.space import field_values
 
     spec = spec.model_copy(deep=True)
     spec.search.sampler, spec.search.scheduler, spec.search.seed = sampler, scheduler, seed
@@ -226,7 +226,7 @@ def best_so_far(results: list[tuple[int, int, float]], mode: str) -> list[float]
     """Best objective among the trials' latest values, after each epoch of compute.
 
     A trial's latest value is what the search's leaderboard ranks it by."""
-    from ssl_tune.space import best_value
+    from ssl_tune.searching.space import best_value
 
     latest: dict[int, float] = {}
     curve = []
@@ -239,7 +239,7 @@ def best_so_far(results: list[tuple[int, int, float]], mode: str) -> list[float]
 
 def compute_to_reach(curve: list[float], target: float, mode: str) -> float:
     """Epochs after which `curve` first reaches `target` (inf if it never does)."""
-    from ssl_tune.space import better, counts
+    from ssl_tune.searching.space import better, counts
 
     for spent, value in enumerate(curve, 1):
         if counts(value) and not better(target, value, mode):  # value at least as good as target

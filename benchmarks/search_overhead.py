@@ -38,10 +38,10 @@ def _train_configs(rank: int, spec_dict: dict, configs: list[dict[str, Any]], th
 
 def measure(spec_path: str, trials: int, epochs: int, workers: int) -> dict[str, Any]:
     from ssl_tune import tracking
-    from ssl_tune.space import param_value
+    from ssl_tune.searching.space import param_value
     from ssl_tune.spec.files import load_spec
     from tests.ranks import run_on_ranks  # (the bare DDP loop it compares with)
-    from ssl_tune.tuning import run_search
+    from ssl_tune.searching.driver import run_search
 
     cores = os.cpu_count() or 1
     cpus_per_worker = (cores - 0.05) / workers  # what is left after the Train driver's 0.01 CPU

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssl_tune import tracking
-from ssl_tune.space import param_value
+from ssl_tune.searching.space import param_value
 
 if TYPE_CHECKING:
     import pandas
 
     from ssl_tune.export import Pretrained
     from ssl_tune.spec import SpecBase
-    from ssl_tune.tuning import SearchOutcome
+    from ssl_tune.searching.driver import SearchOutcome
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def search(spec_or_path: SpecBase | str | Path, *, overrides: Sequence[str] | Ma
     (default a local Ray instance). Bad input raises `SpecError`; a search stopped by Ctrl-C returns with
     status KILLED (`ssl-tune resume` continues it). `Search.outcome` says how it ended.
     """
-    from ssl_tune.tuning import run_search
+    from ssl_tune.searching.driver import run_search
 
     spec = load(spec_or_path, overrides or ())
     source = str(spec_or_path) if not hasattr(spec_or_path, "model_dump") else f"spec {spec.name!r} (Python)"
@@ -175,7 +175,7 @@ def search(spec_or_path: SpecBase | str | Path, *, overrides: Sequence[str] | Ma
 def resume(name_or_run_id: str, *, tracking_uri: str | None = None, address: str | None = None,
            storage_path: str | None = None, verbose: bool = False) -> Search:
     """Continue an interrupted search, as `ssl-tune resume` does; returns it."""
-    from ssl_tune.tuning import resume_search
+    from ssl_tune.searching.driver import resume_search
 
     outcome = resume_search(name_or_run_id, tracking_uri=tracking_uri, address=address, verbose=verbose,
                             storage_path=storage_path)

@@ -41,7 +41,7 @@ def _open_data(spec, spec_path: Path, *, refresh: bool = False):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ssl_tune.preview import print_plan
+    from ssl_tune.report.preview import print_plan
     from ssl_tune.spec.files import load_spec
 
     print_plan(load_spec(args.spec, args.set), args.spec, args.set, args.address)
@@ -73,7 +73,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ssl_tune.checkpoints import CheckpointError
+    from ssl_tune.trials.checkpoints import CheckpointError
     from ssl_tune.spec import SpecError
     from ssl_tune.spec.files import load_spec
     from ssl_tune.training import ConsoleReporter, summary, train
@@ -124,8 +124,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _report_outcome(outcome) -> int:
-    from ssl_tune import summary, tracking
-    from ssl_tune.search_folder import resume_command
+    from ssl_tune import tracking
+    from ssl_tune.report import summary
+    from ssl_tune.searching.folder import resume_command
 
     # The printed commands name the tracking store when it is not the one they would find by default.
     uri = [] if outcome.tracking_uri == tracking.resolve_uri(None) else ["--tracking-uri", outcome.tracking_uri]
@@ -155,7 +156,8 @@ def _naming_store(exc: Exception, uri: str) -> str:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from ssl_tune import api, summary
+    from ssl_tune import api
+    from ssl_tune.report import summary
 
     try:
         found = api.open_search(args.experiment_or_run, args.tracking_uri)
@@ -175,7 +177,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ssl_tune import tracking
-    from ssl_tune.checkpoints import CheckpointError
+    from ssl_tune.trials.checkpoints import CheckpointError
     from ssl_tune.export import export_run
 
     out = args.out or Path("exports") / args.experiment_or_run
@@ -344,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ssl_tune.replay import StorageFull, TrackingIncomplete
+    from ssl_tune.searching.replay import StorageFull, TrackingIncomplete
     from ssl_tune.spec import SpecError
 
     args = build_parser().parse_args(argv)
@@ -357,13 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except StorageFull as exc:
-        from ssl_tune.search_folder import resume_command
+        from ssl_tune.searching.folder import resume_command
 
         print(f"\nerror: {exc}; the search stopped. Free space there, then resume with:  "
               f"{resume_command(exc.parent_run_id, exc.uri, exc.storage)}", file=sys.stderr)
         return EXIT_STORAGE_FULL
     except TrackingIncomplete as exc:
-        from ssl_tune.search_folder import resume_command
+        from ssl_tune.searching.folder import resume_command
 
         print(f"\nsearch complete, tracking incomplete: {exc}.\nNothing is lost: every result and checkpoint is in "
               f"Ray Tune's files under {exc.storage}; once the server answers, resume replays them into MLflow.\n"

@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 
 from ssl_tune import tracking
-from ssl_tune.checkpoints import BACKBONE_FILE, EXPORT_FILES, INPUT_FILE, METRICS_FILE, SPEC_FILE, write_export
+from ssl_tune.trials.checkpoints import BACKBONE_FILE, EXPORT_FILES, INPUT_FILE, METRICS_FILE, SPEC_FILE, write_export
 from ssl_tune.preprocess import InputContract, Preprocess
 from trainers import spec_model
 
@@ -28,7 +28,7 @@ class Pretrained(NamedTuple):
 
 
 def _checkpoint_state(path: Path) -> dict:
-    from ssl_tune import checkpoints
+    from ssl_tune.trials import checkpoints
 
     return checkpoints.load(path)  # verified: a damaged file is named with its reason
 

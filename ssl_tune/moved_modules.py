@@ -18,14 +18,29 @@ MOVED = {
     "ssl_tune.search_spec": "ssl_tune.spec.search",
     "ssl_tune.specfile": "ssl_tune.spec.files",
     "ssl_tune.spec_reference": "ssl_tune.spec.reference",
-    "ssl_tune.trial_record": "ssl_tune.trial_uploads",
     "ssl_tune.tracking.record": "ssl_tune.tracking.search_run",
+    "ssl_tune.tuning": "ssl_tune.searching.driver",
+    "ssl_tune.algorithms": "ssl_tune.searching.algorithms",
+    "ssl_tune.budget": "ssl_tune.searching.budget",
+    "ssl_tune.confirmation": "ssl_tune.searching.confirmation",
+    "ssl_tune.replay": "ssl_tune.searching.replay",
+    "ssl_tune.search_folder": "ssl_tune.searching.folder",
+    "ssl_tune.space": "ssl_tune.searching.space",
+    "ssl_tune.stopping": "ssl_tune.searching.stopping",
+    "ssl_tune.warm_start": "ssl_tune.searching.warm_start",
+    "ssl_tune.trial": "ssl_tune.trials.runner",
+    "ssl_tune.trial_record": "ssl_tune.trials.uploads",
+    "ssl_tune.checkpoints": "ssl_tune.trials.checkpoints",
+    "ssl_tune.console": "ssl_tune.report.console",
+    "ssl_tune.figures": "ssl_tune.report.figures",
+    "ssl_tune.preview": "ssl_tune.report.preview",
+    "ssl_tune.shell": "ssl_tune.report.shell",
 }
 
-# module -> {old name -> "new.module.name"}: functions that moved out of a module that stays
+# module (as it is named now) -> {old name -> "new.module.name"}: functions that moved out of a module
 MOVED_ATTRIBUTES = {
-    "ssl_tune.tuning": {"_search_dirname": "ssl_tune.stage.search_dirname",
-                        "_confirmation_dirname": "ssl_tune.stage.confirmation_dirname"},
+    "ssl_tune.searching.driver": {"_search_dirname": "ssl_tune.searching.stage.search_dirname",
+                                  "_confirmation_dirname": "ssl_tune.searching.stage.confirmation_dirname"},
 }
 
 
@@ -54,4 +69,4 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     """Make the old paths importable in this process (once; `ssl_tune` does it on import)."""
     if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
-        sys.meta_path.append(_MovedModules())
+        sys.meta_path.insert(0, _MovedModules())  # first: a stale file left at an old path never wins

@@ -102,7 +102,7 @@ def check_disk_space(spec: SpecBase, storage: StoragePath, concurrent: int) -> i
     Object storage (s3://, gs://) is not measured."""
     import shutil
 
-    from ssl_tune.trial import CHECKPOINTS_KEPT
+    from ssl_tune.trials.runner import CHECKPOINTS_KEPT
 
     each = checkpoint_bytes(spec)
     needed = each * (CHECKPOINTS_KEPT + 1) * concurrent

@@ -69,7 +69,7 @@ def train(spec: SpecBase, out_dir: str | Path, *, resume: str | Path | None = No
 
 def write_figures(run_dir: Path) -> list[Path]:
     """Draw the figures of a run directory's final evaluation arrays into `run_dir/figures`."""
-    from ssl_tune import figures
+    from ssl_tune.report import figures
 
     directory = run_dir / figures.FIGURE_DIR
     directory.mkdir(exist_ok=True)
@@ -113,7 +113,7 @@ class ConsoleReporter(Reporter):
             print(f"\r\033[K{description} ...", end="", file=self.stream, flush=True)
 
     def on_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
-        from ssl_tune.figures import TRAINING_METRICS
+        from ssl_tune.report.figures import TRAINING_METRICS
 
         skip = {"loss", *TRAINING_METRICS}
         terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in skip and not k.startswith(("knn", "linear")))

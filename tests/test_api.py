@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ssl_tune
-from ssl_tune.tuning import SearchOutcome
+from ssl_tune.searching.driver import SearchOutcome
 from tests.conftest import ROOT, cli_env
 
 
@@ -92,7 +92,7 @@ def test_overrides_are_dotted_field_names_and_a_bad_one_names_the_field(twist_sp
 
 def test_resume_ranks_each_methods_best_by_the_searchs_own_mode(monkeypatch, capsys, tmp_path):
     """`ssl-tune resume` reads the spec back from MLflow; it once ranked with mode "max" whatever the spec said."""
-    from ssl_tune import tuning
+    from ssl_tune.searching import driver as tuning
     from ssl_tune.cli import main
 
     rows = [{"rank": 1, "method.name": "isd", "objective": 0.5, "status": "finished", "run_id": "a"},

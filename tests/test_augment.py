@@ -134,7 +134,7 @@ def test_the_augmented_views_change_as_the_strength_changes():
 def test_augmentation_ranges_are_sampled_and_bad_values_name_the_field():
     import optuna
 
-    from ssl_tune.space import SearchSpace, field_values
+    from ssl_tune.searching.space import SearchSpace, field_values
     from ssl_tune.spec import SpecError
     from ssl_tune.spec.files import spec_from_dict
     from tests.conftest import tiny_spec_dict

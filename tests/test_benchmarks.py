@@ -13,7 +13,7 @@ import yaml
 
 from benchmarks import __main__ as harness
 from benchmarks import search_efficiency as se
-from ssl_tune.budget import rungs as budget_rungs
+from ssl_tune.searching.budget import rungs as budget_rungs
 from ssl_tune.spec.files import load_spec
 from tests.conftest import IPROUTE_INSTALL, ROOT, method_names, namespaces_allowed, require_system, tiny_spec_dict
 

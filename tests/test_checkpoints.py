@@ -10,10 +10,11 @@ import pytest
 import torch
 import yaml
 
-from ssl_tune import checkpoints, tracking
-from ssl_tune.checkpoints import CHECKPOINT_FILE, RECORD_FILE, CheckpointError
+from ssl_tune import tracking
+from ssl_tune.trials import checkpoints
+from ssl_tune.trials.checkpoints import CHECKPOINT_FILE, RECORD_FILE, CheckpointError
 from ssl_tune.storage_path import StoragePath
-from ssl_tune.trial import CHECKPOINTS_KEPT, DAMAGED_CHECKPOINT_KEY, RayReporter, restore
+from ssl_tune.trials.runner import CHECKPOINTS_KEPT, DAMAGED_CHECKPOINT_KEY, RayReporter, restore
 from tests.conftest import (epoch_steps, image_folder, output, run_cli, runs_of, search_spec, slow_search_spec, small_disk,
                             start_cli, wait_for)
 

@@ -91,7 +91,7 @@ def test_yaml_errors_name_the_file_line_and_column(tmp_path, capsys):
 
 
 def test_hints_call_ssl_tune_as_it_was_started(monkeypatch, tmp_path):
-    from ssl_tune import shell
+    from ssl_tune.report import shell
 
     venv_script = tmp_path / "venv dir" / "bin" / "ssl-tune"
     venv_script.parent.mkdir(parents=True)
@@ -213,7 +213,7 @@ def test_ci_installs_every_system_package_the_tests_ask_for():
 
 
 def test_validate_shows_what_auto_chose_for_the_stem_and_the_gpus(monkeypatch, capsys, twist_spec_path):
-    from ssl_tune import preview
+    from ssl_tune.report import preview
 
     assert main(["validate", twist_spec_path, "--set", "backbone.name=resnet18"]) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ssl_tune
-from ssl_tune.figures import TRAINING_METRICS
+from ssl_tune.report.figures import TRAINING_METRICS
 from tests.conftest import SMALL_SUBSET, SSL_TUNE, method_names, method_spec_file
 
 FAST = ["--set", "backbone.width=4", "--set", "projector={hidden_dim: 32, output_dim: 16, num_layers: 2}",

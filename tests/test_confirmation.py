@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 import ssl_tune
-from ssl_tune import confirmation, tracking
-from ssl_tune.confirmation import DEFAULT, Interval, confirmation_configs, summarise, verdict
-from ssl_tune.space import CONFIRMATION_KEY, resolve_trial
+from ssl_tune import tracking
+from ssl_tune.searching import confirmation
+from ssl_tune.searching.confirmation import DEFAULT, Interval, confirmation_configs, summarise, verdict
+from ssl_tune.searching.space import CONFIRMATION_KEY, resolve_trial
 from ssl_tune.spec import SpecError
 from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import output, run_cli, runs_of, search_spec, start_cli, wait_for

@@ -9,7 +9,7 @@ from tests.conftest import FakeTrial, tiny_spec_dict
 
 def console_table(monkeypatch, epochs: int, num_samples: int, **search):
     """A ConsoleTable on a clock the test sets (`now[0]`), printing into `rows`."""
-    from ssl_tune import console
+    from ssl_tune.report import console
 
     spec = spec_from_dict({**tiny_spec_dict(training={"epochs": epochs, "batch_size": 32, "seed": 0}),
                            "search": {"num_samples": num_samples, "metric": "loss", "mode": "min", **search}})
@@ -55,7 +55,7 @@ def test_eta_does_not_jump_when_one_of_two_trials_ends(monkeypatch):
 def test_eta_under_asha_counts_the_epochs_trials_are_expected_to_run(monkeypatch):
     """16 trials of 8 epochs, ASHA rungs at 1 and 3, 1 in 3 promoted: about 36 epochs, not 128; the
     estimate then follows the promotions that happened, and adds the stages after this one."""
-    from ssl_tune import budget
+    from ssl_tune.searching import budget
 
     table, rows, now = console_table(monkeypatch, epochs=8, num_samples=16, grace_period=1, reduction_factor=3)
     spec = table.spec

@@ -20,7 +20,7 @@ from ssl_tune.cluster import check_cluster_paths, check_resources
 from ssl_tune.spec import SpecError
 from ssl_tune.spec.files import spec_from_dict
 from ssl_tune.storage_path import StoragePath
-from ssl_tune.trial import RESTORED_FROM_KEY, RESTORED_HISTORY_KEY
+from ssl_tune.trials.runner import RESTORED_FROM_KEY, RESTORED_HISTORY_KEY
 from tests.conftest import (FAULT_SUBSET, FakeTrial, epoch_steps, output, printed_command, ray_started, run_cli,
                             runs_of, search_spec, slow_search_spec, start_cli, tiny_spec_dict, wait_for)
 
@@ -88,14 +88,14 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_get_one_whole_store(tm
 
 def test_a_search_saved_by_an_earlier_version_restores_its_tune_state():
     """Tune pickles a search's callbacks, searcher and spec classes by module path (tuner.pkl, the searcher's
-    state). Those of a search saved at b86332d, before ssl_tune/spec/ and ssl_tune/stage.py, load: a search
+    state). Those of a search saved at b86332d, before ssl_tune/spec/ and ssl_tune/searching/stage.py, load: a search
     interrupted before an upgrade resumes after it (`ssl_tune.moved_modules`)."""
     import pickle
 
-    from ssl_tune import stage
-    from ssl_tune.console import ConsoleTable
-    from ssl_tune.space import SearchSpace
-    from ssl_tune.stopping import StopWhenStorageFull
+    from ssl_tune.searching import stage
+    from ssl_tune.report.console import ConsoleTable
+    from ssl_tune.searching.space import SearchSpace
+    from ssl_tune.searching.stopping import StopWhenStorageFull
 
     saved = Path(__file__).parent / "data" / "saved_at_b86332d"
     state = pickle.loads((saved / "tuner.pkl").read_bytes())
@@ -108,9 +108,9 @@ def test_a_search_saved_by_an_earlier_version_restores_its_tune_state():
     searcher = pickle.loads((saved / "searcher-state.pkl").read_bytes())
     assert isinstance(searcher["_space"], SearchSpace) and searcher["_ot_study"].trials
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
-        import ssl_tune.tuning
+        import ssl_tune.searching.driver
 
-        ssl_tune.tuning.no_such_name  # noqa: B018  (only the names that moved are found)
+        ssl_tune.searching.driver.no_such_name  # noqa: B018  (only the names that moved are found)
 
 
 # --- a worker dies -----------------------------------------------------------------------------
@@ -336,8 +336,8 @@ def test_a_trial_restored_from_its_last_epoch_reports_that_epoch_again_with_its_
 
     from ssl_tune.data.cache import open_dataset
     from ssl_tune.evaluation import EVALUATION_FILE, load_arrays
-    from ssl_tune.trial import train_worker
-    from ssl_tune.checkpoints import RECORD_FILE
+    from ssl_tune.trials.runner import train_worker
+    from ssl_tune.trials.checkpoints import RECORD_FILE
     from trainers.loop import CHECKPOINT_FILE, Reporter, Trainer
 
     spec = spec_from_dict(tiny_spec_dict(training={"epochs": 1, "batch_size": 32, "seed": 0}))
@@ -596,7 +596,7 @@ def test_placement_groups_left_by_an_earlier_attempt_are_removed(tmp_path):
     import ray
     from ray.util.placement_group import placement_group
 
-    from ssl_tune.trial import record_placement_group, remove_leftover_placement_groups
+    from ssl_tune.trials.runner import record_placement_group, remove_leftover_placement_groups
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:

@@ -3,7 +3,7 @@ how each trial ended."""
 
 import matplotlib
 
-from ssl_tune import figures
+from ssl_tune.report import figures
 
 
 def legend_texts(legend) -> list[str]:

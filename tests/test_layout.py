@@ -97,10 +97,10 @@ def test_layers_point_down():
     search; the trainer draws nothing."""
     graph = import_graph()
     assert not {m for m in graph["ssl_tune.spec"] if m.startswith("trainers")}
-    assert not graph["ssl_tune.figures"] & {"ssl_tune.tracking", "trainers.loop", "ssl_tune.tuning"}
+    assert not graph["ssl_tune.report.figures"] & {"ssl_tune.tracking", "trainers.loop", "ssl_tune.searching.driver"}
     for method in (m for m in graph if m.startswith("trainers.") and m not in ("trainers.loop", "trainers.optim")):
-        assert not {m for m in graph[method] if m in ("ssl_tune.tuning", "ssl_tune.tracking", "trainers.loop")}, method
-    assert "ssl_tune.figures" not in graph["trainers.loop"]
+        assert not {m for m in graph[method] if m in ("ssl_tune.searching.driver", "ssl_tune.tracking", "trainers.loop")}, method
+    assert "ssl_tune.report.figures" not in graph["trainers.loop"]
 
 
 # Declarative tables, the one exception to the function limit: the command line's argument parser.
@@ -163,10 +163,10 @@ def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_a_search_runs_its_stages_in_order_without_recursion_or_module_state():
-    """`ssl_tune.tuning` calls its stages one after the other (`_run_stages`): no function of the search's
+    """`ssl_tune.searching.driver` calls its stages one after the other (`_run_stages`): no function of the search's
     modules reaches itself again, and they keep no state at module level (constants only)."""
     files = module_files()
-    for name in ("ssl_tune.tuning", "ssl_tune.stage", "ssl_tune.stopping"):
+    for name in ("ssl_tune.searching.driver", "ssl_tune.searching.stage", "ssl_tune.searching.stopping"):
         tree = ast.parse(files[name].read_text())
         assert cycle_in(calls_between_functions(tree)) is None, name
         state = [target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))

@@ -16,7 +16,7 @@ from ssl_tune.cli import main
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import DataError, load_dataset
 from ssl_tune.spec.files import spec_from_dict
-from ssl_tune.search_folder import trusted_experiment_dir
+from ssl_tune.searching.folder import trusted_experiment_dir
 from ssl_tune.storage_path import StoragePath
 from tests.conftest import image_folder, ray_started, run_cli, search_spec, tiny_spec_dict
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
-from ssl_tune import budget, confirmation, tracking, warm_start
-from ssl_tune.algorithms import build_sampler, build_search_algorithm
+from ssl_tune import tracking
+from ssl_tune.searching import budget, confirmation, warm_start
+from ssl_tune.searching.algorithms import build_sampler, build_search_algorithm
 from ssl_tune.data.datasets import DataError, ImageDataset, load_bundled, subset_rows
 from ssl_tune.data.loader import Normalizer, ViewLoader
-from ssl_tune.space import ORIGIN_SAMPLER, field_values
+from ssl_tune.searching.space import ORIGIN_SAMPLER, field_values
 from ssl_tune.spec import SpecError
 from ssl_tune.spec.files import load_spec, spec_from_dict
 from tests.conftest import ROOT, cli_env, ray_started, run_cli, search_spec, tiny_dataset, tiny_spec_dict

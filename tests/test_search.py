@@ -17,8 +17,8 @@ from ssl_tune import load_backbone, tracking
 from ssl_tune.data.datasets import load_dataset
 from ssl_tune.data.loader import Normalizer
 from ssl_tune.evaluation import extract_features, knn_accuracy
-from ssl_tune.trial import CHECKPOINTS_KEPT
-from ssl_tune.trial_uploads import TAG_EXPORT_EPOCH
+from ssl_tune.trials.runner import CHECKPOINTS_KEPT
+from ssl_tune.trials.uploads import TAG_EXPORT_EPOCH
 from tests.conftest import (CHROMIUM_INSTALL, ROOT, SEARCH_EPOCHS, SSL_TUNE, TEST_METHODS, cli_env, output, printed_command,
                             ray_started, require_system, run_cli, runs_of, search_spec, start_cli, wait_for)
 from trainers import METHOD_PATH_ENV
@@ -187,7 +187,7 @@ def test_knn_bank_benchmark_scores_every_trial_checkpoint_with_each_bank(finishe
 @pytest.mark.ray
 @pytest.mark.slow
 def test_one_definition_of_best_console_leaderboard_parent_optuna_and_export_agree(finished_search, cli_here):
-    """A trial's objective is its last evaluated epoch's value (ssl_tune.space): every view of the
+    """A trial's objective is its last evaluated epoch's value (ssl_tune.searching.space): every view of the
     best trial shows that one number, and export writes the checkpoint it was measured on."""
     import pickle
 
@@ -346,7 +346,7 @@ def test_a_ranks_out_of_memory_is_recognised_by_its_type_in_ray_trains_error():
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from ssl_tune.trial import rank_failure
+    from ssl_tune.trials.runner import rank_failure
     from trainers.loop import DeviceOutOfMemory
 
     oom = DeviceOutOfMemory("out of device memory during the training step on cuda:0 (...): lower training.batch_size")

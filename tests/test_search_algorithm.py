@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from ssl_tune.algorithms import build_scheduler, build_search_algorithm, startup_trials
-from ssl_tune.space import SearchSpace, field_values
+from ssl_tune.searching.algorithms import build_scheduler, build_search_algorithm, startup_trials
+from ssl_tune.searching.space import SearchSpace, field_values
 from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import tiny_spec_dict
 
@@ -146,7 +146,7 @@ def test_points_to_evaluate_must_name_searched_fields():
 
 
 def test_one_best_trial_rule_skips_failed_trials_and_nan_and_follows_the_mode():
-    from ssl_tune.space import best_trial, better, ranked
+    from ssl_tune.searching.space import best_trial, better, ranked
 
     rows = [{"run_id": "nan", "objective": float("nan"), "status": "stopped"},
             {"run_id": "failed", "objective": 99.0, "status": "failed"},
@@ -176,7 +176,7 @@ def test_early_stopping_across_methods_compares_each_method_with_itself():
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from ssl_tune.algorithms import MethodwiseASHA
+    from ssl_tune.searching.algorithms import MethodwiseASHA
 
     spec = spec_from_dict(cross_method_spec_dict())
     assert spec.method_names() == ["twist", "isd"] and spec.resolve().method.name == "twist"

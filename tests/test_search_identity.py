@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from ssl_tune import replay, tracking
-from ssl_tune.space import SEARCH_RUN_KEY, field_values
+from ssl_tune import tracking
+from ssl_tune.searching import replay
+from ssl_tune.searching.space import SEARCH_RUN_KEY, field_values
 from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import (epoch_steps, output, printed_command, run_cli, search_spec, start_cli, tiny_spec_dict,
                             wait_for)

@@ -284,7 +284,7 @@ def test_channels_last_on_cpu_gives_the_contiguous_step():
 
 
 def test_cuda_generator_state_is_saved_and_restored_through_the_checkpoint_functions(monkeypatch):
-    from ssl_tune import checkpoints
+    from ssl_tune.trials import checkpoints
 
     generator = {"state": torch.arange(8, dtype=torch.uint8)}
     calls = []

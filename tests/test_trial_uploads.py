@@ -5,8 +5,9 @@ import time
 import pytest
 import torch
 
-from ssl_tune import tracking, trial_uploads
-from ssl_tune.checkpoints import EXPORT_FILES
+from ssl_tune import tracking
+from ssl_tune.trials import uploads as trial_uploads
+from ssl_tune.trials.checkpoints import EXPORT_FILES
 from ssl_tune.spec.files import spec_from_dict
 from tests.conftest import tiny_dataset, tiny_spec_dict, wait_for
 from trainers.loop import Trainer

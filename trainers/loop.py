@@ -18,8 +18,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_tune import budget, checkpoints, distributed
-from ssl_tune.checkpoints import CHECKPOINT_FILE  # noqa: F401  (re-exported)
+from ssl_tune import distributed
+from ssl_tune.searching import budget
+from ssl_tune.trials import checkpoints
+from ssl_tune.trials.checkpoints import CHECKPOINT_FILE  # noqa: F401  (re-exported)
 from ssl_tune.data.cache import open_dataset
 from ssl_tune.data.datasets import ImageDataset, stratified_subset, subset_rows
 from ssl_tune.data.loader import Normalizer, ViewLoader, gather_rows
@@ -165,7 +167,7 @@ class Trainer:
                              std=tuple(self.normalizer.std.flatten().tolist()), dataset=self.spec.data.name)
 
     def write_checkpoint(self, directory: Path) -> Path:
-        """Write `checkpoint.pt` into `directory`, whole and verified (`ssl_tune.checkpoints.save`);
+        """Write `checkpoint.pt` into `directory`, whole and verified (`ssl_tune.trials.checkpoints.save`);
         raises CheckpointError naming the path when it cannot."""
         path = checkpoints.save(self.state_dict(), directory)
         if self.final_outputs is not None:
@@ -177,7 +179,7 @@ class Trainer:
 
     def write_export(self, directory: Path) -> Path:
         """Write this epoch's export into `directory`: what `load_backbone` needs, without the optimizer
-        state (`ssl_tune.checkpoints.write_export`)."""
+        state (`ssl_tune.trials.checkpoints.write_export`)."""
         return checkpoints.write_export(directory, self.state_dict())
 
     def load_checkpoint(self, path: Path) -> None:

@@ -32,7 +32,7 @@ class ConfirmSpec(StrictModel):
         "fields cannot be overridden: the confirmation trains the search's values")
 
 
-# `search.sampler`: Optuna's samplers by name (`ssl_tune.algorithms.build_sampler`).
+# `search.sampler`: Optuna's samplers by name (`ssl_tune.searching.algorithms.build_sampler`).
 SAMPLERS = ("tpe", "gp", "cmaes", "qmc", "random")
 
 

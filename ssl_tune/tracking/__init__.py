@@ -3,7 +3,7 @@
 The Tune driver writes the runs, their parameters, metrics and tags (`trial_logger`, a Tune callback,
 through `writer`'s background thread); metrics go in one `log_batch` call per epoch, and Tune's
 bookkeeping keys are never logged. Each trial adds its own system metrics and exports to its run from
-its own process (`ssl_tune.trial_uploads`). One module per concern:
+its own process (`ssl_tune.trials.uploads`). One module per concern:
 
 - `store`: the tracking URI, a client, the checks before a search, batched writes;
 - `tags`: what ssl-tune writes on its runs and reads back;

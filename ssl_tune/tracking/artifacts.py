@@ -7,9 +7,9 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from ssl_tune import figures
+from ssl_tune.report import figures
 from ssl_tune.evaluation import EVALUATION_FILE, load_arrays
-from ssl_tune.space import counts, param_value, study_from_trials
+from ssl_tune.searching.space import counts, param_value, study_from_trials
 from ssl_tune.spec import SpecBase
 from ssl_tune.storage_path import StoragePath
 from ssl_tune.tracking.lookup import child_runs
@@ -42,7 +42,7 @@ def checkpoint_on_disk(path: str):
 def checkpoint_of(client, run):
     """The local directory of a trial run's checkpoint (of its last evaluated epoch): Ray's copy, with the whole
     training state, when this machine sees it; else the export the trial uploaded to its run's artifacts
-    (`ssl_tune.trial_uploads`; downloaded to a temporary directory), with what `load_backbone` needs."""
+    (`ssl_tune.trials.uploads`; downloaded to a temporary directory), with what `load_backbone` needs."""
     import tempfile
 
     tagged = run.data.tags.get(TAG_CHECKPOINT)

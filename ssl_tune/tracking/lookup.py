@@ -7,8 +7,8 @@ import math
 import time
 from typing import Any
 
-from ssl_tune import confirmation as confirmation_stage
-from ssl_tune.space import best_trial, param_value, ranked
+from ssl_tune.searching import confirmation as confirmation_stage
+from ssl_tune.searching.space import best_trial, param_value, ranked
 from ssl_tune.tracking.tags import (ENDED, KIND_CONFIRMATION, KIND_TRIAL, TAG_BEST_TRIAL_RUN, TAG_CONFIRMS, TAG_KIND,
                                     TAG_METHOD, TAG_METRIC, TAG_MODE, TAG_SEARCHED, TAG_SEED, TAG_TRIAL_ID,
                                     trial_status)

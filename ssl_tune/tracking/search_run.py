@@ -6,9 +6,9 @@ import subprocess
 import sys
 from typing import Any
 
-from ssl_tune import confirmation as confirmation_stage
-from ssl_tune import figures
-from ssl_tune.space import best_trial, counts
+from ssl_tune.searching import confirmation as confirmation_stage
+from ssl_tune.report import figures
+from ssl_tune.searching.space import best_trial, counts
 from ssl_tune.spec import SpecBase
 from ssl_tune.tracking.artifacts import log_figure, log_search_figures
 from ssl_tune.tracking.lookup import (best_per_method, child_runs, confirmation_columns, confirmation_table,
@@ -52,7 +52,7 @@ def open_search_run(client, experiment: str, run_name: str, spec: SpecBase, *, s
 
 
 def record_warm_start(client, parent_id: str, warm) -> None:
-    """What `search.warm_start` gave this search (`ssl_tune.warm_start.WarmStart`): a line per earlier search
+    """What `search.warm_start` gave this search (`ssl_tune.searching.warm_start.WarmStart`): a line per earlier search
     as a tag, and how many observations and configurations as params."""
     client.set_tag(parent_id, TAG_WARM_START, "\n".join(warm.lines)[:5000])
     log_params(client, parent_id, {"warm_start.observations": len(warm.observations),

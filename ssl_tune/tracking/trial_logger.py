@@ -13,7 +13,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from ssl_tune.space import CONFIRMATION_KEY, field_values, origin, resolve_trial
+from ssl_tune.searching.space import CONFIRMATION_KEY, field_values, origin, resolve_trial
 from ssl_tune.spec import SpecBase
 from ssl_tune.storage_path import StoragePath
 from ssl_tune.tracking.artifacts import checkpoint_on_disk, log_search_figures, log_trial_figures
@@ -23,7 +23,7 @@ from ssl_tune.tracking.tags import (KIND_CONFIRMATION, KIND_TRIAL, TAG_CHECKPOIN
                                     TAG_ERROR, TAG_KIND, TAG_LAST_RESTART, TAG_METHOD, TAG_ORIGIN, TAG_RESTARTS, TAG_SEED,
                                     TAG_STOPPED_AT, TAG_TRIAL_ID)
 from ssl_tune.tracking.writer import MlflowWriter, _given_up, final_flush_s
-from ssl_tune.trial import (DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY,
+from ssl_tune.trials.runner import (DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY,
                             STORAGE_FULL_KEY, error_summary, error_text, last_line)
 
 # Keys Tune or Ray Train add to a result, and ours that are not metrics.
@@ -255,12 +255,12 @@ class MlflowTrialLogger(Callback):
         self._submit_figures(trial)
 
     def _upload_missing_export(self, trial_id: str) -> None:
-        """The trial uploads the export of each epoch it may end on (`ssl_tune.trial_uploads`). Where it could
+        """The trial uploads the export of each epoch it may end on (`ssl_tune.trials.uploads`). Where it could
         not (the server was away, or its node does not see the store), write that export here from the checkpoint
         in Ray's storage and upload it, so that export and `load_backbone` work from any machine that reaches
         the tracking server. Retried like every update while the server is away; Ray's copy is never touched."""
-        from ssl_tune.checkpoints import load, write_export
-        from ssl_tune.trial_uploads import EXPORT_ARTIFACT_DIR, TAG_EXPORT_EPOCH
+        from ssl_tune.trials.checkpoints import load, write_export
+        from ssl_tune.trials.uploads import EXPORT_ARTIFACT_DIR, TAG_EXPORT_EPOCH
 
         run_id, source = self.runs[trial_id], self.evaluated_checkpoint.get(trial_id)
         tags = self.client.get_run(run_id).data.tags

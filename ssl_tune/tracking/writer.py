@@ -17,7 +17,7 @@ FINAL_FLUSH_S = 120.0
 def final_flush_s() -> float:
     return float(os.environ.get("SSL_TUNE_TRACKING_WAIT_S") or FINAL_FLUSH_S)
 # Updates this process gave up on at the end of a stage (the server stayed away): the stage's record is
-# then incomplete, and `ssl-tune resume` completes it from Tune's files (`ssl_tune.replay`).
+# then incomplete, and `ssl-tune resume` completes it from Tune's files (`ssl_tune.searching.replay`).
 _given_up: list[int] = [0]
 
 

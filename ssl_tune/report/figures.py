@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ssl_tune.space import direction  # noqa: E402
+from ssl_tune.searching.space import direction  # noqa: E402
 
 # The folder of figures next to a run's files and among its MLflow artifacts.
 FIGURE_DIR = "figures"

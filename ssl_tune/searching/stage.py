@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ssl_tune import cluster, tracking
-from ssl_tune.space import CONFIRMATION_KEY, SEARCH_RUN_KEY
+from ssl_tune.searching.space import CONFIRMATION_KEY, SEARCH_RUN_KEY
 from ssl_tune.spec import SpecBase
-from ssl_tune.stopping import StopWhenStorageFull
+from ssl_tune.searching.stopping import StopWhenStorageFull
 from ssl_tune.storage_path import StoragePath
-from ssl_tune.trial import checkpoint_config, run_trial
+from ssl_tune.trials.runner import checkpoint_config, run_trial
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SearchOutcome:
 
 def trainable(spec: SpecBase, data, uri: str, parent_run_id: str):
     """The Tune trainable; trials map the data cache whose source fingerprint the driver checked (`data`), and
-    write their system metrics and exports to their runs under the search's parent run (`ssl_tune.trial_uploads`)."""
+    write their system metrics and exports to their runs under the search's parent run (`ssl_tune.trials.uploads`)."""
     from ray import tune
 
     fingerprint = data.manifest["fingerprint"] if data is not None else None

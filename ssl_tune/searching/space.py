@@ -86,7 +86,7 @@ def field_path(name: str) -> str:
 CONFIRMATION_KEY = "confirmation"
 # Every trial's config also holds {SEARCH_RUN_KEY: its search's MLflow parent run id}, so that Tune's own
 # files (`params.json`, `result.json`, the experiment state) say which search a trial belongs to: `resume`
-# and its replay into MLflow refuse another search's trials (`ssl_tune.replay.check_owned`).
+# and its replay into MLflow refuse another search's trials (`ssl_tune.searching.replay.check_owned`).
 SEARCH_RUN_KEY = "ssl_tune_search"
 
 
@@ -99,7 +99,7 @@ def field_values(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # Where a search trial's configuration came from (its run's `ssl_tune.origin` tag): the sampler, a point of
-# `search.points_to_evaluate`, or "warm_start:SEARCH", an earlier search's best (`ssl_tune.warm_start`).
+# `search.points_to_evaluate`, or "warm_start:SEARCH", an earlier search's best (`ssl_tune.searching.warm_start`).
 ORIGIN_SAMPLER, ORIGIN_POINTS = "sampler", "points_to_evaluate"
 
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ssl_tune.shell import ssl_tune_command
+from ssl_tune.report.shell import ssl_tune_command
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.storage_path import StoragePath
 
@@ -68,8 +68,8 @@ def _setting(spec: SpecBase) -> str:
 
 def _print_search(spec: SpecBase, spec_path: str | Path) -> None:
     """The searched ranges, the trials of each stage and their budgets."""
-    from ssl_tune import budget
-    from ssl_tune.algorithms import startup_trials
+    from ssl_tune.searching import budget
+    from ssl_tune.searching.algorithms import startup_trials
 
     t, s = spec.training, spec.search
     ranges = spec.search_ranges()
@@ -144,7 +144,7 @@ def print_plan(spec: SpecBase, spec_path: str | Path, overrides: Sequence[str], 
     """Print what `ssl-tune run` would do with `spec`: ranges, trials, expected epochs, backbone, resources, fit,
     disk, tracking. Raises SpecError (exit 2) for a spec `run` would refuse."""
     from ssl_tune import tracking
-    from ssl_tune.space import direction
+    from ssl_tune.searching.space import direction
 
     t, s = spec.training, spec.search
     print(f"{spec_path}: a valid spec")

@@ -2,11 +2,11 @@
 confirmation), recorded in MLflow.
 
 The stages run in order (`_run_stages`): the search, its record, then the confirmation and its record.
-The pieces it puts together live elsewhere: a stage's Tuner and the outcome (`ssl_tune.stage`), the space
-and the objective (`ssl_tune.space`), the sampler and scheduler (`ssl_tune.algorithms`), one trial
-(`ssl_tune.trial`), the checks before any trial (`ssl_tune.cluster`), stopping (`ssl_tune.stopping`), the
-search's folder of Tune state (`ssl_tune.search_folder`), the MLflow record (`ssl_tune.tracking`) and the
-console table (`ssl_tune.console`). `ssl_tune.api` is the Python entry point over it.
+The pieces it puts together live elsewhere: a stage's Tuner and the outcome (`ssl_tune.searching.stage`), the space
+and the objective (`ssl_tune.searching.space`), the sampler and scheduler (`ssl_tune.searching.algorithms`), one trial
+(`ssl_tune.trials.runner`), the checks before any trial (`ssl_tune.cluster`), stopping (`ssl_tune.searching.stopping`), the
+search's folder of Tune state (`ssl_tune.searching.folder`), the MLflow record (`ssl_tune.tracking`) and the
+console table (`ssl_tune.report.console`). `ssl_tune.api` is the Python entry point over it.
 """
 
 from __future__ import annotations
@@ -21,16 +21,18 @@ from typing import Any
 
 import yaml
 
-from ssl_tune import budget, checkpoints, cluster, process_env, replay, search_folder, storage_checks, tracking, warm_start
-from ssl_tune.algorithms import build_scheduler, build_search_algorithm
-from ssl_tune.confirmation import confirmation_configs
+from ssl_tune import cluster, process_env, storage_checks, tracking
+from ssl_tune.searching import budget, folder as search_folder, replay, warm_start
+from ssl_tune.trials import checkpoints
+from ssl_tune.searching.algorithms import build_scheduler, build_search_algorithm
+from ssl_tune.searching.confirmation import confirmation_configs
 from ssl_tune.moved_modules import moved_attribute
-from ssl_tune.space import CONFIRMATION_KEY, field_values
+from ssl_tune.searching.space import CONFIRMATION_KEY, field_values
 from ssl_tune.spec import SpecBase, SpecError
-from ssl_tune.stage import SearchOutcome, Stage, confirmation_dirname, search_dirname, trainable
-from ssl_tune.stopping import StopSignals, storage_full_message
+from ssl_tune.searching.stage import SearchOutcome, Stage, confirmation_dirname, search_dirname, trainable
+from ssl_tune.searching.stopping import StopSignals, storage_full_message
 from ssl_tune.storage_path import StoragePath
-from ssl_tune.trial import FAILURE_KEY
+from ssl_tune.trials.runner import FAILURE_KEY
 from trainers import spec_model
 from trainers.build import check_backbone
 
@@ -43,7 +45,7 @@ def _console(log_path: Path, verbose: bool):
         return
     import ray  # noqa: F401  (its loggers must exist before they are redirected)
 
-    from ssl_tune.console import ray_output_to
+    from ssl_tune.report.console import ray_output_to
 
     print(f"Ray's own output: {log_path}  (--verbose shows it here)", flush=True)
     with ray_output_to(log_path):
@@ -91,7 +93,7 @@ def _new_search(spec: SpecBase, spec_source: str, run_name: str, folder: str, ur
     """A new search's parent run and its search stage's Tuner."""
     from ray import tune
 
-    from ssl_tune.console import ConsoleTable
+    from ssl_tune.report.console import ConsoleTable
 
     experiment_name = spec.mlflow.experiment_name or spec.name
     client = tracking.client_for(uri)
@@ -177,7 +179,7 @@ def _resume(experiment_or_run: str, uri: str, address: str | None, verbose: bool
 def _run_stages(stage: Stage, tuner, *, confirming: bool, resumed: bool) -> SearchOutcome:
     """The search's stages, in order: the search and its record; then, when it finished with
     `search.confirm.top_k`, the confirmation stage and its record. A resumed search enters at the stage it
-    stopped in, and a resumed stage first completes its record from Tune's files (`ssl_tune.replay`). An
+    stopped in, and a resumed stage first completes its record from Tune's files (`ssl_tune.searching.replay`). An
     interrupted stage closes its MLflow runs KILLED, ready for `ssl-tune resume`."""
     if not confirming:
         results, interrupted = _fit(tuner, stage, resumed=resumed)
@@ -266,7 +268,7 @@ def _confirmation_tuner(stage: Stage, configs: list[dict[str, Any]]):
     names this Tuner's directory, so `ssl-tune resume` continues it."""
     from ray import tune
 
-    from ssl_tune.console import ConsoleTable
+    from ssl_tune.report.console import ConsoleTable
 
     spec, name = stage.spec, f"{stage.folder}-confirm"
     confirm, searched = spec.search.confirm, stage.search_spec or stage.spec

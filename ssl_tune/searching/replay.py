@@ -53,7 +53,7 @@ def check_owned(client, parent, results, action: str) -> None:
     (`space.SEARCH_RUN_KEY`); one from before that is looked up by its trial id among the MLflow runs of
     the parent's experiment."""
     from ssl_tune import tracking
-    from ssl_tune.space import SEARCH_RUN_KEY
+    from ssl_tune.searching.space import SEARCH_RUN_KEY
 
     parent_id = parent.info.run_id
     owners = {str(r.config[SEARCH_RUN_KEY]) for r in results if SEARCH_RUN_KEY in (r.config or {})}
@@ -126,7 +126,7 @@ def replay(results, logger: MlflowTrialLogger, *, timeout: float | None = None) 
     """Write into MLflow what `results` (a Tune ResultGrid of ended trials) hold and it lacks; returns
     how many trials needed it. Raises the tracking error if the server does not take it in `timeout` s."""
     from ssl_tune import tracking
-    from ssl_tune.trial import FAILURE_KEY
+    from ssl_tune.trials.runner import FAILURE_KEY
 
     client = logger.client
     parent = client.get_run(logger.parent_run_id)

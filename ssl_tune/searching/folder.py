@@ -3,7 +3,7 @@ parent run (`tracking.TAG_STORAGE`), with the driver's log beside it; and what `
 
 A search's folder is its name plus a random suffix (`new_folder`), its confirmation stage's the same plus
 `-confirm`: searches of one name, at once or one after another, never share Tune's state. Searches from
-before that layout have the folder `NAME`; they resume as they are (`ssl_tune.replay.check_owned` tells
+before that layout have the folder `NAME`; they resume as they are (`ssl_tune.searching.replay.check_owned` tells
 their trials apart by MLflow).
 """
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ssl_tune import tracking
-from ssl_tune.shell import ssl_tune_command
+from ssl_tune.report.shell import ssl_tune_command
 from ssl_tune.spec import SpecBase, SpecError
 from ssl_tune.storage_path import StoragePath
 

@@ -3,7 +3,7 @@
 
 * **System metrics**: MLflow's own monitor (CPU, memory, disk, network, and GPU utilisation and memory
   where there are GPUs), sampled every `SYSTEM_METRICS_INTERVAL_S` seconds in the process that trains.
-* **The export** that `load_backbone` and `ssl-tune export` need (`ssl_tune.checkpoints.write_export`:
+* **The export** that `load_backbone` and `ssl-tune export` need (`ssl_tune.trials.checkpoints.write_export`:
   weights, spec, input contract, metrics; no optimizer state) of each epoch at which the trial may end:
   ASHA's decision epochs and the last. It goes into the run's `export/` artifacts, from this process,
   so the bytes never pass through the driver. Ray's storage keeps the full training state for restarts.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ssl_tune.shell import ssl_tune_command
+from ssl_tune.report.shell import ssl_tune_command
 
 
 def print_trials(rows: list[dict], mode: str, confirmation: list[dict], verdict: str) -> None:
@@ -32,7 +32,7 @@ def reference(outcome) -> str:
     """The search as the printed commands name it: its name while no other search has it, else its run id; the run
     id too where the store cannot say (the search has ended: a printed hint never fails the command)."""
     from ssl_tune import tracking
-    from ssl_tune.replay import tracking_errors
+    from ssl_tune.searching.replay import tracking_errors
 
     try:
         return tracking.search_reference(tracking.client_for(outcome.tracking_uri), outcome.parent_run_id)
@@ -53,7 +53,7 @@ def _print_best_per_method(rows: list[dict], mode: str) -> None:
 def _print_confirmation(rows: list[dict], verdict: str) -> None:
     """The confirmation stage's table (mean, SD, 95% interval, paired gain over the default) and verdict."""
     from ssl_tune import tracking
-    from ssl_tune.confirmation import rank_transfer, rank_transfer_line
+    from ssl_tune.searching.confirmation import rank_transfer, rank_transfer_line
 
     if rows or verdict:
         print("\nconfirmed on fresh seeds (best mean first; export takes the first row's best seed):")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssl_tune.space import ORIGIN_POINTS, distribution, optuna_name, param_value
+from ssl_tune.searching.space import ORIGIN_POINTS, distribution, optuna_name, param_value
 from ssl_tune.spec import Choice, IntRange, SpecBase, SpecError
 
 # Fields (a prefix ending in "." names a section) that do not change what a trial measures.
@@ -83,7 +83,7 @@ class Observation:
     run_id: str  # the earlier trial's run
 
     def frozen_trial(self, spec: SpecBase):
-        """The completed Optuna trial, under the Optuna names `ssl_tune.space.SearchSpace` samples."""
+        """The completed Optuna trial, under the Optuna names `ssl_tune.searching.space.SearchSpace` samples."""
         import optuna
 
         ranges = spec.search_ranges()

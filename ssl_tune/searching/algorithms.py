@@ -8,18 +8,18 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from ssl_tune import budget
-from ssl_tune.space import SearchSpace, field_values, optuna_names
+from ssl_tune.searching import budget
+from ssl_tune.searching.space import SearchSpace, field_values, optuna_names
 from ssl_tune.spec import SpecBase
 
 if TYPE_CHECKING:
-    from ssl_tune.warm_start import WarmStart
+    from ssl_tune.searching.warm_start import WarmStart
 
 
 def startup_trials(spec: SpecBase) -> int:
     """Trials a model-based sampler (tpe, gp, cmaes) samples at random before modelling:
     `search.startup_trials`, else 2 per searched parameter, at most Optuna's default of 10. Warm-start
-    observations (`ssl_tune.warm_start`) are trials of the study, so they count towards it.
+    observations (`ssl_tune.searching.warm_start`) are trials of the study, so they count towards it.
 
     With Optuna's 10, a search of 8 trials (the shipped specs) never leaves random sampling. On the
     search-efficiency benchmark (docs/benchmarks.md, 2 parameters), TPE alone needed 0.95 of random
@@ -68,7 +68,7 @@ STUDY_NAME = "ssl-tune"
 def build_search_algorithm(spec: SpecBase, max_concurrent: int, warm: WarmStart | None = None):
     """OptunaSearch with the spec's seeded sampler, limited to `max_concurrent` open trials.
 
-    `warm` (`ssl_tune.warm_start.gather`): earlier trials of the same setting, added to the study as
+    `warm` (`ssl_tune.searching.warm_start.gather`): earlier trials of the same setting, added to the study as
     completed trials before the first new one, and earlier searches' best configurations, tried first
     after `search.points_to_evaluate`.
 

@@ -26,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ssl_tune.checkpoints import CheckpointError, write_error
-from ssl_tune.space import resolve_trial
+from ssl_tune.trials.checkpoints import CheckpointError, write_error
+from ssl_tune.searching.space import resolve_trial
 from ssl_tune.spec import SpecBase
-from ssl_tune.trial_uploads import TrialRecorder, reachable_here
+from ssl_tune.trials.uploads import TrialRecorder, reachable_here
 from trainers import spec_model
 from trainers.loop import DeviceOutOfMemory, Reporter
 
@@ -174,7 +174,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def _recorder(config: dict[str, Any], node_id: str | None) -> TrialRecorder | None:
-    """The trial's writer to its own MLflow run (`ssl_tune.trial_uploads`), where this node sees the store."""
+    """The trial's writer to its own MLflow run (`ssl_tune.trials.uploads`), where this node sees the store."""
     record = config.get("record")
     if not record or not reachable_here(record["uri"]):
         return None
@@ -250,7 +250,7 @@ def _trial_storage() -> str:
 
 
 def restore(trainer, checkpoint, report: RayReporter) -> None:
-    """Load the trial's latest checkpoint into `trainer`; if it is damaged (`ssl_tune.checkpoints`), name it
+    """Load the trial's latest checkpoint into `trainer`; if it is damaged (`ssl_tune.trials.checkpoints`), name it
     (printed, and sent as DAMAGED_CHECKPOINT_KEY for the run's tags) and fall back to the one before it
     (two are kept). Raises CheckpointError, naming the latest, when none of them loads."""
     damaged: list[str] = []
@@ -358,7 +358,7 @@ def _fit_train_run(spec: SpecBase, payload: dict[str, Any], name: str, run_dir: 
 
 
 # Checkpoints kept per trial: the latest, which the objective was measured on (its last evaluated epoch,
-# `ssl_tune.space`) and a restarted trial continues from, and the one before, should the latest be damaged.
+# `ssl_tune.searching.space`) and a restarted trial continues from, and the one before, should the latest be damaged.
 CHECKPOINTS_KEPT = 2
 
 

@@ -8,7 +8,7 @@ each configuration gets a mean with a 95% interval and its difference to the def
 by seed (what varies with the seed, the data order and initialisation, cancels out of the difference).
 
 This module is the arithmetic: which trials to confirm, and the intervals. The runs are ordinary
-Tune trials (`ssl_tune.tuning`), and their MLflow record is in `ssl_tune.tracking`.
+Tune trials (`ssl_tune.searching.driver`), and their MLflow record is in `ssl_tune.tracking`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ssl_tune.space import CONFIRMATION_KEY, best_trial, counts, ranked
+from ssl_tune.searching.space import CONFIRMATION_KEY, best_trial, counts, ranked
 from ssl_tune.spec import SpecBase, range_default
 
 DEFAULT = "default"  # what a confirmation of the spec's default configuration confirms

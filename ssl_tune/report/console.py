@@ -14,10 +14,10 @@ from typing import IO, Any
 
 from ray.tune import Callback
 
-from ssl_tune import budget
-from ssl_tune.space import best_value, field_values
+from ssl_tune.searching import budget
+from ssl_tune.searching.space import best_value, field_values
 from ssl_tune.spec import SpecBase
-from ssl_tune.trial import DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, STORAGE_FULL_KEY, error_summary
+from ssl_tune.trials.runner import DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, STORAGE_FULL_KEY, error_summary
 
 
 @contextlib.contextmanager
@@ -116,11 +116,11 @@ def _duration(seconds: float) -> str:
 class ConsoleTable(Callback):
     """One row per trial event: trial, status, sampled params, epoch, objective, best so far, ETA.
 
-    "best" is the best trial's objective so far by the one definition (`ssl_tune.space`): each
+    "best" is the best trial's objective so far by the one definition (`ssl_tune.searching.space`): each
     trial counts with the value of its last evaluated epoch, as the leaderboard and Optuna see it.
 
     The ETA is the time left for the whole command: the epochs the stage's trials are expected to
-    run still (under ASHA, `ssl_tune.budget`: each rung's measured promotion rate) plus the epochs of
+    run still (under ASHA, `ssl_tune.searching.budget`: each rung's measured promotion rate) plus the epochs of
     the stages after it (`epochs_after`: the confirmation stage, in epochs of this stage's setting), at
     the measured time between two epochs of one trial, divided over the most trials seen running at once
     (not the current count, which dips between one trial's end and the next one's start). There is none
@@ -173,7 +173,7 @@ class ConsoleTable(Callback):
 
     @property
     def best(self) -> float:
-        """The best trial's objective so far, as the leaderboard will rank it (`ssl_tune.space`)."""
+        """The best trial's objective so far, as the leaderboard will rank it (`ssl_tune.searching.space`)."""
         best = best_value(self.latest.values(), self.mode)
         return math.nan if best is None else best
 
