@@ -88,7 +88,7 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_get_one_whole_store(tm
 
 def test_a_search_saved_by_an_earlier_version_restores_its_tune_state():
     """Tune pickles a search's callbacks, searcher and spec classes by module path (tuner.pkl, the searcher's
-    state). Those of a search saved at b86332d, before ssl_tune/spec/ and ssl_tune/searching/stage.py, load: a search
+    state). Those of a search saved at b86332d, before ssl_tune/spec/ and the subpackages, load: a search
     interrupted before an upgrade resumes after it (`ssl_tune.moved_modules`)."""
     import pickle
 
