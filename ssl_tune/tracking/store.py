@@ -95,12 +95,13 @@ def check_reachable(uri: str) -> None:
         with process_env.overridden(process_env.HTTP_ONE_ATTEMPT):
             client_for(uri).search_experiments(max_results=1)
     except Exception as exc:  # connection refused, DNS, HTTP errors: all mean "cannot log here"
-        text = str(exc)
-        if "error code 401" in text or "error code 403" in text:
+        # The server's answer by its status, which MLflow's exception carries as an error code.
+        status = exc.get_http_status_code() if hasattr(exc, "get_http_status_code") else None
+        if status in (401, 403):
             who = ("as " + os.environ["MLFLOW_TRACKING_USERNAME"]) if os.environ.get("MLFLOW_TRACKING_USERNAME") else \
                 "without credentials"
             raise SpecError(f"mlflow.tracking_uri: the MLflow tracking server at {uri} refused this client {who} "
-                            f"(HTTP {'401: not authenticated' if 'error code 401' in text else '403: no permission'}); "
+                            f"(HTTP {'401: not authenticated' if status == 401 else '403: no permission'}); "
                             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to "
                             "an account of that server") from None
         raise SpecError(f"mlflow.tracking_uri: cannot reach the MLflow tracking server at {uri} "
