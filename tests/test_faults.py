@@ -113,6 +113,17 @@ def test_a_search_saved_by_an_earlier_version_restores_its_tune_state():
         ssl_tune.searching.driver.no_such_name  # noqa: B018  (only the names that moved are found)
 
 
+def test_a_new_sqlite_store_is_created_whole_where_hard_links_are_refused(tmp_path, monkeypatch):
+    """Some network and FUSE file systems refuse hard links: the private store is then moved into place."""
+    def refuse(source, destination):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert [e.name for e in tracking.client_for(uri).search_experiments()] == ["Default"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+
+
 # --- a worker dies -----------------------------------------------------------------------------
 
 

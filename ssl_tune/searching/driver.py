@@ -114,8 +114,8 @@ def _new_search(spec: SpecBase, spec_source: str, run_name: str, folder: str, ur
         print("warm start:\n  " + "\n  ".join(warm.lines), file=sys.__stdout__, flush=True)
         tracking.record_warm_start(client, parent_id, warm)
     stage = Stage(spec=spec, data=data, client=client, parent_id=parent_id, experiment_id=experiment,
-                   experiment_name=experiment_name, uri=uri, storage=storage, folder=folder, verbose=verbose,
-                   max_concurrent=max_concurrent, origins=warm.origins)
+                  experiment_name=experiment_name, uri=uri, storage=storage, folder=folder, verbose=verbose,
+                  max_concurrent=max_concurrent, origins=warm.origins)
     tuner = stage.tuner(
         folder,
         tune.TuneConfig(search_alg=build_search_algorithm(spec, max_concurrent, warm), scheduler=build_scheduler(spec),
@@ -167,12 +167,12 @@ def _resume(experiment_or_run: str, uri: str, address: str | None, verbose: bool
         tuner = tune.Tuner.restore(str(storage), trainable=trainable(spec, data, uri, parent_id), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         stage = Stage(spec=spec, data=data, client=client, parent_id=parent_id,
-                       experiment_id=parent.info.experiment_id,
-                       experiment_name=client.get_experiment(parent.info.experiment_id).name, uri=uri, storage=root,
-                       # (a search from before each had its own folder: its confirmation gets one of its own)
-                       folder=name if name != parent.info.run_name else search_folder.new_folder(name),
-                       verbose=verbose, max_concurrent=max_concurrent,
-                       search_spec=search_spec)
+                      experiment_id=parent.info.experiment_id,
+                      experiment_name=client.get_experiment(parent.info.experiment_id).name, uri=uri, storage=root,
+                      # (a search from before each had its own folder: its confirmation gets one of its own)
+                      folder=name if name != parent.info.run_name else search_folder.new_folder(name),
+                      verbose=verbose, max_concurrent=max_concurrent,
+                      search_spec=search_spec)
         return _run_stages(stage, tuner, confirming=confirming, resumed=True)
 
 

@@ -9,8 +9,8 @@ import sys
 
 from ray.tune import Callback
 
-from ssl_tune.trials.checkpoints import SpaceReserve
 from ssl_tune.storage_path import StoragePath
+from ssl_tune.trials.checkpoints import SpaceReserve
 from ssl_tune.trials.runner import STORAGE_FULL_KEY
 
 

@@ -49,8 +49,13 @@ def _create_sqlite_store(path: Path, client_class) -> None:
         engine = SqlAlchemyStore._engine_map.pop(scratch_uri, None)  # MLflow caches one engine per URI
         if engine is not None:
             engine.dispose()
-        with contextlib.suppress(FileExistsError):  # another process's store got there first: it stays
-            os.link(scratch, path)
+        try:
+            os.link(scratch, path)  # fails if another process's store got there first: that one stays
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: moved into place unless a store appeared meanwhile
+            if not path.exists():
+                os.replace(scratch, path)
     finally:
         scratch.unlink(missing_ok=True)
 
