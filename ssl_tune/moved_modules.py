@@ -63,7 +63,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.import_module(MOVED[spec.name])
 
     def exec_module(self, module: ModuleType) -> None:
-        pass  # the module it stands for is already executed
+        """Nothing to run: the module it stands for was executed when `create_module` imported it."""
 
 
 def install() -> None:

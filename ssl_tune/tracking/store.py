@@ -50,9 +50,9 @@ def _create_sqlite_store(path: Path, client_class) -> None:
         if engine is not None:
             engine.dispose()
         try:
-            os.link(scratch, path)  # fails if another process's store got there first: that one stays
-        except FileExistsError:
-            pass
+            os.link(scratch, path)
+        except FileExistsError:  # another process's store got there first: that one stays
+            return
         except OSError:  # a file system without hard links: moved into place unless a store appeared meanwhile
             if not path.exists():
                 os.replace(scratch, path)
