@@ -8,6 +8,7 @@
     python -m benchmarks efficiency          # TPE + ASHA vs random vs TPE alone vs GP, CMA-ES, QMC, same compute
     python -m benchmarks proxy               # search at a proxy, confirm at full scale, against the full pipeline
     python -m benchmarks warm-start          # a search warm-started from an earlier one against a cold one
+    python -m benchmarks racing              # the racing confirmation against fixed seeds, simulated on measured noise
     python -m benchmarks noise               # seed noise of one configuration; RankMe vs kNN top-1
     python -m benchmarks label-free          # RankMe vs kNN top-1 over each method's search trials
     python -m benchmarks knn-bank            # a subset kNN bank against the whole training split, a search's trials
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import (backbones, cluster, common, data, gpu_check, knn_bank, label_free, loss_scaling, noise,
-                        proxy_search, report, search_efficiency, search_overhead, throughput)
+                        proxy_search, racing, report, search_efficiency, search_overhead, throughput)
 
 BENCHMARKS = {  # name -> (add_arguments, run)
     "throughput": (throughput.add_arguments, throughput.run),
@@ -39,6 +40,7 @@ BENCHMARKS = {  # name -> (add_arguments, run)
     "efficiency": (lambda p: search_efficiency.add_arguments(p, table=False), search_efficiency.run),
     "proxy": (proxy_search.add_proxy_arguments, proxy_search.run_proxy_args),
     "warm-start": (proxy_search.add_warm_start_arguments, proxy_search.run_warm_start),
+    "racing": (racing.add_arguments, racing.run),
     "noise": (noise.add_arguments, noise.run),
     "label-free": (label_free.add_arguments, label_free.run),
     "knn-bank": (knn_bank.add_arguments, knn_bank.run),

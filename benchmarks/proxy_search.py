@@ -4,11 +4,14 @@
     python -m benchmarks warm-start    # a search, then the same spec warm-started from it (~20 min)
 
 **proxy.** The shipped TWIST spec as it is (the full pipeline: 16 trials of 8 epochs on all images, then the
-2 best and the default confirmed on 3 seeds), against the same spec searched at a proxy (a quarter of
-the images, 4 epochs) whose confirmation runs at the full setting (`search.confirm.overrides`). Both
-confirmations train the same seeds, so the two winners' difference is paired by seed. Compute is counted
-in image-epochs (epochs trained x the images an epoch draws), the unit in which the two settings' epochs
-compare; the wall time of each pipeline is given too.
+2 best and the default raced on 2 to 8 seeds), against the same spec searched at a proxy (a quarter of
+the images, 4 epochs) whose confirmation runs at the full setting (`search.confirm.overrides`), in the same
+tracking store: the second search of the confirmation's setting, so its confirmation reuses the runs the
+first one finished with the same identity (the default's, at least). Both confirmations train the same
+seeds in the same order, so the two winners' difference is paired by seed. Compute is counted in
+image-epochs (epochs trained x the images an epoch draws), the unit in which the two settings' epochs
+compare: the runs each pipeline trained, and apart the runs it reused; the wall time of each pipeline is
+given too.
 
 **warm-start.** A search of the shipped spec (no confirmation), then the same spec with
 `search.warm_start` naming it and another sampler seed. For each: the epochs it trains until its best
@@ -88,6 +91,9 @@ def _pipeline(client, name: str, seconds: float, train_images: int) -> dict[str,
 
     parent = tracking.find_parent_run(client, name)
     table = tracking.confirmation_table(client, parent)
+    confirmations = tracking.child_runs(client, parent, tracking.KIND_CONFIRMATION)
+    reused = [c for c in confirmations if tracking.TAG_REUSED_FROM in c.data.tags]  # counted, not trained here
+    trained = [c for c in confirmations if tracking.TAG_REUSED_FROM not in c.data.tags]
     winner = confirmation.winner(table)
     seeds = {int(c.data.tags[tracking.TAG_SEED]): c.data.metrics.get(tracking.objective_of(parent)[0], math.nan)
              for c in tracking.child_runs(client, parent, tracking.KIND_CONFIRMATION)
@@ -95,8 +101,10 @@ def _pipeline(client, name: str, seconds: float, train_images: int) -> dict[str,
     return {
         "seconds": seconds,
         "search_image_epochs": _image_epochs(client, tracking.child_runs(client, parent, tracking.KIND_TRIAL), train_images),
-        "confirmation_image_epochs": _image_epochs(client, tracking.child_runs(client, parent, tracking.KIND_CONFIRMATION),
-                                                   train_images),
+        "confirmation_image_epochs": _image_epochs(client, trained, train_images),
+        "reused_image_epochs": _image_epochs(client, reused, train_images),
+        "runs_trained": len(trained), "runs_reused": len(reused),
+        "rounds": int(parent.data.params.get("confirm.rounds", 0)),
         "winner": {k: winner[k] for k in ("configuration", "mean", "ci95_low", "ci95_high", "seeds")} if winner else None,
         "winner_by_seed": seeds,
         "default": next(({k: r[k] for k in ("mean", "ci95_low", "ci95_high")} for r in table if r["confirms"] == "default"),
@@ -137,6 +145,7 @@ def run_proxy(args: argparse.Namespace) -> dict[str, Any]:
             "winner_gap": {"mean": gap.mean, "ci95_low": gap.low, "ci95_high": gap.high, "seeds": gap.n},
             "within_noise": not gap.excludes_zero(),
             "compute_ratio": total(proxy) / total(full),
+            "compute_ratio_without_reuse": (total(proxy) + proxy["reused_image_epochs"]) / total(full),
             "search_compute_ratio": proxy["search_image_epochs"] / full["search_image_epochs"],
             "wall_ratio": proxy["seconds"] / full["seconds"]}
 
@@ -204,7 +213,8 @@ def report_proxy(result: dict[str, Any], figures: str) -> str:
         default = f"{d['mean']:.2f}" if d else "-"
         rho = p["rank_spearman"]
         return (f"| {name} | {winner} | {default} | {p['search_image_epochs'] / result['train_images']:.1f} | "
-                f"{p['confirmation_image_epochs'] / result['train_images']:.1f} | {p['seconds'] / 60:.1f} | "
+                f"{p['confirmation_image_epochs'] / result['train_images']:.1f} | {p.get('runs_trained', '-')} + "
+                f"{p.get('runs_reused', 0)} in {p.get('rounds', 1)} round(s) | {p['seconds'] / 60:.1f} | "
                 f"{'-' if rho is None else f'{rho:+.2f}'} |")
 
     g = result["winner_gap"]
@@ -212,14 +222,19 @@ def report_proxy(result: dict[str, Any], figures: str) -> str:
         f"Proxy: `{' '.join(result['proxy'])}`; its confirmation: `{result['confirm']}`. Compute in full-data "
         f"epochs ({result['train_images']:,} images each).", "",
         "| pipeline | winner's confirmed mean (95 % interval) | default's | search compute | confirmation compute "
-        "| wall time (min) | rank transfer (Spearman) |", "|---|---:|---:|---:|---:|---:|---:|",
+        "| confirmation runs trained + reused | wall time (min) | rank transfer (Spearman) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
         row("full: search and confirm at the full setting", result["full"]),
         row("proxy: search at the proxy, confirm at the full setting", result["proxy_pipeline"]), "",
         f"The proxy pipeline's winner minus the full pipeline's, paired by seed: {g['mean']:+.2f} (95 % interval "
         f"{g['ci95_low']:+.2f} to {g['ci95_high']:+.2f}, {g['seeds']} seeds): "
         f"{'within' if result['within_noise'] else 'beyond'} the seed noise. Compute of the proxy pipeline: "
         f"**{result['compute_ratio']:.2f}** of the full pipeline's (its search {result['search_compute_ratio']:.2f} "
-        f"of the full search's); wall time {result['wall_ratio']:.2f}."])
+        f"of the full search's); wall time {result['wall_ratio']:.2f}.",
+        *([f"Without reusing the full pipeline's runs it would have trained "
+           f"**{result['compute_ratio_without_reuse']:.2f}**."] if "compute_ratio_without_reuse" in result else []),
+        "", "Verdicts: full: " + result["full"].get("verdict", "-") + "; proxy: "
+        + result["proxy_pipeline"].get("verdict", "-") + "."])
 
 
 def report_warm_start(result: dict[str, Any], figures: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import (backbones, cluster, data, gpu_check, knn_bank, label_free, loss_scaling, noise, proxy_search,
-                        search_efficiency, search_overhead, throughput)
+                        racing, search_efficiency, search_overhead, throughput)
 
 # (result file, title, what it measures, renderer, command to run when there is no result yet)
 SECTIONS = [
@@ -44,6 +44,10 @@ SECTIONS = [
      "A search of the shipped TWIST spec, then the same spec with `search.warm_start` naming it and another "
      "sampler seed: the epochs each trains before its best reaches the first search's best within the noise floor.",
      proxy_search.report_warm_start),
+    ("racing", "The racing confirmation against fixed seeds (simulated)",
+     "Confirmations simulated on the measured seed noise: the runs each design trains, its false \"beats the "
+     "default\" rate when nothing beats the default, and how often it finds a gain of 1 and 2 noise SDs.",
+     racing.report),
     ("noise", "Seed noise, and RankMe against kNN top-1",
      "Configurations of the efficiency grid trained again on fresh seeds: how much one configuration's result "
      "varies from seed to seed (the noise floor every comparison of single runs sits on), and how well the "

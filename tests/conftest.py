@@ -189,11 +189,11 @@ def run_cli(args, cwd, timeout=600, env=None):
                           env={**cli_env(), **(env or {})})
 
 
-def start_cli(args, cwd):
+def start_cli(args, cwd, env=None):
     """`ssl-tune ARGS` in its own process group, output to a file (Ray's output would fill a pipe)."""
     log = open(Path(cwd) / f"cli-{time.time_ns()}.log", "w+")
-    proc = subprocess.Popen([SSL_TUNE, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True, env=cli_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen([SSL_TUNE, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env={**cli_env(), **(env or {})}, start_new_session=True)
     proc.log = log
     return proc
 

@@ -337,6 +337,18 @@ def test_the_knn_bank_benchmark_runs_at_a_smoke_size(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_the_racing_benchmark_simulates_the_products_race_and_the_matched_fixed_confirmation(tmp_path):
+    results, report, common = _smoke_dirs(tmp_path)
+    harness.main([*common, "racing", "--simulations", "200"])
+    result = json.loads((results / "racing.json").read_text())
+    racing, fixed = result["designs"]["racing"], result["designs"]["fixed 3 seeds"]
+    assert fixed["null"]["runs"] == 9 and 6 <= racing["null"]["runs"] < 24  # 2 challengers and the default
+    assert racing["2 SD"]["claims"] > racing["1 SD"]["claims"] > racing["null"]["claims"]
+    assert 2 <= result["matched_seeds"] <= 12 and result["racing_share"] == pytest.approx(
+        result["racing_mean_runs"] / result["matched_runs"])
+    _sections_rendered(report, "racing")
+
+
 def test_the_label_free_benchmark_runs_at_a_smoke_size(tmp_path):
     results, report, common = _smoke_dirs(tmp_path)
     harness.main([*common, "label-free", "--methods", "twist", *[x for o in SMOKE for x in ("--set", o)]])

@@ -54,7 +54,7 @@ def test_validate_prints_what_a_search_would_do_without_starting_one(tmp_path, t
         assert f"  {path}" in out
     assert "method.tau    loguniform 0.25 to 2; default 1.0" in out
     # 6 trials with ASHA rungs at 2 and 6 (after the warm-up; factor 3): 6 x (2 + 4/3 + 2/9) = 21.3 epochs expected
-    assert "trials: 6 in the search" in out and "then 9 in the confirmation stage" in out
+    assert "trials: 6 in the search" in out and "then at most 24 in the confirmation stage" in out
     assert "about 21 epochs expected with ASHA" in out and "at most 48" in out
     assert "each trial asks for: 1 worker(s) x (1 CPU, 0 GPU)" in out
     fits = os.cpu_count()

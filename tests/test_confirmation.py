@@ -11,7 +11,8 @@ import yaml
 import ssl_tune
 from ssl_tune import tracking
 from ssl_tune.searching import confirmation
-from ssl_tune.searching.confirmation import DEFAULT, Interval, confirmation_configs, summarise, verdict
+from ssl_tune.searching.confirmation import Interval, confirmation_points, summarise
+from ssl_tune.searching.racing import DEFAULT, RaceRules, replay
 from ssl_tune.searching.space import CONFIRMATION_KEY, resolve_trial
 from ssl_tune.spec import SpecError
 from ssl_tune.spec.files import spec_from_dict
@@ -24,41 +25,41 @@ def _spec(**confirm):
     return spec_from_dict(raw)
 
 
-def test_configs_are_the_top_k_trials_by_the_one_rule_and_the_default_on_the_same_fresh_seeds():
+def test_points_are_the_top_k_trials_by_the_one_rule_then_the_default():
     spec = _spec(top_k=2, seeds=3)
     rows = [{"trial_id": "a", "run_id": "ra", "objective": 70.0, "status": "finished"},
             {"trial_id": "b", "run_id": "rb", "objective": 90.0, "status": "failed"},  # a failed run is no result
             {"trial_id": "c", "run_id": "rc", "objective": 75.0, "status": "stopped"},
             {"trial_id": "d", "run_id": "rd", "objective": 60.0, "status": "finished"}]
-    configs = confirmation_configs(spec, rows, {t: {"method.tau": i + 0.5} for i, t in enumerate("abcd")})
-    points = [c[CONFIRMATION_KEY] for c in configs]
-    assert [(p["of"], p["seed"]) for p in points] == [(of, s) for of in ("rc", "ra", DEFAULT) for s in (1, 2, 3)]
-    assert points[0]["values"] == {"method.tau": 2.5}
-    assert points[-1]["values"] == {"method.lam2": 1.25, "method.tau": 1.0}  # the ranges' defaults
-    # a confirmation trial trains its configuration on its own seed
-    resolved = resolve_trial(spec, configs[1])
-    assert resolved.training.seed == 2 and resolved.method.tau == 2.5
-    assert not confirmation_configs(_spec(top_k=1, seeds=2, default=False), rows[:0], {})
+    points = confirmation_points(spec, rows, {t: {"method.tau": i + 0.5} for i, t in enumerate("abcd")})
+    assert [of for of, _ in points] == ["rc", "ra", DEFAULT]
+    assert points[0][1] == {"method.tau": 2.5}
+    assert points[-1][1] == {"method.lam2": 1.25, "method.tau": 1.0}  # the ranges' defaults
+    # a confirmation trial trains its configuration on its own seed, a fresh one
+    rules = RaceRules.of_spec(spec, 2)
+    assert rules.seeds == (1, 2, 3) and rules.looks == [2, 3]
+    resolved = resolve_trial(spec, {CONFIRMATION_KEY: {"of": "ra", "values": points[1][1], "seed": 2}})
+    assert resolved.training.seed == 2 and resolved.method.tau == 0.5
+    assert not confirmation_points(_spec(top_k=1, seeds=2, default=False), rows[:0], {})
 
 
-def test_interval_is_students_t_and_the_gain_over_the_default_is_paired_by_seed():
+def test_the_table_has_each_configurations_interval_and_the_races_gain_and_departures():
     interval = Interval.of([1.0, 2.0, 3.0])
     assert (interval.mean, interval.sd) == (2.0, 1.0)
     assert interval.high - interval.mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)  # t(0.975, 2 dof)
-    # Seeds move both configurations alike: unpaired intervals overlap, the paired gain is clear.
-    objectives = {DEFAULT: {1: 70.0, 2: 75.0, 3: 80.0}, "r1": {1: 71.0, 2: 76.1, 3: 80.9}, "r2": {1: 60.0, 2: math.nan}}
-    rows = summarise(objectives, "max")
+    objectives = {DEFAULT: {1: 70.0, 2: 70.2, 3: 69.8}, "r1": {1: 72.0, 2: 72.2, 3: 71.8}, "r2": {1: 60.0, 2: math.nan}}
+    race = replay(RaceRules(2, (1, 2, 3)), ["r1", "r2"], objectives)
+    rows = summarise(objectives, race)
     assert [r["confirms"] for r in rows] == ["r1", DEFAULT, "r2"]
     r1 = rows[0]
-    assert r1["ci95_low"] < rows[1]["mean"] and r1["gain_over_default"] == pytest.approx(1.0)
-    assert r1["gain_ci95_low"] > 0 and r1["beats_default"] is True
+    assert r1["gain_over_default"] == pytest.approx(2.0) and r1["gain_low"] > 0 and r1["beats_default"] is True
     assert rows[2]["seeds"] == 1 and math.isnan(rows[2]["sd"])  # a failed seed does not count
-    assert verdict(rows).startswith("the winner beats the default beyond seed noise: +1.00")
+    assert rows[2]["left_race"] == "round 1: no run finished" or rows[2]["left_race"].startswith("round 1: below")
+    assert race.verdict().startswith("the winner beats the default beyond seed noise after 3 of at most 3 seeds: +2.00")
     # minimising: a lower objective is the gain
-    low = summarise({DEFAULT: {1: 2.0, 2: 3.0}, "r1": {1: 1.0, 2: 2.5}}, "min")
-    assert low[0]["confirms"] == "r1" and low[0]["gain_over_default"] == pytest.approx(0.75)
-    assert verdict(low).startswith("the winner does not beat the default beyond seed noise")
-    assert verdict(summarise({DEFAULT: {1: 3.0, 2: 4.0}, "r1": {1: 1.0, 2: 2.5}}, "max")).startswith("the default")
+    low = replay(RaceRules(1, (1, 2), mode="min"), ["r1"], {DEFAULT: {1: 2.0, 2: 3.0}, "r1": {1: 1.0, 2: 2.5}})
+    assert low.final is not None and low.final.gain == pytest.approx(0.75)
+    assert low.verdict().startswith("undecided at 2 seeds: +0.75")
 
 
 def test_confirm_fields_are_validated_with_the_field_named():
@@ -124,8 +125,8 @@ def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_pat
         values = [c.data.metrics["rankme"] for c in confirmations if c.data.tags[tracking.TAG_CONFIRMS] == row["confirms"]]
         assert row["mean"] == pytest.approx(sum(values) / 2) and row["ci95_low"] < row["mean"] < row["ci95_high"]
     winner = confirmation.winner(table)
-    assert "confirmed on fresh seeds" in proc.stdout and confirmation.verdict(table) in proc.stdout
-    assert parent.data.tags[tracking.TAG_VERDICT] == confirmation.verdict(table)
+    verdict = parent.data.tags[tracking.TAG_VERDICT]
+    assert "confirmed on fresh seeds" in proc.stdout and verdict in proc.stdout and "2 seeds" in verdict
     assert parent.data.metrics["confirmed_mean"] == pytest.approx(winner["mean"])
     assert "default_mean" in parent.data.metrics
     if winner["confirms"] != DEFAULT:
@@ -133,7 +134,7 @@ def test_search_with_confirmation_end_to_end_on_the_label_free_objective(tmp_pat
     assert "figures/confirmation.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     found = ssl_tune.open_search("c1", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")  # the Python API agrees
     assert found.best.confirmed and found.best.run_id == winner["run_id"]
-    assert list(found.confirmation["mean"]) == [r["mean"] for r in table] and found.verdict == confirmation.verdict(table)
+    assert list(found.confirmation["mean"]) == [r["mean"] for r in table] and found.verdict == verdict
     status, results, _ = cli_here("results", "c1")
     assert status == 0 and "ci95_low" in results and "search #1" in results
     listed = cli_here("list")[1].splitlines()

@@ -94,8 +94,8 @@ def test_overrides_set_the_confirmations_setting_and_leave_the_search_alone():
     assert (spec.training.epochs, spec.data.subset) == (4, 0.25)
     assert (confirming.training.epochs, confirming.data.subset) == (8, None)
     assert confirming.search_ranges() == spec.search_ranges()  # it trains the search's values
-    assert budget.confirmation_epochs(spec) == 9 * 8
-    assert budget.confirmation_cost(spec) == 9 * 8 * 4  # the console's ETA: each costs 4 epochs of the proxy's
+    assert budget.confirmation_epochs(spec) == 24 * 8  # at most: 2 best and the default raced on up to 8 seeds
+    assert budget.confirmation_cost(spec) == 24 * 8 * 4  # the console's ETA: each costs 4 epochs of the proxy's
 
 
 @pytest.mark.parametrize("override, message", [
@@ -119,7 +119,7 @@ def test_validate_prints_the_search_and_the_confirmation_budgets(cli_here):
     assert status == 0, err
     assert "search budget: about 43 epochs expected with ASHA (at epochs 2 only the best 1 in 3 goes on), at most 64; " \
         "4 epochs a trial, 0.25 of the training images, backbone small_cnn" in out
-    assert "confirmation budget: 9 x 8 = 72 epochs; 8 epochs a trial, all training images, backbone small_cnn " \
+    assert "confirmation budget: at most 24 x 8 = 192 epochs; 8 epochs a trial, all training images, backbone small_cnn " \
         "(search.confirm.overrides)" in out
 
 
@@ -242,7 +242,7 @@ def test_overrides_reach_only_the_confirmation_trials_and_their_mlflow_params(pr
     assert {(t.data.params["data.subset"], t.data.params["training.epochs"]) for t in trials} == {("0.2", "1")}
     assert {(c.data.params["data.subset"], c.data.params["training.epochs"]) for c in confirmations} == {("0.4", "2")}
     assert all(c.data.metrics["epoch"] == 2 for c in confirmations)
-    assert "(6 trials of 2 epochs, at data.subset 0.4, training.epochs 2)" in proc.stdout  # (as YAML wrote them)
+    assert "re-trained on 2 fresh seeds (2 epochs a run, at data.subset 0.4, training.epochs 2)" in proc.stdout  # (YAML)
     assert {t.data.tags[tracking.TAG_ORIGIN] for t in trials} == {ORIGIN_SAMPLER}
 
 

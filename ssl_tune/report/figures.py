@@ -8,6 +8,7 @@ pictures go (MLflow, a folder) is the caller's business (`ssl_tune.tracking`, `s
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -174,9 +175,10 @@ def methods_figure(points: Mapping[str, Sequence[tuple[int, float, int]]], metri
     return fig
 
 
-def confirmation_figure(rows: Sequence[Mapping], metric: str, mode: str) -> Figure:
+def confirmation_figure(rows: Sequence[Mapping], metric: str, mode: str, verdict: str = "") -> Figure:
     """The confirmation stage: each configuration's mean over its seeds with its 95 % interval, best first from
-    the top, against the default's (a dashed line and a band). `rows`: `tracking.confirmation_table`."""
+    the top, against the default's (a dashed line and a band); each with its seeds and gain, and the round it
+    left the race and why; the race's verdict under the plot. `rows`: `tracking.confirmation_table`."""
     import math
 
     drawn = [r for r in rows if isinstance(r.get("mean"), float) and not math.isnan(r["mean"])]
@@ -193,10 +195,12 @@ def confirmation_figure(rows: Sequence[Mapping], metric: str, mode: str) -> Figu
         ax.errorbar(row["mean"], y, xerr=error, fmt="o", color=colour, capsize=4)
         gain = row.get("gain_over_default")
         note = f"  {row['seeds']} seeds" + (f", gain {gain:+.3g}" if isinstance(gain, float) and not math.isnan(gain) else "")
+        note += f"; left {row['left_race']}" if row.get("left_race") else ""
         ax.annotate(note, (row["mean"], y), textcoords="offset points", xytext=(0, 7), fontsize=7, ha="center")
     ax.set_yticks(range(len(drawn)), [r["configuration"] for r in reversed(drawn)])
     ax.set_ylim(-0.6, len(drawn) - 0.4)
-    ax.set(xlabel=metric, title=f"confirmed on fresh seeds: mean and 95 % interval ({direction(metric, mode)})")
+    ax.set(title=f"confirmed on fresh seeds: mean and 95 % interval ({direction(metric, mode)})")
+    ax.set_xlabel(metric + ("\n" + textwrap.fill(verdict, 100) if verdict else ""), fontsize=8)
     if default is not None:
         ax.legend(fontsize=7, loc="lower right")
     return fig

@@ -89,9 +89,14 @@ def _print_search(spec: SpecBase, spec_path: str | Path) -> None:
     sampler = (f"{modelled}, the first {min(startup_trials(spec), s.num_samples)} at random" if modelled
                else {"qmc": "quasi-random Sobol points", "random": "random"}[s.sampler])
     confirming = budget.confirmation_trials(spec)
+    c = s.confirm
+    seeds = (f"raced on {c.min_seeds} to {c.seeds} seeds, one more a round, fewer when decided early" if c.racing
+             else f"{c.seeds} seeds each")
     print(f"trials: {s.num_samples} in the search ({sampler})" + (
-        f", then {confirming} in the confirmation stage (the {s.confirm.top_k} best"
-        f"{' and the default' if s.confirm.default else ''}, {s.confirm.seeds} seeds each)" if confirming else ""))
+        f", then {'at most ' if c.racing else ''}{confirming} in the confirmation stage (the {c.top_k} best"
+        f"{' and the default' if c.default else ''}, {seeds}"
+        f"{'; finished runs of the same setting in the tracking store are reused' if c.reuse else ''})"
+        if confirming else ""))
     full = s.num_samples * t.epochs
     if budget.rungs(spec):
         expected = s.num_samples * budget.expected_epochs_left(spec, 0)
@@ -103,7 +108,8 @@ def _print_search(spec: SpecBase, spec_path: str | Path) -> None:
     if confirming:
         confirm_spec = spec.confirmation_spec()
         overridden = " (search.confirm.overrides)" if s.confirm.overrides else ""
-        print(f"confirmation budget: {confirming} x {confirm_spec.training.epochs} = {budget.confirmation_epochs(spec)} "
+        print(f"confirmation budget: {'at most ' if c.racing else ''}{confirming} x {confirm_spec.training.epochs} = "
+              f"{budget.confirmation_epochs(spec)} "
               f"epochs; {_setting(confirm_spec)}{overridden}")
     if s.warm_start:
         print(f"warm start from: {', '.join(s.warm_start)} (read from the tracking store when the search starts)")

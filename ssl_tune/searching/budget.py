@@ -56,7 +56,7 @@ def rungs(spec: SpecBase) -> list[int]:
 
 def confirmation_trials(spec: SpecBase) -> int:
     """Trials of the confirmation stage (every one at the full budget): the `top_k` best
-    configurations and the default, once per seed."""
+    configurations and the default, once per seed; with racing, the most it trains."""
     c = spec.search.confirm
     if not c.top_k:
         return 0

@@ -2,38 +2,32 @@
 
 A search ranks single training runs, and on small data the gaps between good configurations are
 about as large as one run's seed noise; the top of a leaderboard is partly luck. After the search,
-the `search.confirm.top_k` best configurations and the default are trained again at the full budget
-on `search.confirm.seeds` fresh training seeds, the same seeds for every configuration, so that
-each configuration gets a mean with a 95% interval and its difference to the default is *paired*
-by seed (what varies with the seed, the data order and initialisation, cancels out of the difference).
+the `search.confirm.top_k` best configurations and the default are trained again at the full budget on
+fresh training seeds, the same seeds for every configuration, raced in rounds (`ssl_tune.searching.racing`):
+each configuration gets a mean with a 95% interval, and the winner's gain over the default a verdict at
+the race's error level.
 
-This module is the arithmetic: which trials to confirm, and the intervals. The runs are ordinary
-Tune trials (`ssl_tune.searching.driver`), and their MLflow record is in `ssl_tune.tracking`.
+This module is the arithmetic: which configurations to confirm, and the table. The runs are ordinary
+Tune trials, a Tuner a round (`ssl_tune.searching.driver`), and their MLflow record is in `ssl_tune.tracking`.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ssl_tune.searching.space import CONFIRMATION_KEY, best_trial, counts, ranked
+from ssl_tune.searching.racing import DEFAULT, Race, gains
+from ssl_tune.searching.space import best_trial, counts, ranked
 from ssl_tune.spec import SpecBase, range_default
 
-DEFAULT = "default"  # what a confirmation of the spec's default configuration confirms
 
-
-def confirmation_seeds(spec: SpecBase) -> list[int]:
-    """Fresh training seeds: the search's trials all trained on `training.seed`."""
-    return [spec.training.seed + i for i in range(1, spec.search.confirm.seeds + 1)]
-
-
-def confirmation_configs(spec: SpecBase, rows: Sequence[dict[str, Any]],
-                         configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Tune configs of the confirmation trials: the `top_k` best trials by the one rule
-    (`space.best_trial`, applied repeatedly) and the default, each once per seed.
+def confirmation_points(spec: SpecBase, rows: Sequence[dict[str, Any]],
+                        configs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The configurations the confirmation races, as (what it confirms, field values): the `top_k` best trials
+    by the one rule (`space.best_trial`, applied repeatedly), then the default.
 
     `rows` is the leaderboard (with "trial_id", "run_id", "objective", "status"); `configs` maps a
     search trial's id to its field values (`space.field_values` of its Tune config).
@@ -50,8 +44,7 @@ def confirmation_configs(spec: SpecBase, rows: Sequence[dict[str, Any]],
     points = [(row["run_id"], configs[row["trial_id"]]) for row in chosen if row["trial_id"] in configs]
     if confirm.default:  # its values written out, so that the console and the runs show them
         points.append((DEFAULT, {path: range_default(r) for path, r in spec.search_ranges().items()}))
-    return [{CONFIRMATION_KEY: {"of": of, "values": values, "seed": seed}}
-            for of, values in points for seed in confirmation_seeds(spec)]
+    return points
 
 
 @dataclass(frozen=True)
@@ -82,49 +75,36 @@ class Interval:
         return counts(self.low) and (self.low > 0 or self.high < 0)
 
 
-def summarise(objectives: dict[str, dict[int, float]], mode: str) -> list[dict[str, Any]]:
-    """One row per confirmed configuration, best mean first: its interval over seeds and, when the
-    default was confirmed, the paired difference to the default (positive: better, under `mode`)
-    and whether that difference's 95% interval excludes zero.
+def summarise(objectives: Mapping[str, Mapping[int, float]], race: Race) -> list[dict[str, Any]]:
+    """One row per confirmed configuration, best mean first: its interval over its own seeds; when the default
+    was confirmed, the gain over the default (positive: better, under the mode) under the race's pooled noise
+    model, with its interval at the race's last level, and whether the race claimed it beats the default; and
+    the round a configuration left the race in, and why ("" for one that stayed).
 
-    `objectives` maps what a configuration confirms (a search trial's run id, or `DEFAULT`) to
-    {seed: objective}; seeds whose run failed are absent (a NaN objective does not count).
+    `objectives` maps what a configuration confirms (a search trial's run id, or `DEFAULT`) to {seed: objective};
+    a failed seed's objective is NaN, and does not count.
     """
-    sign = 1.0 if mode == "max" else -1.0
-    default = {s: v for s, v in objectives.get(DEFAULT, {}).items() if counts(v)}
+    finite = {of: [v for v in by_seed.values() if counts(v)] for of, by_seed in objectives.items()}
+    found = gains(finite, race.rules.mode) if race.rules.default else {}
     rows = []
-    for of, by_seed in objectives.items():
-        values = {s: v for s, v in by_seed.items() if counts(v)}
-        interval = Interval.of(list(values.values()))
+    for of, values in finite.items():
+        interval = Interval.of(values)
         row: dict[str, Any] = {"confirms": of, "seeds": interval.n, "mean": interval.mean, "sd": interval.sd,
                                "ci95_low": interval.low, "ci95_high": interval.high}
-        if default and of != DEFAULT:
-            paired = [sign * (values[s] - default[s]) for s in values if s in default]
-            gain = Interval.of(paired)
-            row.update({"gain_over_default": gain.mean, "gain_ci95_low": gain.low, "gain_ci95_high": gain.high,
-                        "beats_default": gain.excludes_zero() and gain.mean > 0})
+        if of in found:
+            low, high = found[of].bounds(race.level)
+            row.update({"gain_over_default": found[of].gain, "gain_low": low, "gain_high": high,
+                        "beats_default": race.decision == "beats" and race.final is not None and race.final.of == of})
+        if of != DEFAULT:
+            left = race.left.get(of)
+            row["left_race"] = f"round {left[0]}: {left[1]}" if left else ""
         rows.append({"objective": interval.mean, **row})
-    return ranked(rows, mode)
+    return ranked(rows, race.rules.mode)
 
 
 def winner(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The confirmed winner: the configuration with the best mean (`summarise` ranks them)."""
     return next((r for r in rows if counts(r["mean"])), None)
-
-
-def verdict(rows: Sequence[dict[str, Any]]) -> str:
-    """One line on whether the winner beats the default beyond seed noise."""
-    best = winner(rows)
-    if best is None:
-        return "no confirmation run finished"
-    if best["confirms"] == DEFAULT:
-        return "the default configuration has the best mean: the search found nothing better"
-    if "gain_over_default" not in best:
-        return "the default was not confirmed, so the winner is not compared with it"
-    interval = f"{best['gain_over_default']:+.2f} (95% interval {best['gain_ci95_low']:+.2f} to {best['gain_ci95_high']:+.2f})"
-    if best["beats_default"]:
-        return f"the winner beats the default beyond seed noise: {interval} over {best['seeds']} paired seeds"
-    return f"the winner does not beat the default beyond seed noise: {interval} over {best['seeds']} paired seeds"
 
 
 # Fewer configurations than this give no rank correlation worth reading.

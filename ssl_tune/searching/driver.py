@@ -22,14 +22,14 @@ from typing import Any
 import yaml
 
 from ssl_tune import cluster, process_env, storage_checks, tracking
-from ssl_tune.searching import budget, folder as search_folder, replay, warm_start
+from ssl_tune.searching import budget, folder as search_folder, race_stage, replay, warm_start
 from ssl_tune.trials import checkpoints
 from ssl_tune.searching.algorithms import build_scheduler, build_search_algorithm
-from ssl_tune.searching.confirmation import confirmation_configs
+from ssl_tune.searching.confirmation import confirmation_points
 from ssl_tune.moved_modules import moved_attribute
-from ssl_tune.searching.space import CONFIRMATION_KEY, field_values
+from ssl_tune.searching.space import field_values
 from ssl_tune.spec import SpecBase, SpecError
-from ssl_tune.searching.stage import SearchOutcome, Stage, confirmation_dirname, search_dirname, trainable
+from ssl_tune.searching.stage import SearchOutcome, Stage, search_dirname, search_folder_of, trainable
 from ssl_tune.searching.stopping import StopSignals, storage_full_message
 from ssl_tune.storage_path import StoragePath
 from ssl_tune.trials.runner import FAILURE_KEY
@@ -164,13 +164,16 @@ def _resume(experiment_or_run: str, uri: str, address: str | None, verbose: bool
         _, data, max_concurrent = _prepared(spec, root, uri, address, verbose)
         tracking.reopen_search_run(client, parent)
         # tuner.pkl is a pickle: `trusted_experiment_dir` checked that it lies where the user said.
-        tuner = tune.Tuner.restore(str(storage), trainable=trainable(spec, data, uri, parent_id), resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        # A confirmation stopped before its first round's Tuner has none to restore (the tag names the search's).
+        folder, in_round = search_folder_of(name)
+        tuner = None if confirming and not in_round else tune.Tuner.restore(
+            str(storage), trainable=trainable(spec, data, uri, parent_id), resume_unfinished=True, resume_errored=False,
+            restart_errored=False)
         stage = Stage(spec=spec, data=data, client=client, parent_id=parent_id,
                       experiment_id=parent.info.experiment_id,
                       experiment_name=client.get_experiment(parent.info.experiment_id).name, uri=uri, storage=root,
                       # (a search from before each had its own folder: its confirmation gets one of its own)
-                      folder=name if name != parent.info.run_name else search_folder.new_folder(name),
+                      folder=folder if folder != parent.info.run_name else search_folder.new_folder(folder),
                       verbose=verbose, max_concurrent=max_concurrent,
                       search_spec=search_spec)
         return _run_stages(stage, tuner, confirming=confirming, resumed=True)
@@ -178,21 +181,42 @@ def _resume(experiment_or_run: str, uri: str, address: str | None, verbose: bool
 
 def _run_stages(stage: Stage, tuner, *, confirming: bool, resumed: bool) -> SearchOutcome:
     """The search's stages, in order: the search and its record; then, when it finished with
-    `search.confirm.top_k`, the confirmation stage and its record. A resumed search enters at the stage it
-    stopped in, and a resumed stage first completes its record from Tune's files (`ssl_tune.searching.replay`). An
-    interrupted stage closes its MLflow runs KILLED, ready for `ssl-tune resume`."""
+    `search.confirm.top_k`, the confirmation stage, raced in rounds, and its record. A resumed search enters at
+    the stage it stopped in, and a resumed stage first completes its record from Tune's files
+    (`ssl_tune.searching.replay`). An interrupted stage closes its MLflow runs KILLED, ready for `ssl-tune resume`."""
     if not confirming:
         results, interrupted = _fit(tuner, stage, resumed=resumed)
         with _tracking_complete(stage):
-            outcome, configs = _record_search(results, stage, interrupted)
+            outcome, points = _record_search(results, stage, interrupted)
             if outcome is not None:  # (no confirmation stage)
                 return outcome
             stage = _confirmation_stage(stage)
-            tuner = _confirmation_tuner(stage, configs)
-        resumed = False
-    _, interrupted = _fit(tuner, stage, resumed=resumed)
-    with _tracking_complete(stage):
-        return _record_confirmation(stage, interrupted)
+            race_stage.open_race(stage, points)
+        tuner, resumed = None, False
+    return _race(stage, tuner, resumed=resumed)
+
+
+def _race(stage: Stage, tuner, *, resumed: bool) -> SearchOutcome:
+    """The confirmation's rounds until the race is decided (`ssl_tune.searching.racing`): each round's runs reused
+    from the store where they can be, the rest trained by one Tuner. `tuner`: a resumed round's. A signal between
+    rounds stops the race there, as one during a round does."""
+    attempted: set[tuple[str, int]] = set()
+    with StopSignals(outside_tune=True).installed() as between:
+        while True:
+            if tuner is not None:
+                _, interrupted = _fit(tuner, stage, resumed=resumed)
+                if interrupted or between.received:
+                    with _tracking_complete(stage):
+                        return _record_confirmation(stage, interrupted=True)
+            with _tracking_complete(stage):
+                race = race_stage.race_so_far(stage)
+                configs = [] if race.done else race_stage.next_round(stage, race, attempted)
+                if between.received:
+                    return _record_confirmation(stage, interrupted=True)
+                if race.done:
+                    return _record_confirmation(stage, interrupted=False)
+                attempted |= {(c["of"], c["seed"]) for c in configs}
+                tuner, resumed = (race_stage.round_tuner(stage, configs) if configs else None), False
 
 
 def _fit(tuner, stage: Stage, *, resumed: bool) -> tuple[Any, bool]:
@@ -239,8 +263,8 @@ def _tracking_complete(stage: Stage):
                                         f"{type(exc).__name__}: {first}") from None
 
 
-def _record_search(results, stage: Stage, interrupted: bool) -> tuple[SearchOutcome | None, list[dict[str, Any]]]:
-    """Close the search stage's record: (its outcome, or the configurations its confirmation trains)."""
+def _record_search(results, stage: Stage, interrupted: bool) -> tuple[SearchOutcome | None, list[tuple[str, dict[str, Any]]]]:
+    """Close the search stage's record: (its outcome, or the configurations its confirmation races)."""
     spec, client, parent_id = stage.spec, stage.client, stage.parent_id
     ok = sum(r.error is None and FAILURE_KEY not in (r.metrics or {}) for r in results)
     done = results.num_terminated + results.num_errors
@@ -254,36 +278,12 @@ def _record_search(results, stage: Stage, interrupted: bool) -> tuple[SearchOutc
     if not confirm:
         return stage.outcome(rows, best, trials_done=done, trials_ok=ok), []
     configs = {r.metrics["trial_id"]: field_values(r.config) for r in results if r.metrics and "trial_id" in r.metrics}
-    return None, confirmation_configs(spec, rows, configs)
+    return None, confirmation_points(spec, rows, configs)
 
 
 def _ended_on_their_own(client, parent_id: str, kind: str) -> int:
     """Trials of a stopped stage that ended before the stop: their runs are closed (the rest still RUNNING)."""
     return sum(run.info.status != "RUNNING" for run in tracking.child_runs(client, client.get_run(parent_id), kind))
-
-
-def _confirmation_tuner(stage: Stage, configs: list[dict[str, Any]]):
-    """The confirmation stage's Tuner: every config (a configuration and a fresh seed) an ordinary trial, in
-    parallel, at the full budget and without early stopping, logged as child runs of the same parent; the parent
-    names this Tuner's directory, so `ssl-tune resume` continues it."""
-    from ray import tune
-
-    from ssl_tune.report.console import ConsoleTable
-
-    spec, name = stage.spec, f"{stage.folder}-confirm"
-    confirm, searched = spec.search.confirm, stage.search_spec or stage.spec
-    at = f", at {_overrides_text(searched)}" if searched.search.confirm.overrides else ""
-    print(f"\nconfirmation: the {confirm.top_k} best configuration(s){' and the default' if confirm.default else ''} "
-          f"re-trained on {confirm.seeds} fresh seeds ({len(configs)} trials of {spec.training.epochs} epochs{at})",
-          file=sys.__stdout__, flush=True)
-    stage.client.set_tag(stage.parent_id, tracking.TAG_STORAGE, str(stage.storage / name))
-    stage.client.set_tag(stage.parent_id, tracking.TAG_CONFIRMATION_TRIALS, str(len(configs)))
-    return stage.tuner(
-        name,
-        tune.TuneConfig(num_samples=1, max_concurrent_trials=min(stage.max_concurrent, len(configs)),
-                        reuse_actors=True, trial_dirname_creator=confirmation_dirname),
-        ConsoleTable(spec, num_samples=len(configs), early_stopping=False),
-        param_space={CONFIRMATION_KEY: tune.grid_search([c[CONFIRMATION_KEY] for c in configs])})
 
 
 def _confirmation_stage(stage: Stage) -> Stage:
@@ -302,10 +302,6 @@ def _confirmation_stage(stage: Stage) -> Stage:
 def _data_fields(spec: SpecBase) -> dict[str, Any]:
     """What decides the data cache (the subset is drawn by each trial from the same cache)."""
     return spec.data.model_dump(mode="json", exclude={"subset", "subset_seed", "augmentation", "on_device"})
-
-
-def _overrides_text(spec: SpecBase) -> str:
-    return ", ".join(f"{path} {value}" for path, value in spec.search.confirm.overrides.items())
 
 
 def _record_confirmation(stage: Stage, interrupted: bool) -> SearchOutcome:

@@ -82,7 +82,8 @@ def field_path(name: str) -> str:
 
 
 # A confirmation trial's config is {CONFIRMATION_KEY: {"values": field values, "seed": training seed,
-# "of": the search trial's run id, or "default"}}: one grid value, so Tune needs no searcher for it.
+# "of": the search trial's run id, or "default", "round": the race's round, "identity": what reuse matches
+# (`ssl_tune.tracking.race_record.run_identity`)}}: one grid value, so Tune needs no searcher for it.
 CONFIRMATION_KEY = "confirmation"
 # Every trial's config also holds {SEARCH_RUN_KEY: its search's MLflow parent run id}, so that Tune's own
 # files (`params.json`, `result.json`, the experiment state) say which search a trial belongs to: `resume`

@@ -60,7 +60,7 @@ class Stage:
     experiment_name: str
     uri: str
     storage: StoragePath
-    folder: str  # the search's own folder under `storage` (`search_folder`); its confirmation's is FOLDER-confirm
+    folder: str  # the search's own folder under `storage` (`search_folder`); its confirmation rounds' FOLDER-confirm-rN
     verbose: bool
     max_concurrent: int
     origins: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # `space.origin`'s points
@@ -92,6 +92,18 @@ class Stage:
                 verbose=1 if self.verbose else 0,
             ),
         )
+
+
+CONFIRM_FOLDER = "-confirm"  # a confirmation round's folder is the search's folder, this, and "-rN"
+
+
+def search_folder_of(name: str) -> tuple[str, bool]:
+    """(the search's folder, whether `name` is a confirmation round's folder: FOLDER-confirm-rN, or FOLDER-confirm
+    before racing)."""
+    import re
+
+    found = re.fullmatch(rf"(.+){CONFIRM_FOLDER}(-r\d+)?", name)
+    return (found.group(1), True) if found else (name, False)
 
 
 def search_dirname(trial) -> str:

@@ -55,10 +55,13 @@ class StopSignals:
     scheduler ending the job) is recorded here and passed to Tune as its own graceful stop (SIGUSR1):
     trials stop, the experiment state is saved with them unfinished, and `ssl-tune resume` continues
     them. Tune, told by SIGINT, would record them TERMINATED like trials that finished. A second
-    signal stops at once (KeyboardInterrupt), as does one that arrives before Tune listens."""
+    signal stops at once (KeyboardInterrupt), as does one that arrives before Tune listens, unless
+    `outside_tune`: between a stage's Tuners (the confirmation's rounds) the first is only recorded, and the
+    driver stops before the next round."""
 
-    def __init__(self) -> None:
+    def __init__(self, outside_tune: bool = False) -> None:
         self.received: str | None = None
+        self.outside_tune = outside_tune
 
     def _handle(self, signum: int, frame) -> None:
         import signal
@@ -66,8 +69,12 @@ class StopSignals:
         first = self.received is None
         self.received = self.received or signal.Signals(signum).name
         tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-        if not first or not tune_listens:
+        if not first or not (tune_listens or self.outside_tune):
             raise KeyboardInterrupt
+        if not tune_listens:
+            print(f"\n{self.received}: stopping before the next round (again to stop at once)", file=sys.__stdout__,
+                  flush=True)
+            return
         print(f"\n{self.received}: stopping the trials at their last checkpoint (again to stop at once)",
               file=sys.__stdout__, flush=True)
         os.kill(os.getpid(), signal.SIGUSR1)

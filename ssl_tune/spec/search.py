@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ssl_tune.spec.ranges import SpecError, StrictModel, set_path
 
@@ -19,17 +19,33 @@ OBJECTIVES = ("knn_top1", "knn_top5", "rankme", "loss")
 
 class ConfirmSpec(StrictModel):
     """After the search: re-train the best configurations and the default on fresh seeds, at the spec's
-    setting or at the full setting `overrides` gives."""
+    setting or at the full setting `overrides` gives; raced over seeds (`ssl_tune.searching.racing`)."""
 
     top_k: Annotated[int, Field(ge=0)] = Field(
         0, description="best configurations of the search re-trained at the full budget; 0: no confirmation stage")
     seeds: Annotated[int, Field(ge=2)] = Field(
-        3, description="fresh training seeds per confirmed configuration (at least 2, for a standard deviation)")
+        8, description="the most fresh training seeds any confirmed configuration gets (at least 2, for a standard "
+        "deviation); with racing: false, every configuration gets this many")
+    racing: bool = Field(
+        True, description="add seeds in rounds, one a round after the first min_seeds: configurations below the "
+        "leader beyond noise leave, and the race stops once the winner's gain over the default is decided; false: "
+        "every configuration trained on all `seeds` at once")
+    min_seeds: Annotated[int, Field(ge=2)] = Field(2, description="racing: the seeds of the first round")
     default: bool = Field(True, description="also re-train the spec's default configuration, the baseline to beat")
+    reuse: bool = Field(
+        True, description="count a finished confirmation run of the same setting, values, seed and ssl-tune version "
+        "from anywhere in the tracking store (an earlier search's default, say) instead of training it again")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="spec fields set for every confirmation trial (the default's too), e.g. "
         "{training.epochs: 100, data.subset: null}: search at a cheap proxy, confirm at the full setting. Searched "
         "fields cannot be overridden: the confirmation trains the search's values")
+
+    @model_validator(mode="after")
+    def _min_seeds_within_seeds(self) -> ConfirmSpec:
+        if self.min_seeds > self.seeds:
+            raise ValueError(f"min_seeds ({self.min_seeds}) is more than seeds ({self.seeds}), the most any "
+                             "configuration gets")
+        return self
 
 
 # `search.sampler`: Optuna's samplers by name (`ssl_tune.searching.algorithms.build_sampler`).

@@ -27,7 +27,8 @@ from ssl_tune.tracking.tags import (ENDED, FAILED, FINISHED, INTERRUPTED, KIND_C
                                     TAG_CHECKPOINT_ARTIFACT, TAG_CHECKPOINT_EPOCH, TAG_CONFIRMATION_TRIALS,
                                     TAG_CONFIRMS, TAG_DAMAGED_CHECKPOINT, TAG_EPOCHS_LOST, TAG_ERROR,
                                     TAG_INTERRUPTED_AT, TAG_KIND, TAG_LAST_RESTART, TAG_METHOD, TAG_METRIC, TAG_MODE,
-                                    TAG_ORIGIN, TAG_RANK_TRANSFER, TAG_RESTARTS,
+                                    TAG_ORIGIN, TAG_RANK_TRANSFER, TAG_RESTARTS, TAG_REUSED_FROM, TAG_ROUND,
+                                    TAG_IDENTITY,
                                     TAG_SEARCHED, TAG_SEED, TAG_STAGE, TAG_STOPPED_AT, TAG_STORAGE,
                                     TAG_TRIAL_ID, TAG_VERDICT, TAG_WARM_START, trial_status)
 from ssl_tune.tracking.trial_logger import MlflowTrialLogger, result_metrics
@@ -39,7 +40,7 @@ __all__ = [
     "TAG_BEATS_DEFAULT", "TAG_BEST_TRIAL_RUN", "TAG_CHECKPOINT", "TAG_CHECKPOINT_ARTIFACT", "TAG_CHECKPOINT_EPOCH",
     "TAG_CONFIRMATION_TRIALS", "TAG_CONFIRMS", "TAG_DAMAGED_CHECKPOINT", "TAG_EPOCHS_LOST", "TAG_ERROR",
     "TAG_INTERRUPTED_AT", "TAG_KIND", "TAG_LAST_RESTART", "TAG_METHOD", "TAG_METRIC", "TAG_MODE", "TAG_ORIGIN",
-    "TAG_RANK_TRANSFER", "TAG_RESTARTS",
+    "TAG_RANK_TRANSFER", "TAG_RESTARTS", "TAG_REUSED_FROM", "TAG_ROUND", "TAG_IDENTITY",
     "TAG_SEARCHED", "TAG_SEED", "TAG_STAGE", "TAG_STOPPED_AT", "TAG_STORAGE", "TAG_TRIAL_ID", "TAG_VERDICT", "TAG_WARM_START",
     "best_per_method", "best_trial_run_id", "check_reachable", "checkpoint_of",
     "checkpoint_on_disk", "child_runs", "client_for", "close_search_run", "close_unfinished", "confirmation_columns",

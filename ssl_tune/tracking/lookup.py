@@ -9,8 +9,9 @@ from typing import Any
 
 from ssl_tune.searching import confirmation as confirmation_stage
 from ssl_tune.searching.space import best_trial, param_value, ranked
+from ssl_tune.tracking.race_record import objectives_of, race_of
 from ssl_tune.tracking.tags import (ENDED, KIND_CONFIRMATION, KIND_TRIAL, TAG_BEST_TRIAL_RUN, TAG_CONFIRMS, TAG_KIND,
-                                    TAG_METHOD, TAG_METRIC, TAG_MODE, TAG_SEARCHED, TAG_SEED, TAG_TRIAL_ID,
+                                    TAG_METHOD, TAG_METRIC, TAG_MODE, TAG_SEARCHED, TAG_TRIAL_ID,
                                     trial_status)
 
 
@@ -193,20 +194,20 @@ def best_per_method(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any
 def confirmation_table(client, parent, trials: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per confirmed configuration, best mean first (`confirmation.summarise`): what it
     confirms (a search trial's run id, or "default"), its searched values, seeds, mean, SD, 95%
-    interval, the paired gain over the default with its interval, and `run_id`, its best seed's run
-    (what export takes for the winner). `trials`: the search's leaderboard, if the caller has it."""
+    interval, the gain over the default with its interval at the race's level, the round it left the race,
+    and `run_id`, its best seed's run (what export takes for the winner). `trials`: the search's leaderboard,
+    if the caller has it."""
     metric, mode = objective_of(parent)
     searched = [p for p in parent.data.tags.get(TAG_SEARCHED, "").split(",") if p]
-    objectives: dict[str, dict[int, float]] = collections.defaultdict(dict)
+    confirmations = child_runs(client, parent, KIND_CONFIRMATION)
     runs: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for run in child_runs(client, parent, KIND_CONFIRMATION):
+    for run in confirmations:
         # Only a run trained to the end is a confirmation; a failed one's last value is not a result.
         value = run.data.metrics.get(metric, math.nan) if run.info.status == "FINISHED" else math.nan
-        of = run.data.tags.get(TAG_CONFIRMS, "")
-        objectives[of][int(run.data.tags.get(TAG_SEED, -1))] = value
-        runs[of].append({"objective": value, "status": trial_status(run), "run_id": run.info.run_id,
-                         "params": run.data.params})
-    rows = confirmation_stage.summarise(objectives, mode)
+        runs[run.data.tags.get(TAG_CONFIRMS, "")].append({"objective": value, "status": trial_status(run),
+                                                          "run_id": run.info.run_id, "params": run.data.params})
+    rows = confirmation_stage.summarise(objectives_of(confirmations, metric), race_of(client, parent, confirmations,
+                                                                                      metric, mode))
     trials = trials if trials is not None else leaderboard(client, parent)
     by_run = {r["run_id"]: r for r in trials}
     for row in rows:

@@ -13,9 +13,11 @@ from ssl_tune.spec import SpecBase
 from ssl_tune.tracking.artifacts import log_figure, log_search_figures
 from ssl_tune.tracking.lookup import (best_per_method, child_runs, confirmation_columns, confirmation_table,
                                       format_table, leaderboard)
+from ssl_tune.tracking.race_record import race_of
 from ssl_tune.tracking.store import log_metrics, log_params
 from ssl_tune.tracking.tags import (KIND_CONFIRMATION, TAG_BEATS_DEFAULT, TAG_BEST_TRIAL_RUN, TAG_INTERRUPTED_AT,
-                                    TAG_KIND, TAG_METHOD, TAG_METRIC, TAG_MODE, TAG_RANK_TRANSFER, TAG_SEARCHED,
+                                    TAG_KIND, TAG_METHOD, TAG_METRIC, TAG_MODE, TAG_RANK_TRANSFER, TAG_REUSED_FROM,
+                                    TAG_SEARCHED,
                                     TAG_STAGE, TAG_STORAGE, TAG_VERDICT, TAG_WARM_START)
 
 
@@ -129,22 +131,27 @@ def _record_rank_transfer(client, parent_id: str, rows: list[dict[str, Any]], sp
 
 def record_confirmation(client, parent_id: str, spec: SpecBase) -> tuple[list[dict[str, Any]], str, str | None]:
     """End the confirmation stage's record: the table (`confirmation.txt`), the winner's interval and
-    its gain over the default as `confirmed_*`, `default_*` and `gain_*` metrics, the verdict as tags;
-    the winner's best seed is the run export takes (the parent's best-run tag, `best.*` params and
-    `best_*` metrics). The parent ends FINISHED; when no confirmation run finished, the search's
-    best single run is recorded instead. Returns the table, the verdict and the
-    exported run's id."""
+    its gain over the default as `confirmed_*`, `default_*` and `gain_*` metrics, the race's verdict as tags,
+    the runs it trained and reused and its rounds as `confirm.*` params; the winner's best seed is the run
+    export takes (the parent's best-run tag, `best.*` params and `best_*` metrics). The parent ends FINISHED;
+    when no confirmation run finished, the search's best single run is recorded instead. Returns the table,
+    the verdict and the exported run's id."""
     parent = client.get_run(parent_id)
     close_unfinished(client, parent)
+    confirmations = child_runs(client, parent, KIND_CONFIRMATION)
+    race = race_of(client, parent, confirmations, spec.search.metric, spec.search.mode)
     rows = confirmation_table(client, parent)
-    verdict = confirmation_stage.verdict(rows)
+    verdict = race.verdict()
     winner = confirmation_stage.winner(rows)
     transfer = confirmation_stage.rank_transfer_line(confirmation_stage.rank_transfer(rows))
     client.log_text(parent_id, format_table(rows, confirmation_columns(rows)) + f"\n\n{verdict}\n{transfer}\n",
                     "confirmation.txt")
+    reused = sum(TAG_REUSED_FROM in run.data.tags for run in confirmations)
+    log_params(client, parent_id, {"confirm.runs_trained": len(confirmations) - reused, "confirm.runs_reused": reused,
+                                   "confirm.rounds": race.rounds})
     if rows:
         try:
-            log_figure(client, parent_id, figures.confirmation_figure(rows, spec.search.metric, spec.search.mode),
+            log_figure(client, parent_id, figures.confirmation_figure(rows, spec.search.metric, spec.search.mode, verdict),
                        "confirmation")
         except Exception as exc:  # a figure is a view of the results: never lose the finished stage over one
             print(f"warning: the confirmation figure was not logged ({type(exc).__name__}: {exc})", file=sys.__stderr__)
@@ -156,6 +163,15 @@ def record_confirmation(client, parent_id: str, spec: SpecBase) -> tuple[list[di
             _record_best(client, parent_id, best["run_id"], spec)
         client.set_terminated(parent_id, "FINISHED")
         return rows, verdict, None
+    _record_winner(client, parent_id, rows, winner)
+    _record_best(client, parent_id, winner["run_id"], spec)
+    client.set_tag(parent_id, TAG_STAGE, "done")
+    client.set_terminated(parent_id, "FINISHED")
+    return rows, verdict, winner["run_id"]
+
+
+def _record_winner(client, parent_id: str, rows: list[dict[str, Any]], winner: dict[str, Any]) -> None:
+    """The winner's and the default's intervals, and the winner's gain, as metrics on the parent."""
     default = next((r for r in rows if r["confirms"] == confirmation_stage.DEFAULT), None)
     metrics = {"confirmed_mean": winner["mean"], "confirmed_sd": winner["sd"],
                "confirmed_ci95_low": winner["ci95_low"], "confirmed_ci95_high": winner["ci95_high"],
@@ -164,13 +180,9 @@ def record_confirmation(client, parent_id: str, spec: SpecBase) -> tuple[list[di
         metrics.update({"default_mean": default["mean"], "default_ci95_low": default["ci95_low"],
                         "default_ci95_high": default["ci95_high"]})
     if "gain_over_default" in winner:
-        metrics.update({k: winner[k] for k in ("gain_over_default", "gain_ci95_low", "gain_ci95_high")})
+        metrics.update({k: winner[k] for k in ("gain_over_default", "gain_low", "gain_high")})
         client.set_tag(parent_id, TAG_BEATS_DEFAULT, str(bool(winner["beats_default"])).lower())
     log_metrics(client, parent_id, {k: v for k, v in metrics.items() if counts(v)}, step=0)
-    _record_best(client, parent_id, winner["run_id"], spec)
-    client.set_tag(parent_id, TAG_STAGE, "done")
-    client.set_terminated(parent_id, "FINISHED")
-    return rows, verdict, winner["run_id"]
 
 
 def close_unfinished(client, parent) -> None:

@@ -20,8 +20,8 @@ from ssl_tune.tracking.artifacts import checkpoint_on_disk, log_search_figures, 
 from ssl_tune.tracking.store import client_for, log_metrics, log_params
 from ssl_tune.tracking.tags import (KIND_CONFIRMATION, KIND_TRIAL, TAG_CHECKPOINT, TAG_CHECKPOINT_ARTIFACT,
                                     TAG_CHECKPOINT_EPOCH, TAG_CONFIRMS, TAG_DAMAGED_CHECKPOINT, TAG_EPOCHS_LOST,
-                                    TAG_ERROR, TAG_KIND, TAG_LAST_RESTART, TAG_METHOD, TAG_ORIGIN, TAG_RESTARTS, TAG_SEED,
-                                    TAG_STOPPED_AT, TAG_TRIAL_ID)
+                                    TAG_ERROR, TAG_IDENTITY, TAG_KIND, TAG_LAST_RESTART, TAG_METHOD, TAG_ORIGIN,
+                                    TAG_RESTARTS, TAG_ROUND, TAG_SEED, TAG_STOPPED_AT, TAG_TRIAL_ID)
 from ssl_tune.tracking.writer import MlflowWriter, _given_up, final_flush_s
 from ssl_tune.trials.runner import (DAMAGED_CHECKPOINT_KEY, FAILURE_KEY, RESTORED_FROM_KEY, RESTORED_HISTORY_KEY,
                             STORAGE_FULL_KEY, error_summary, error_text, last_line)
@@ -137,6 +137,9 @@ class MlflowTrialLogger(Callback):
             if confirmation is not None:
                 tags.update({TAG_KIND: KIND_CONFIRMATION, TAG_CONFIRMS: confirmation["of"],
                              TAG_SEED: str(confirmation["seed"])})
+                # (a round of a search confirmed before racing, resumed, has neither)
+                tags.update({tag: str(confirmation[key]) for tag, key in ((TAG_ROUND, "round"), (TAG_IDENTITY, "identity"))
+                             if key in confirmation})
                 name = f"confirm-{confirmation['of'][:8]}-seed{confirmation['seed']}"
             else:
                 tags[TAG_ORIGIN] = origin(field_values(trial.config), self.origins)
