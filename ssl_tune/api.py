@@ -111,8 +111,9 @@ class Search:
 
     @property
     def confirmation(self) -> pandas.DataFrame | None:
-        """The confirmation stage's table (each configuration's mean, SD and 95 % interval over seeds, and its
-        paired gain over the default), best mean first; None for a search without one."""
+        """The confirmation stage's table (each configuration's seeds, mean, SD and 95 % interval over them, its gain
+        over the default with the race's interval, and the round it left the race and why), best mean first; None
+        for a search without one."""
         import pandas
 
         rows = self.confirmed()

@@ -387,7 +387,10 @@ def test_the_proxy_benchmark_runs_at_a_smoke_size(tmp_path):
     assert proxy["confirm"] == "search.confirm.overrides={training.epochs: 2, data.subset: 0.2}"
     # the proxy's search: 2 trials of 1 epoch on a tenth of the images, against 2 of 2 epochs on a fifth of them
     assert proxy["search_compute_ratio"] == pytest.approx(0.25)
-    assert proxy["full"]["confirmation_image_epochs"] == proxy["proxy_pipeline"]["confirmation_image_epochs"] == 4 * 2000
+    # each confirmation: 2 runs of 2 epochs on 2,000 images, the proxy's trained or, same identity, reused
+    pipeline = proxy["proxy_pipeline"]
+    assert proxy["full"]["confirmation_image_epochs"] == 4 * 2000 and proxy["full"]["runs_reused"] == 0
+    assert pipeline["confirmation_image_epochs"] + pipeline["reused_image_epochs"] == 4 * 2000
     assert proxy["winner_gap"]["seeds"] == 2 and 0 < proxy["compute_ratio"] < 1
     _sections_rendered(report, "proxy")
 

@@ -51,7 +51,8 @@ def _print_best_per_method(rows: list[dict], mode: str) -> None:
 
 
 def _print_confirmation(rows: list[dict], verdict: str) -> None:
-    """The confirmation stage's table (mean, SD, 95% interval, paired gain over the default) and verdict."""
+    """The confirmation stage's table (seeds, mean, SD, 95% interval, gain over the default, who left the race) and
+    verdict."""
     from ssl_tune import tracking
     from ssl_tune.searching.confirmation import rank_transfer, rank_transfer_line
 

@@ -209,7 +209,7 @@ def _race(stage: Stage, tuner, *, resumed: bool) -> SearchOutcome:
                     with _tracking_complete(stage):
                         return _record_confirmation(stage, interrupted=True)
             with _tracking_complete(stage):
-                race = race_stage.race_so_far(stage)
+                race = race_stage.race_so_far(stage, attempted)
                 configs = [] if race.done else race_stage.next_round(stage, race, attempted)
                 if between.received:
                     return _record_confirmation(stage, interrupted=True)

@@ -33,11 +33,12 @@ def open_race(stage: Stage, points: list[tuple[str, dict[str, Any]]]) -> None:
           f"{seeds} ({spec.training.epochs} epochs a run{at})", file=sys.__stdout__, flush=True)
 
 
-def race_so_far(stage: Stage) -> Race:
-    """The race replayed from this search's confirmation runs."""
+def race_so_far(stage: Stage, attempted: set[tuple[str, int]]) -> Race:
+    """The race replayed from this search's confirmation runs; a run this driver's Tuner tried that left no record
+    (its trial failed before its MLflow run was made) counts as failed, so the race goes on without it."""
     parent = stage.client.get_run(stage.parent_id)
     runs = tracking.child_runs(stage.client, parent, tracking.KIND_CONFIRMATION)
-    return race_record.race_of(stage.client, parent, runs, stage.spec.search.metric, stage.spec.search.mode)
+    return race_record.race_of(stage.client, parent, runs, stage.spec.search.metric, stage.spec.search.mode, attempted)
 
 
 def next_round(stage: Stage, race: Race, attempted: set[tuple[str, int]]) -> list[dict[str, Any]]:
@@ -53,8 +54,9 @@ def next_round(stage: Stage, race: Race, attempted: set[tuple[str, int]]) -> lis
     configs: list[dict[str, Any]] = [
         {"of": of, "values": values[of], "seed": seed, "round": race.rounds + 1,
          "identity": race_record.run_identity(fields, values[of], seed)}
-               for of, seed in race.next_round() if seed not in present.get(of, {}) and (of, seed) not in attempted]
+        for of, seed in race.next_round() if seed not in present.get(of, {}) and (of, seed) not in attempted]
     if not stage.spec.search.confirm.reuse or not configs:
+        _print_round(race, len(configs))
         return configs
     found = race_record.reusable(stage.client, [str(c["identity"]) for c in configs], stage.parent_id,
                                  stage.spec.search.metric)
@@ -64,7 +66,18 @@ def next_round(stage: Stage, race: Race, attempted: set[tuple[str, int]]) -> lis
     if found:
         print(f"confirmation round {race.rounds + 1}: {len(found)} run(s) reused from the tracking store",
               file=sys.__stdout__, flush=True)
-    return [c for c in configs if c["identity"] not in found]
+    remaining = [c for c in configs if c["identity"] not in found]
+    _print_round(race, len(remaining))
+    return remaining
+
+
+def _print_round(race: Race, runs: int) -> None:
+    """One line as a round starts: who is still in the race, who left and why."""
+    left = "; ".join(f"{of[:8]} left in round {r} ({why})" for of, (r, why) in race.left.items())
+    seeds = race.rules.looks[race.rounds]
+    print(f"confirmation round {race.rounds + 1}: {len(race.in_race)} configuration(s) in the race"
+          f"{' and the default' if race.rules.default else ''}, up to {seeds} seeds; {runs} run(s) to train"
+          + (f"; {left}" if left else ""), file=sys.__stdout__, flush=True)
 
 
 def round_tuner(stage: Stage, configs: list[dict[str, Any]]):

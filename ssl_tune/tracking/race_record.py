@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,13 @@ def objectives_of(runs: list, metric: str) -> dict[str, dict[int, float]]:
     return found
 
 
-def race_of(client, parent, runs: list, metric: str, mode: str) -> Race:
+def race_of(client, parent, runs: list, metric: str, mode: str, lost: Collection[tuple[str, int]] = ()) -> Race:
     """The race replayed from its confirmation `runs`; a search confirmed before racing is read as a race of one
-    look over the seeds it trained."""
+    look over the seeds it trained. `lost`: (configuration, seed) of runs a Tuner tried that left no record,
+    counted as failed."""
     objectives = objectives_of(runs, metric)
+    for of, seed in lost:
+        objectives.setdefault(of, {}).setdefault(seed, math.nan)
     saved = read_race(client, parent)
     if saved is not None:
         rules, points = saved
